@@ -1,0 +1,170 @@
+"""Request, agent-output and result schemas shared by the CLI, the runner and the HTTP API.
+
+Bounds follow the earlier system's public defaults (DESIGN.md), so its clients keep working.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROMPT_MIN, PROMPT_MAX = 10, 2000
+DURATION_MIN, DURATION_MAX = 9, 60
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class GenerationRequest(BaseModel):
+    """What a user asks for. Unknown fields are ignored so older clients keep working."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=PROMPT_MIN, max_length=PROMPT_MAX)
+    target_duration: int = Field(15, ge=DURATION_MIN, le=DURATION_MAX, description="seconds")
+    use_advanced_image_generation: bool = Field(
+        True, description="Accepted for compatibility; advanced generation is always on."
+    )
+    advanced_image_num_variations: int = Field(4, ge=2, le=8)
+    advanced_image_max_enhancement_iterations: int = Field(4, ge=1, le=6)
+    advanced_image_quality_threshold: float = Field(30.0, ge=0.0, le=100.0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _strip_prompt(cls, value: str) -> str:
+        stripped = " ".join(value.split())
+        if len(stripped) < PROMPT_MIN:
+            raise ValueError(f"prompt must have at least {PROMPT_MIN} non-blank characters")
+        return stripped
+
+
+# --- LLM structured outputs -------------------------------------------------------------
+
+
+class PlannedScene(BaseModel):
+    """One scene as the storyboard LLM writes it."""
+
+    description: str = Field(min_length=3, max_length=2000)
+
+
+class StoryboardOutput(BaseModel):
+    scenes: list[PlannedScene] = Field(min_length=1)
+
+
+class CinematographerOutput(BaseModel):
+    enhanced_prompt: str = Field(min_length=10, max_length=4000)
+
+
+DIMENSIONS = ("completeness", "specificity", "professionalism", "cinematography", "brand_alignment")
+
+
+class DimensionScores(BaseModel):
+    completeness: float = Field(ge=0, le=100)
+    specificity: float = Field(ge=0, le=100)
+    professionalism: float = Field(ge=0, le=100)
+    cinematography: float = Field(ge=0, le=100)
+    brand_alignment: float = Field(ge=0, le=100)
+
+
+class PromptReview(BaseModel):
+    """Agent 2's answer. Any overall score the LLM adds is ignored: we compute it ourselves."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    scores: DimensionScores
+    critique: str = Field(min_length=1, max_length=4000)
+    improvements: list[str] = Field(default_factory=list, max_length=20)
+
+
+# --- Results ------------------------------------------------------------------------------
+
+
+class ScenePlan(BaseModel):
+    scene_number: int
+    duration: int
+    prompt: str
+
+
+class IterationRecord(BaseModel):
+    iteration: int
+    enhanced_prompt: str
+    scores: DimensionScores | None = None
+    overall: float | None = None
+    critique: str | None = None
+    improvements: list[str] = Field(default_factory=list)
+    error: str | None = None
+    timestamp: str = Field(default_factory=utcnow)
+
+
+class EnhancementResult(BaseModel):
+    original_prompt: str
+    final_prompt: str
+    initial_scores: DimensionScores | None
+    initial_overall: float | None
+    final_scores: DimensionScores | None
+    final_overall: float | None
+    total_iterations: int
+    approved: bool
+    stop_reason: str
+    iterations: list[IterationRecord]
+
+
+class ScorerResult(BaseModel):
+    raw: float
+    score: float = Field(ge=0, le=100)
+    truncated: bool = False
+
+
+class VariationResult(BaseModel):
+    variation: int
+    image_key: str | None = None
+    scores: dict[str, ScorerResult] = Field(default_factory=dict)
+    overall: float | None = None
+    rank: int | None = None
+    provider_metadata: dict = Field(default_factory=dict)
+    error: str | None = None
+
+
+class SceneResult(BaseModel):
+    scene_number: int
+    duration: int
+    original_prompt: str
+    enhanced_prompt: str
+    prompt_score: float | None = None
+    reference_image_key: str
+    reference_image_url: str | None = None
+    quality_score: float | None = None
+    below_threshold: bool = False
+    user_provided: bool = False
+    selected_variation: int | None = None
+    variations: list[VariationResult] = Field(default_factory=list)
+    completed_at: str = Field(default_factory=utcnow)
+
+
+class AdvancedImageSettings(BaseModel):
+    quality_threshold: float
+    num_variations: int
+    max_enhancement_iterations: int
+
+
+class StoryboardPlan(BaseModel):
+    advanced_image_settings: AdvancedImageSettings
+    scenes: list[dict]
+
+
+Status = Literal["queued", "running", "completed", "failed"]
+
+
+class GenerationStatus(BaseModel):
+    """The guide's status shape, shared by `sceneref generate --json` and GET /api/status."""
+
+    generation_id: str
+    status: Status
+    progress: int = Field(ge=0, le=100)
+    advanced_image_generation_used: bool = True
+    storyboard_plan: StoryboardPlan
+    error: str | None = None
+    offline: bool = False
