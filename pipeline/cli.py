@@ -1,0 +1,180 @@
+"""`sceneref` command line: run a generation in this process, mint development tokens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.artifacts import LocalArtifactStore
+from pipeline.jobs import JobStore, to_status
+from pipeline.runner import ProgressEvent, Services
+from pipeline.schemas import GenerationRequest
+from pipeline.scoring import LocalScoring, decode_rgb
+from pipeline.service import execute_job
+from pipeline.settings import SCORER_NAMES, PipelineSettings
+
+MODELS_DIR_ENV = "SCENEREF_MODELS_DIR"
+
+
+def offline_models_dir() -> Path:
+    return Path(os.environ.get(MODELS_DIR_ENV, Path.home() / ".cache" / "sceneref" / "offline-models"))
+
+
+def load_settings(config: Path | None, *, offline: bool, output: Path) -> PipelineSettings:
+    if config is not None:
+        data = yaml.safe_load(config.read_text()) or {}
+        settings = PipelineSettings.model_validate(data)
+    elif offline:
+        settings = PipelineSettings.offline(output)
+    else:
+        settings = PipelineSettings(
+            traces=PipelineSettings().traces.model_copy(update={"root": output / "reference_image_traces"}),
+            artifacts_dir=output / "artifacts",
+        )
+    return settings
+
+
+def local_scoring(settings: PipelineSettings, *, offline: bool) -> LocalScoring:
+    """Load the four scorers in this process. Offline, tiny random-weight models are built on
+    first use and loaded through the same code path as real model ids."""
+    import scorers
+    from scorers.tiny import build_tiny_models
+
+    weights = settings.scoring.weights.as_dict()
+    if offline:
+        options = build_tiny_models(offline_models_dir())
+        models = {name: scorers.load_scorer(name, **options[name]) for name in SCORER_NAMES if weights[name] > 0}
+    else:
+        models = {
+            name: scorers.load_scorer(name, **settings.scoring.options_for(name))
+            for name in SCORER_NAMES
+            if weights[name] > 0
+        }
+    return LocalScoring(models, weights)
+
+
+def _print_progress(event: ProgressEvent) -> None:
+    print(f"[{event.progress:3d}%] {event.stage}: {event.message}", file=sys.stderr, flush=True)
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from pipeline.factory import build_providers
+
+    output = Path(args.output)
+    try:
+        request = GenerationRequest(
+            prompt=args.prompt,
+            target_duration=args.duration,
+            advanced_image_num_variations=args.variations,
+            advanced_image_max_enhancement_iterations=args.iterations,
+            advanced_image_quality_threshold=args.threshold,
+        )
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"])
+            print(f"error: {field}: {error['msg']}", file=sys.stderr)
+        return 2
+    reference = None
+    if args.image:
+        try:
+            data = Path(args.image).read_bytes()
+            decode_rgb(data)
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            print(f"error: --image {args.image}: {exc}", file=sys.stderr)
+            return 2
+        reference = data
+
+    settings = load_settings(args.config, offline=args.offline, output=output)
+    if args.keep_traces:
+        settings.traces.keep = True
+    chat, images = build_providers(settings)
+    print("loading scorers ...", file=sys.stderr, flush=True)
+    scoring = local_scoring(settings, offline=args.offline)
+    artifacts = LocalArtifactStore(settings.artifacts_dir)
+    store = JobStore(args.database or f"sqlite:///{output / 'sceneref.db'}")
+    generation_id = uuid.uuid4().hex
+    store.create(generation_id, "local", request.model_dump(mode="json"), offline=args.offline)
+    services = Services(chat=chat, images=images, scoring=scoring, artifacts=artifacts)
+    await execute_job(
+        store, generation_id, services, settings, reference_image=reference,
+        on_event=None if args.quiet else _print_progress,
+    )
+    record = store.get(generation_id)
+    status = to_status(record, store.scenes(generation_id), lambda key: (artifacts.root / key).resolve().as_uri())
+    if args.json:
+        print(status.model_dump_json(indent=2))
+    else:
+        _print_summary(status, settings)
+    return 0 if status.status == "completed" else 1
+
+
+def _print_summary(status, settings: PipelineSettings) -> None:
+    print(f"generation {status.generation_id}: {status.status}" + (" (OFFLINE demo providers)" if status.offline else ""))
+    if status.error:
+        print(f"error: {status.error}")
+    for scene in status.storyboard_plan.scenes:
+        score = scene.get("quality_score")
+        shown = "user image" if scene.get("user_provided") else (f"{score:.1f}" if score is not None else "-")
+        print(f"  scene {scene['scene_number']} ({scene['duration']} s): {shown}  {scene.get('reference_image_url', '')}")
+    if settings.traces.keep:
+        print(f"traces: {Path(settings.traces.root) / status.generation_id}")
+
+
+def _token(args: argparse.Namespace) -> int:
+    from deployments.auth import mint_token
+
+    secret = os.environ.get(args.secret_env)
+    if not secret:
+        print(f"error: set {args.secret_env} to the service's HS256 secret (32+ bytes)", file=sys.stderr)
+        return 2
+    print(mint_token(secret, args.sub, ttl_s=args.ttl, audience=args.audience, issuer=args.issuer))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sceneref", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="run one generation in this process")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--duration", type=int, default=15, help="target video duration in seconds (9-60)")
+    gen.add_argument("--variations", type=int, default=4, help="image variations per scene (2-8)")
+    gen.add_argument("--iterations", type=int, default=4, help="max prompt enhancement iterations (1-6)")
+    gen.add_argument("--threshold", type=float, default=30.0, help="quality warning threshold (0-100)")
+    gen.add_argument("--image", help="your reference image: used unchanged as scene 1")
+    gen.add_argument("--output", default="output", help="directory for artifacts, traces and the job database")
+    gen.add_argument("--config", type=Path, help="YAML file of PipelineSettings (providers, models, weights)")
+    gen.add_argument("--database", help="job store URL (default: sqlite in --output)")
+    gen.add_argument("--offline", action="store_true", help="offline demo providers and tiny local scorer models")
+    gen.add_argument("--keep-traces", action="store_true", help="keep trace files after completion")
+    gen.add_argument("--json", action="store_true", help="print the result as the status JSON")
+    gen.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+    tok = commands.add_parser("token", help="mint a development JWT (HS256) from the configured secret")
+    tok.add_argument("--sub", required=True, help="the user (token subject)")
+    tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    tok.add_argument("--audience")
+    tok.add_argument("--issuer")
+    tok.add_argument("--secret-env", default="SCENEREF_JWT_SECRET")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "generate":
+        return asyncio.run(_generate(args))
+    return _token(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
