@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	# torch and torchvision must be a matching pair (open_clip needs torchvision).
 	$(BIN)/pip install "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install -e ".[dev]"
