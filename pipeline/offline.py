@@ -1,0 +1,506 @@
+"""The offline provider pair: deterministic agents and a procedural image generator.
+
+It serves the no-key demo and the tests, so it must behave like the real thing where the
+pipeline can tell: valid JSON in the agents' convention (the last user message is a JSON object
+of inputs), a critique loop that improves over iterations, and images that visibly depend on the
+prompt, the variation and the reference image. Everything it makes is labelled offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import colorsys
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.providers import ChatTask, GeneratedImage, ProviderError
+from pipeline.settings import ImageSettings
+
+OFFLINE_LABEL = "OFFLINE DEMO"
+
+
+def stable_hash(*parts: object) -> int:
+    """A 64-bit hash that, unlike hash(), is the same in every process."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _pick(options: tuple[str, ...], *key: object) -> str:
+    return options[stable_hash(*key) % len(options)]
+
+
+# --- Chat: storyboard -----------------------------------------------------------------------
+
+_STOPWORDS = frozenset(
+    "a an the and or but of for with without in on at to from by into onto over under about "
+    "this that these those its it is are was were be been being as than then so very just "
+    "show shows showing make makes made create video short clip scene scenes seconds "
+    "their there they them our your you we us his her he she who whom which what when where "
+    "while some any each every more most less few many much also only launch promo promotional "
+    "advert commercial brand product film".split()
+)
+# "A launch video for X" is about X: beats read better naming X alone.
+_LEAD_IN = re.compile(
+    r"^(?:(?:a|an|the)\s+)?(?:(?:short|launch|promo|promotional|product|brand)\s+)*"
+    r"(?:video|ad|advert|advertisement|commercial|film|clip|spot)\s+(?:about|for|of|showing)\s+",
+    re.IGNORECASE,
+)
+
+
+def subject_of(prompt: str, limit: int = 240) -> str:
+    """The story prompt's first sentence, cut at a word boundary: the subject every beat names."""
+    text = _LEAD_IN.sub("", " ".join(prompt.split()))
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".!? ")
+    if len(first) > limit:
+        first = first[:limit].rsplit(" ", 1)[0]
+    first = first or text[:limit]
+    article = re.match(r"(?:a|an|the)\s+", first, re.IGNORECASE)
+    if article:  # "A closer look at the bottle", not "... at A bottle"
+        first = "the " + first[article.end():]
+    return first
+
+
+def brand_words(story_prompt: str, limit: int = 5) -> list[str]:
+    """Distinctive words of the story prompt; brand alignment means keeping them."""
+    words: list[str] = []
+    for word in re.findall(r"[A-Za-z][A-Za-z'-]{3,}", story_prompt.lower()):
+        if word not in _STOPWORDS and word not in words:
+            words.append(word)
+        if len(words) == limit:
+            break
+    return words
+
+
+_OPENING = "Opening scene: {s}, introduced in its wider world as the story begins"
+_CLOSING = "Closing beat: {s} presented one last time with room for the tagline, ending the story"
+_MIDDLE_BEATS = (
+    "A closer look at {s}, the craft and care that make it special",
+    "In use: a person reaches for {s} and it does what it promises",
+    "Lifestyle moment: {s} fits naturally into an everyday routine",
+    "Hero moment: {s} alone, confident and unmistakable",
+    "Transition: movement and energy around {s} carry the story forward",
+    "Reaction: a genuine smile from someone enjoying {s}",
+)
+
+
+def storyboard(prompt: str, scene_count: int, durations: list[int] | None = None) -> dict:
+    """`scene_count` distinct scenes: an opening, rotating middle beats, a closing beat."""
+    if scene_count < 1:
+        raise ProviderError("offline storyboard: scene_count must be at least 1")
+    subject = subject_of(prompt)
+    templates: list[str] = []
+    for index in range(scene_count):
+        if index == 0:
+            templates.append(_OPENING)
+        elif index == scene_count - 1:
+            templates.append(_CLOSING)
+        else:
+            beat = _MIDDLE_BEATS[(index - 1) % len(_MIDDLE_BEATS)]
+            repeat = (index - 1) // len(_MIDDLE_BEATS)
+            templates.append(beat + (f" (variation {repeat + 1})" if repeat else ""))
+    scenes = []
+    for index, template in enumerate(templates):
+        description = template.format(s=subject)
+        if durations and index < len(durations):
+            description += f" ({durations[index]} s)"
+        scenes.append({"description": description})
+    return {"scenes": scenes}
+
+
+# --- Chat: cinematographer and prompt engineer ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Aspect:
+    """One thing a production-ready image prompt states. `detect` finds it in any prompt (also
+    one written by a real LLM); `label` is how critiques name it, so the cinematographer can
+    tell which aspects a critique asks for."""
+
+    key: str
+    label: str
+    detect: re.Pattern[str]
+    phrases: tuple[str, ...]
+    advice: str
+
+
+def _rx(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+ASPECTS: tuple[Aspect, ...] = (
+    Aspect(
+        "camera_angle",
+        "camera angle",
+        _rx(r"low[- ]angle|high[- ]angle|eye[- ]level|overhead|bird'?s[- ]eye|three-quarter|top[- ]down|dutch angle|camera angle"),
+        ("low-angle three-quarter view", "eye-level medium shot", "high-angle overhead view"),
+        "state the camera angle and shot size (e.g. low-angle three-quarter view)",
+    ),
+    Aspect(
+        "lens",
+        "lens",
+        _rx(r"\b\d{2,3}\s?mm\b|\blens\b|telephoto|macro"),
+        ("shot on a 50mm prime lens", "shot on an 85mm portrait lens", "shot on a 35mm lens"),
+        "name the lens and focal length (e.g. 50mm prime)",
+    ),
+    Aspect(
+        "lighting",
+        "lighting",
+        _rx(r"key light|rim light|backlight|softbox|window light|golden hour|lighting"),
+        (
+            "soft key light from camera left with a subtle rim light",
+            "golden hour backlight with a bounce fill from the right",
+            "large softbox key light from above with gentle side fill",
+        ),
+        "describe the lighting direction and quality (key, fill, rim)",
+    ),
+    Aspect(
+        "composition",
+        "composition",
+        _rx(r"rule[- ]of[- ]thirds|leading lines|negative space|symmetrical|composition|framing"),
+        (
+            "rule-of-thirds composition with negative space on the right",
+            "centred symmetrical composition with leading lines",
+            "layered framing with foreground elements and clean negative space",
+        ),
+        "fix the composition (rule of thirds, leading lines, negative space)",
+    ),
+    Aspect(
+        "depth_of_field",
+        "depth of field",
+        _rx(r"depth of field|bokeh|f/\d|aperture"),
+        (
+            "shallow depth of field at f/2.0 with creamy bokeh",
+            "moderate depth of field at f/4 keeping the subject crisp",
+        ),
+        "specify depth of field with an aperture (e.g. f/2.0, soft bokeh)",
+    ),
+    Aspect(
+        "colour_temperature",
+        "colour temperature",
+        _rx(r"\b\d{4}\s?K\b|colou?r temperature"),
+        (
+            "warm 3200K key against a cool 5600K ambient",
+            "neutral 5600K daylight balance with warm 4000K accents",
+        ),
+        "give the colour temperature in Kelvin (e.g. warm 3200K key, 5600K fill)",
+    ),
+    Aspect(
+        "subject_detail",
+        "subject detail",
+        _rx(r"textur|materials?\b|surface|finish|craftsmanship"),
+        (
+            "crisp detail on every surface, material and texture",
+            "fine rendering of materials, surface finish and texture",
+        ),
+        "add concrete subject detail: materials, texture, surface finish",
+    ),
+    Aspect(
+        "colour_grade",
+        "colour grade",
+        _rx(r"colou?r grade|palette|graded"),
+        ("cinematic teal-and-amber colour grade", "muted natural palette with rich blacks"),
+        "set a colour grade or palette that carries the mood",
+    ),
+    Aspect(
+        "brand",
+        "brand consistency",
+        _rx(r"on-brand|brand"),
+        ("{b} kept on-brand and recognisable",),
+        "tie the shot to the brand: keep {b} recognisable and consistent",
+    ),
+    Aspect(
+        "finish",
+        "professional finish",
+        _rx(r"commercial|advertising|editorial|photorealistic|high-end"),
+        ("photorealistic high-end commercial photograph",),
+        "ask for a professional finish (photorealistic, high-end commercial)",
+    ),
+)
+ASPECT_BY_KEY = {aspect.key: aspect for aspect in ASPECTS}
+# What the cinematographer writes on a first pass: the basics of a shot.
+FIRST_PASS = ("camera_angle", "lens", "lighting", "composition")
+# How many requested aspects one rewrite adds: the loop improves step by step.
+FIXES_PER_ITERATION = 2
+NUMERIC_SPEC = _rx(r"\b\d{2,3}\s?mm\b|f/\d|\b\d{4}\s?K\b")
+# Most valuable first: the cinematographer fixes the first ones it is told about.
+_IMPROVEMENT_ORDER = tuple(
+    ASPECT_BY_KEY[key]
+    for key in (
+        "depth_of_field",
+        "colour_temperature",
+        "subject_detail",
+        "brand",
+        "finish",
+        "colour_grade",
+        "camera_angle",
+        "lens",
+        "lighting",
+        "composition",
+    )
+)
+
+
+def present_aspects(prompt: str) -> set[str]:
+    return {aspect.key for aspect in ASPECTS if aspect.detect.search(prompt)}
+
+
+def _requested_aspects(critique: str | None, improvements: list[str]) -> list[str]:
+    """Aspects a critique asks for, in the order the critic listed them."""
+    requested: list[str] = []
+    for text in [*improvements, critique or ""]:
+        for aspect in ASPECTS:
+            if aspect.key not in requested and (aspect.label in text.lower() or aspect.detect.search(text)):
+                requested.append(aspect.key)
+    return requested
+
+
+def _base_prompt(scene_prompt: str) -> str:
+    """The scene prompt without its storyboard duration note, ready for a list of clauses."""
+    return re.sub(r"\s*\(\d+ s\)\s*$", "", " ".join(scene_prompt.split())).rstrip(". ")
+
+
+def cinematographer(
+    scene_prompt: str,
+    story_prompt: str,
+    iteration: int = 1,
+    previous_prompt: str | None = None,
+    critique: str | None = None,
+    improvements: list[str] | None = None,
+) -> dict:
+    """Rewrite the scene prompt as a shot description. A first pass states the basics; each
+    later pass keeps what the previous prompt had and adds the aspects the critique asks for
+    (two per pass), so scores rise over iterations the way a real critique loop does."""
+    aspects = set(FIRST_PASS) if previous_prompt is None else present_aspects(previous_prompt) | set(FIRST_PASS)
+    requested = [key for key in _requested_aspects(critique, improvements or []) if key not in aspects]
+    if previous_prompt is not None and not requested:
+        requested = [aspect.key for aspect in ASPECTS if aspect.key not in aspects]
+    aspects.update(requested[:FIXES_PER_ITERATION])
+
+    brand = ", ".join(brand_words(story_prompt, limit=3)) or "the subject"
+    clauses = [_base_prompt(scene_prompt)]
+    for aspect in ASPECTS:
+        if aspect.key in aspects:
+            phrase = _pick(aspect.phrases, aspect.key, scene_prompt)
+            clauses.append(phrase.format(b=brand))
+    return {"enhanced_prompt": ", ".join(clauses) + "."}
+
+
+def _clamp(value: float) -> float:
+    return float(max(0, min(100, round(value))))
+
+
+def prompt_engineer(scene_prompt: str, story_prompt: str, enhanced_prompt: str, iteration: int = 1) -> dict:
+    """Heuristic review: which aspects the prompt states, how concrete it is (numbers for lens,
+    aperture, Kelvin), how much of the story's vocabulary it keeps. The critique names what is
+    missing; the improvements are ordered by how much they would raise the score."""
+    present = present_aspects(enhanced_prompt)
+    has = lambda key: key in present  # noqa: E731
+    words = len(enhanced_prompt.split())
+    numbers = len({match.group(0).lower() for match in NUMERIC_SPEC.finditer(enhanced_prompt)})
+    vocabulary = brand_words(story_prompt)
+    kept = sum(1 for word in vocabulary if word in enhanced_prompt.lower())
+    kept_share = kept / len(vocabulary) if vocabulary else 1.0
+
+    scores = {
+        "completeness": _clamp(52 + 4.6 * len(present)),
+        "specificity": _clamp(56 + 7 * min(numbers, 3) + 7 * has("subject_detail") + min(words, 60) / 6),
+        "professionalism": _clamp(
+            66 + 9 * has("finish") + 7 * has("colour_grade") + 6 * has("composition") - (12 if words > 220 else 0)
+        ),
+        "cinematography": _clamp(
+            52 + 8 * sum(map(has, ("camera_angle", "lens", "lighting", "depth_of_field"))) + 7 * has("colour_temperature")
+        ),
+        "brand_alignment": _clamp(56 + 26 * kept_share + 16 * has("brand")),
+    }
+
+    missing = [aspect for aspect in _IMPROVEMENT_ORDER if aspect.key not in present]
+    brand = ", ".join(vocabulary[:3]) or "the product"
+    improvements = [aspect.advice.format(b=brand).capitalize() for aspect in missing][:4]
+    if words > 220:
+        improvements.append("Tighten the prompt: it is long enough to dilute the subject")
+    strong = [aspect.label for aspect in ASPECTS if aspect.key in present]
+    if missing:
+        critique = (
+            f"Iteration {iteration}: the prompt states {', '.join(strong) or 'no technical aspects'}; "
+            f"it is missing {', '.join(aspect.label for aspect in missing)}."
+        )
+    else:
+        critique = f"Iteration {iteration}: production-ready; every technical aspect is stated."
+    return {"scores": scores, "critique": critique, "improvements": improvements}
+
+
+def infer_task(payload: dict) -> ChatTask:
+    """Which agent sent these inputs (for servers that only see the messages)."""
+    if "scene_count" in payload:
+        return "storyboard"
+    if "enhanced_prompt" in payload:
+        return "prompt_engineer"
+    if "scene_prompt" in payload:
+        return "cinematographer"
+    raise ProviderError(f"offline chat: unrecognised inputs (keys: {sorted(payload)})")
+
+
+def last_user_payload(messages: list[dict[str, str]]) -> dict:
+    """The JSON inputs object of the agents' message convention."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            try:
+                payload = json.loads(message.get("content") or "")
+            except json.JSONDecodeError as error:
+                raise ProviderError(f"offline chat: last user message is not JSON ({error})") from error
+            if not isinstance(payload, dict):
+                raise ProviderError("offline chat: last user message must be a JSON object")
+            return payload
+    raise ProviderError("offline chat: no user message")
+
+
+def offline_reply(task: ChatTask, payload: dict) -> dict:
+    try:
+        if task == "storyboard":
+            return storyboard(payload["prompt"], int(payload["scene_count"]), payload.get("durations"))
+        if task == "cinematographer":
+            return cinematographer(
+                payload["scene_prompt"],
+                payload.get("story_prompt") or payload["scene_prompt"],
+                int(payload.get("iteration") or 1),
+                payload.get("previous_prompt"),
+                payload.get("critique"),
+                list(payload.get("improvements") or []),
+            )
+        if task == "prompt_engineer":
+            return prompt_engineer(
+                payload["scene_prompt"],
+                payload.get("story_prompt") or payload["scene_prompt"],
+                payload["enhanced_prompt"],
+                int(payload.get("iteration") or 1),
+            )
+    except KeyError as error:
+        raise ProviderError(f"offline chat {task}: missing input {error}") from error
+    raise ProviderError(f"offline chat: unknown task {task!r}")
+
+
+class OfflineChat:
+    """Deterministic ChatModel: same inputs, same JSON answer. `latency_s` simulates a model."""
+
+    def __init__(self, latency_s: float = 0.0):
+        self.latency_s = latency_s
+
+    async def complete(self, messages: list[dict[str, str]], *, task: ChatTask) -> str:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return json.dumps(offline_reply(task, last_user_payload(messages)))
+
+
+# --- Images -----------------------------------------------------------------------------------
+
+
+def _palette(prompt: str) -> np.ndarray:
+    """Four colours from the prompt: a base hue and three related ones."""
+    seed = stable_hash("palette", prompt)
+    hue = (seed % 360) / 360
+    offsets = (0.0, 0.08 + (seed >> 9) % 20 / 100, 0.5, 0.92)
+    colours = []
+    for index, offset in enumerate(offsets):
+        saturation = 0.45 + ((seed >> (12 + index * 4)) % 10) / 25
+        value = 0.35 + index * 0.18
+        colours.append(colorsys.hsv_to_rgb((hue + offset) % 1.0, min(saturation, 0.95), min(value, 0.98)))
+    return np.array(colours, dtype=np.float32) * 255
+
+
+_FONT: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None
+
+
+def _label_font(height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    global _FONT
+    if _FONT is None:
+        try:
+            _FONT = ImageFont.load_default(size=max(12, height // 18))
+        except TypeError:  # Pillow without FreeType
+            _FONT = ImageFont.load_default()
+    return _FONT
+
+
+def render_offline_image(
+    prompt: str, *, variation: int, reference: bytes | None, size: tuple[int, int]
+) -> tuple[bytes, int]:
+    """A labelled procedural PNG and its seed. The prompt picks the palette and shapes, the
+    variation re-lays the composition, and a reference is blended in so chained scenes share
+    its colours and layout."""
+    width, height = size
+    seed = stable_hash("image", prompt, variation) % 2**31
+    rng = np.random.default_rng(seed)
+    colours = _palette(prompt)
+
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = xs / max(width - 1, 1), ys / max(height - 1, 1)
+    angle = rng.uniform(0, np.pi)
+    t = np.clip((np.cos(angle) * (u - 0.5) + np.sin(angle) * (v - 0.5)) + 0.5, 0, 1)[..., None]
+    canvas = colours[0] * (1 - t) + colours[1] * t
+
+    shape_rng = np.random.default_rng(stable_hash("shapes", prompt) % 2**31)
+    for index in range(4 + int(shape_rng.integers(0, 3))):
+        cx, cy = rng.uniform(0.1, 0.9), rng.uniform(0.15, 0.85)
+        radius = shape_rng.uniform(0.08, 0.22)
+        colour = colours[2 + index % 2]
+        dx, dy = (u - cx) * (width / height), v - cy
+        if shape_rng.random() < 0.5:
+            mask = (dx * dx + dy * dy) < radius * radius
+        else:
+            mask = (np.abs(dx) < radius * 1.3) & (np.abs(dy) < radius * 0.7)
+        canvas[mask] = canvas[mask] * 0.25 + colour * 0.75
+    horizon = rng.uniform(0.55, 0.8)
+    canvas[v[..., 0] > horizon] *= 0.7
+
+    if reference is not None:
+        try:
+            with Image.open(io.BytesIO(reference)) as ref:
+                ref_pixels = np.asarray(ref.convert("RGB").resize((width, height)), dtype=np.float32)
+        except Exception as error:
+            raise ProviderError(f"offline images: reference is not a readable image ({error})") from error
+        canvas = canvas * 0.55 + ref_pixels * 0.45
+
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    font = _label_font(height)
+    left, top, right, bottom = draw.textbbox((0, 0), OFFLINE_LABEL, font=font)
+    pad = max(3, height // 60)
+    box = (pad, height - (bottom - top) - 3 * pad, right - left + 3 * pad, height - pad)
+    draw.rectangle(box, fill=(0, 0, 0))
+    draw.text((box[0] + pad - left, box[1] + pad - top), OFFLINE_LABEL, fill=(255, 255, 255), font=font)
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue(), seed
+
+
+class OfflineImages:
+    """Deterministic ImageProvider: same prompt, variation and reference, same PNG.
+    `latency_s` simulates a remote API for benchmarks."""
+
+    def __init__(self, settings: ImageSettings, latency_s: float = 0.0):
+        self.settings = settings
+        self.latency_s = latency_s
+
+    async def generate(self, prompt: str, *, reference: bytes | None, variation: int) -> GeneratedImage:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        data, seed = await asyncio.to_thread(
+            render_offline_image, prompt, variation=variation, reference=reference, size=self.settings.dimensions
+        )
+        return GeneratedImage(
+            data=data,
+            metadata={
+                "provider": "offline",
+                "model": self.settings.model,
+                "size": self.settings.size,
+                "variation": variation,
+                "seed": seed,
+                "reference_used": reference is not None,
+                "offline": True,
+            },
+        )

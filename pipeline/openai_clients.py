@@ -1,0 +1,146 @@
+"""ChatModel and ImageProvider over the official `openai` client, for any OpenAI-compatible
+endpoint (OpenAI, vLLM, Ollama, a gateway). Retries are ours (pipeline.retry), not the
+client's, so they are explicit, logged and counted in metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+
+import openai
+from PIL import Image
+
+from pipeline.providers import ChatTask, GeneratedImage, ProviderError
+from pipeline.retry import with_retries
+from pipeline.settings import ImageSettings, LLMSettings
+
+logger = logging.getLogger("sceneref.providers")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_client(settings: LLMSettings | ImageSettings, *, role: str) -> openai.AsyncOpenAI:
+    """An AsyncOpenAI client for `settings`, failing early with the env var to set."""
+    key = settings.api_key()
+    if not key:
+        raise ProviderError(
+            f"No API key for the {role} provider: set the {settings.api_key_env} environment "
+            f"variable (any non-empty value for a keyless local endpoint), or run with --offline "
+            f"to use the offline demo providers."
+        )
+    return openai.AsyncOpenAI(
+        api_key=key, base_url=settings.base_url, timeout=settings.timeout_s, max_retries=0
+    )
+
+
+class OpenAIChat:
+    """ChatModel over chat.completions with JSON-object output; the agents validate the JSON."""
+
+    def __init__(self, settings: LLMSettings, client: openai.AsyncOpenAI | None = None):
+        self.settings = settings
+        self._client = client or make_client(settings, role="LLM")
+        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+
+    async def complete(self, messages: list[dict[str, str]], *, task: ChatTask) -> str:
+        settings = self.settings
+
+        async def call() -> str:
+            # Held per attempt, not across backoff sleeps, so waiting calls free the slot.
+            async with self._semaphore:
+                response = await self._client.chat.completions.create(
+                    model=settings.model,
+                    messages=messages,  # type: ignore[arg-type]
+                    temperature=settings.temperature,
+                    response_format={"type": "json_object"},
+                    timeout=settings.timeout_s,
+                )
+            if not response.choices or response.choices[0].message.content is None:
+                raise ProviderError(
+                    f"chat {task} ({settings.model}): response has no message content "
+                    f"(request {response._request_id})",
+                    retryable=True,
+                )
+            return response.choices[0].message.content
+
+        return await with_retries(call, settings.retry, what=f"chat {task} ({settings.model})")
+
+
+def _wants_b64_parameter(model: str) -> bool:
+    """gpt-image models always answer base64 and reject `response_format`; DALL-E and most
+    gateways default to URLs and need it."""
+    return not model.startswith(("gpt-image", "chatgpt-image"))
+
+
+def _as_png(data: bytes) -> bytes:
+    if data.startswith(PNG_MAGIC):
+        return data
+    with Image.open(io.BytesIO(data)) as image:
+        out = io.BytesIO()
+        image.convert("RGBA" if "A" in image.getbands() else "RGB").save(out, format="PNG")
+        return out.getvalue()
+
+
+class OpenAIImages:
+    """ImageProvider over images.generate (no reference) and images.edit (with reference).
+
+    The API has no seed: each call is an independent sample, so metadata records what the
+    provider returns (request id, revised prompt) and `seed: None`.
+    """
+
+    def __init__(self, settings: ImageSettings, client: openai.AsyncOpenAI | None = None):
+        self.settings = settings
+        self._client = client or make_client(settings, role="image")
+        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+
+    async def generate(self, prompt: str, *, reference: bytes | None, variation: int) -> GeneratedImage:
+        settings = self.settings
+        operation = "generate" if reference is None else "edit"
+        params: dict = {"model": settings.model, "prompt": prompt, "size": settings.size, "n": 1}
+        if settings.quality:
+            params["quality"] = settings.quality
+        if _wants_b64_parameter(settings.model):
+            params["response_format"] = "b64_json"
+        attempts = 0
+
+        async def call():
+            nonlocal attempts
+            attempts += 1
+            async with self._semaphore:
+                if reference is None:
+                    return await self._client.images.generate(**params, timeout=settings.timeout_s)
+                return await self._client.images.edit(
+                    image=("reference.png", reference, "image/png"), **params, timeout=settings.timeout_s
+                )
+
+        what = f"image {operation} ({settings.model}, variation {variation})"
+        response = await with_retries(call, settings.retry, what=what)
+        item = response.data[0] if response.data else None
+        if item is None or not item.b64_json:
+            detail = "a URL" if item is not None and item.url else "no image"
+            raise ProviderError(
+                f"{what}: response carried {detail} instead of base64 image data "
+                f"(request {response._request_id}); use a model that returns b64_json",
+                retryable=False,
+            )
+        try:
+            data = _as_png(base64.b64decode(item.b64_json))
+        except Exception as error:
+            raise ProviderError(f"{what}: undecodable image data ({error})") from error
+        return GeneratedImage(
+            data=data,
+            metadata={
+                "provider": "openai",
+                "model": settings.model,
+                "operation": operation,
+                "size": settings.size,
+                "quality": settings.quality,
+                "variation": variation,
+                "request_id": response._request_id,
+                "revised_prompt": item.revised_prompt,
+                "seed": None,
+                "reference_used": reference is not None,
+                "attempts": attempts,
+            },
+        )
