@@ -1,0 +1,322 @@
+"""Test doubles: a local OpenAI-compatible HTTP server.
+
+Tests and benchmarks drive the real `openai` client against it, so request shapes, multipart
+uploads, headers, status codes and timeouts are exercised as they are in production. It answers
+with the offline provider logic, records every request, and applies scripted faults.
+
+    with FakeOpenAIServer(image_latency_s=0.05) as server:
+        server.add_faults("chat", Fault("429", retry_after=0.2), "500")
+        settings = LLMSettings(base_url=server.base_url, ...)
+        ...
+        assert server.requests_for("chat")[-1].json["model"] == "..."
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from pipeline.offline import infer_task, last_user_payload, offline_reply, render_offline_image
+from pipeline.providers import ProviderError
+
+Endpoint = Literal["chat", "generations", "edits"]
+FaultKind = Literal["429", "500", "400", "timeout", "malformed", "malformed_schema"]
+ENDPOINTS: tuple[Endpoint, ...] = ("chat", "generations", "edits")
+DEFAULT_IMAGE_SIZE = (512, 288)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What to do to one request instead of answering it normally.
+
+    429: rate limited, with a `Retry-After: retry_after` header when given. 500 / 400: error
+    JSON. timeout: answer after `sleep_s` (set it above the client's timeout). malformed: chat
+    content that is not JSON / an image response with no image data. malformed_schema: chat
+    content that is JSON but not the expected schema.
+    """
+
+    kind: FaultKind
+    retry_after: float | None = None
+    sleep_s: float = 3.0
+    message: str | None = None
+
+
+@dataclass
+class RecordedRequest:
+    endpoint: Endpoint
+    path: str
+    headers: dict[str, str]
+    json: dict | None = None
+    form: dict[str, str] = field(default_factory=dict)
+    files: dict[str, list[bytes]] = field(default_factory=dict)
+    fault: FaultKind | None = None
+    request_id: str = ""
+    started: float = 0.0
+
+    @property
+    def image(self) -> bytes | None:
+        """The (first) uploaded edit image, however the client named the field."""
+        for name in ("image", "image[]"):
+            if self.files.get(name):
+                return self.files[name][0]
+        return None
+
+
+def _error(status: int, message: str, kind: str, request_id: str, headers: dict[str, str] | None = None):
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=status, headers={"x-request-id": request_id, **(headers or {})})
+
+
+def _parse_size(size: object) -> tuple[int, int]:
+    try:
+        width, height = str(size).lower().split("x")
+        return int(width), int(height)
+    except ValueError:
+        return DEFAULT_IMAGE_SIZE  # "auto" or absent
+
+
+class FakeOpenAIServer:
+    """An OpenAI-compatible server on 127.0.0.1 in a background thread.
+
+    Faults: `add_faults(endpoint, *faults)` queues faults (a Fault or its kind as a string)
+    applied one per request, in order, to that endpoint's next requests.
+    Recording: `requests` (all, in arrival order), `requests_for(endpoint)`, `max_in_flight`
+    (peak concurrent requests per endpoint), `reset()`.
+    Latency: `chat_latency_s` and `image_latency_s`, read per request, so they can be changed
+    while the server runs.
+    """
+
+    def __init__(self, *, chat_latency_s: float = 0.0, image_latency_s: float = 0.0):
+        self.chat_latency_s = chat_latency_s
+        self.image_latency_s = image_latency_s
+        self._lock = threading.Lock()
+        self._faults: dict[Endpoint, deque[Fault]] = {endpoint: deque() for endpoint in ENDPOINTS}
+        self._requests: list[RecordedRequest] = []
+        self._in_flight: dict[Endpoint, int] = dict.fromkeys(ENDPOINTS, 0)
+        self._max_in_flight: dict[Endpoint, int] = dict.fromkeys(ENDPOINTS, 0)
+        self._prompt_counts: dict[str, int] = {}
+        self._counter = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+        self.app = self._build_app()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("FakeOpenAIServer is not started")
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout_s: float = 10.0) -> "FakeOpenAIServer":
+        # Bind first, so the port is known and no other process can take it in between.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1, access_log=False
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="fake-openai", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("FakeOpenAIServer did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- scripting and recording ---------------------------------------------------------
+
+    def add_faults(self, endpoint: Endpoint, *faults: Fault | FaultKind) -> None:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint {endpoint!r}; one of {ENDPOINTS}")
+        with self._lock:
+            self._faults[endpoint].extend(f if isinstance(f, Fault) else Fault(f) for f in faults)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def requests_for(self, endpoint: Endpoint) -> list[RecordedRequest]:
+        return [request for request in self.requests if request.endpoint == endpoint]
+
+    @property
+    def max_in_flight(self) -> dict[Endpoint, int]:
+        with self._lock:
+            return dict(self._max_in_flight)
+
+    def reset(self) -> None:
+        """Forget requests, pending faults and peaks (between tests sharing one server)."""
+        with self._lock:
+            self._requests.clear()
+            self._prompt_counts.clear()
+            for endpoint in ENDPOINTS:
+                self._faults[endpoint].clear()
+                self._max_in_flight[endpoint] = 0
+
+    def _begin(self, record: RecordedRequest) -> Fault | None:
+        with self._lock:
+            self._counter += 1
+            record.request_id = f"req_fake_{self._counter:06d}"
+            record.started = time.monotonic()
+            fault = self._faults[record.endpoint].popleft() if self._faults[record.endpoint] else None
+            record.fault = fault.kind if fault else None
+            self._requests.append(record)
+            self._in_flight[record.endpoint] += 1
+            peak = max(self._max_in_flight[record.endpoint], self._in_flight[record.endpoint])
+            self._max_in_flight[record.endpoint] = peak
+        return fault
+
+    def _end(self, endpoint: Endpoint) -> None:
+        with self._lock:
+            self._in_flight[endpoint] -= 1
+
+    def _next_variation(self, prompt: str) -> int:
+        """Each repeat of a prompt is a new sample, as with a real image API."""
+        with self._lock:
+            count = self._prompt_counts.get(prompt, 0)
+            self._prompt_counts[prompt] = count + 1
+            return count
+
+    # --- HTTP ----------------------------------------------------------------------------
+
+    async def _handle(self, record: RecordedRequest, latency_s: float, answer):
+        fault = self._begin(record)
+        rid = record.request_id
+        try:
+            if latency_s:
+                await asyncio.sleep(latency_s)
+            if fault is not None:
+                if fault.kind == "429":
+                    headers = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
+                    return _error(429, fault.message or "Rate limit reached (fake)", "rate_limit_error", rid, headers)
+                if fault.kind == "500":
+                    return _error(500, fault.message or "Internal server error (fake)", "server_error", rid)
+                if fault.kind == "400":
+                    return _error(400, fault.message or "Invalid request (fake)", "invalid_request_error", rid)
+                if fault.kind == "timeout":
+                    await asyncio.sleep(fault.sleep_s)
+            try:
+                body = await answer(fault.kind if fault else None)
+            except ProviderError as error:
+                return _error(400, str(error), "invalid_request_error", rid)
+            return JSONResponse(body, headers={"x-request-id": rid})
+        finally:
+            self._end(record.endpoint)
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="fake OpenAI")
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            record = RecordedRequest("chat", request.url.path, dict(request.headers), json=body)
+
+            async def answer(fault: FaultKind | None) -> dict:
+                if fault == "malformed":
+                    content = "Sure! Here is the JSON you asked for: {not valid json"
+                elif fault == "malformed_schema":
+                    content = json.dumps({"unexpected": "shape", "scores": "high"})
+                else:
+                    payload = last_user_payload(body.get("messages") or [])
+                    content = json.dumps(offline_reply(infer_task(payload), payload))
+                prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
+                completion_tokens = len(content.split())
+                return {
+                    "id": f"chatcmpl-{record.request_id}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", "fake"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": content},
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    },
+                }
+
+            return await self._handle(record, self.chat_latency_s, answer)
+
+        @app.post("/v1/images/generations")
+        async def generations(request: Request):
+            body = await request.json()
+            record = RecordedRequest("generations", request.url.path, dict(request.headers), json=body)
+
+            async def answer(fault: FaultKind | None) -> dict:
+                return await self._image_body(str(body.get("prompt", "")), body.get("size"), None, fault)
+
+            return await self._handle(record, self.image_latency_s, answer)
+
+        @app.post("/v1/images/edits")
+        async def edits(request: Request):
+            form = await request.form()
+            fields: dict[str, str] = {}
+            files: dict[str, list[bytes]] = {}
+            for name, value in form.multi_items():
+                if isinstance(value, str):
+                    fields[name] = value
+                else:
+                    files.setdefault(name, []).append(await value.read())
+            record = RecordedRequest("edits", request.url.path, dict(request.headers), form=fields, files=files)
+
+            async def answer(fault: FaultKind | None) -> dict:
+                if record.image is None:
+                    raise ProviderError("edits need an 'image' file")
+                return await self._image_body(fields.get("prompt", ""), fields.get("size"), record.image, fault)
+
+            return await self._handle(record, self.image_latency_s, answer)
+
+        return app
+
+    async def _image_body(
+        self, prompt: str, size: object, reference: bytes | None, fault: FaultKind | None
+    ) -> dict:
+        if fault in ("malformed", "malformed_schema"):
+            return {"created": int(time.time()), "data": [{}]}
+        data, _ = await asyncio.to_thread(
+            render_offline_image,
+            prompt,
+            variation=self._next_variation(prompt),
+            reference=reference,
+            size=_parse_size(size),
+        )
+        return {
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(data).decode(), "revised_prompt": f"{prompt} (revised)"}],
+        }
