@@ -22,6 +22,8 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.signing import SignatureError, sign_url, verify_signed  # re-exported for the ingress
+
 MIN_SECRET_BYTES = 32
 MAX_TOKEN_CHARS = 8192
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -248,8 +250,6 @@ def mint_token(
         claims["iss"] = issuer
     return jwt.encode(claims, secret, algorithm="HS256")
 
-
-from deployments.signing import SignatureError, sign_url, verify_signed  # noqa: E402  (re-exported)
 
 __all__ = [
     "AuthConfigError", "AuthError", "AuthSettings", "Authenticator", "Principal", "SignatureError",
