@@ -1,0 +1,35 @@
+"""Application builder: `serve run serve_config.yaml` calls `build_app` with the config's
+`args`, validated as AppArgs. Deployment options (GPU fractions, batching, autoscaling) come
+from the config's `deployments:` list, keyed by the names bound here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ray.serve import Application
+
+from deployments.args import AppArgs
+from deployments.ingress import Ingress
+from deployments.providers import ImageGenerator, PromptAgents
+from deployments.scorer import ScorerDeployment
+
+SCORER_DEPLOYMENTS = {"pickscore": "PickScore", "clipscore": "CLIPScore", "vqascore": "VQAScore", "aesthetic": "Aesthetic"}
+
+
+def build_app(args: AppArgs) -> Application:
+    args = args.resolved(Path(os.getcwd()))
+    scoring = args.pipeline.scoring
+    scorers = {
+        name: ScorerDeployment.options(name=deployment).bind(name, scoring.options_for(name), args.offline_models_dir)
+        for name, deployment in SCORER_DEPLOYMENTS.items()
+    }
+    return Ingress.bind(
+        scorers["pickscore"],
+        scorers["clipscore"],
+        scorers["vqascore"],
+        scorers["aesthetic"],
+        ImageGenerator.bind(args.pipeline),
+        PromptAgents.bind(args.pipeline),
+        args,
+    )

@@ -1,0 +1,55 @@
+"""Typed arguments of the application builder: everything `serve run serve_config.yaml` can
+set without code changes (models, providers, stores, weights, auth, limits)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.auth import AuthSettings, load_secret
+from deployments.uploads import UploadLimits
+from pipeline.settings import PipelineSettings
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: PipelineSettings = PipelineSettings()
+    auth: AuthSettings = AuthSettings()
+    database_url: str = Field("sqlite:///output/sceneref.db", description="job store; any SQLAlchemy URL")
+    offline_models_dir: str | None = Field(
+        None, description="offline demo: build tiny scorer models here on first use and load them"
+    )
+    url_secret_env: str = Field(
+        "SCENEREF_URL_SECRET", description="key for signed image URLs; falls back to the HS256 JWT secret"
+    )
+    url_ttl_s: int = Field(3600, gt=0)
+    uploads: UploadLimits = UploadLimits()
+    resume_unfinished: bool = Field(True, description="resume queued/running jobs when the ingress starts")
+
+    def url_secret(self) -> str:
+        if os.environ.get(self.url_secret_env):
+            return load_secret(self.url_secret_env)
+        return load_secret(self.auth.secret_env)
+
+    def resolved(self, cwd: Path) -> "AppArgs":
+        """Relative paths are taken from where `serve run` was started, not from wherever a
+        replica process happens to run."""
+
+        def absolute(path) -> Path:
+            return path if Path(path).is_absolute() else cwd / path
+
+        pipeline = self.pipeline.model_copy(
+            update={
+                "artifacts_dir": absolute(self.pipeline.artifacts_dir),
+                "traces": self.pipeline.traces.model_copy(update={"root": absolute(self.pipeline.traces.root)}),
+            }
+        )
+        url = self.database_url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+            url = prefix + str(absolute(url[len(prefix):]))
+        models = str(absolute(self.offline_models_dir)) if self.offline_models_dir else None
+        return self.model_copy(update={"pipeline": pipeline, "database_url": url, "offline_models_dir": models})

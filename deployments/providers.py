@@ -1,0 +1,44 @@
+"""Generator and agent deployments: thin wrappers around the pipeline's providers.
+
+Their work is waiting on remote APIs, so each replica takes many requests at once
+(`max_ongoing_requests`); the providers' own semaphores cap concurrency per provider.
+Provider failures travel back as plain dicts, so the caller can rebuild the same
+ProviderError (with `retryable` and the status code) instead of a wrapped Ray error.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+
+from pipeline.factory import build_providers
+from pipeline.providers import ProviderError
+from pipeline.settings import PipelineSettings
+
+
+def _error(exc: ProviderError) -> dict:
+    return {"error": str(exc), "retryable": exc.retryable, "status_code": exc.status_code}
+
+
+@serve.deployment(max_ongoing_requests=128)
+class ImageGenerator:
+    def __init__(self, settings: PipelineSettings):
+        _, self.provider = build_providers(settings)
+
+    async def generate(self, prompt: str, reference: bytes | None, variation: int) -> dict:
+        try:
+            image = await self.provider.generate(prompt, reference=reference, variation=variation)
+        except ProviderError as exc:
+            return _error(exc)
+        return {"data": image.data, "metadata": image.metadata}
+
+
+@serve.deployment(max_ongoing_requests=128)
+class PromptAgents:
+    def __init__(self, settings: PipelineSettings):
+        self.chat, _ = build_providers(settings)
+
+    async def complete(self, messages: list[dict[str, str]], task: str) -> dict:
+        try:
+            return {"text": await self.chat.complete(messages, task=task)}
+        except ProviderError as exc:
+            return _error(exc)
