@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import colorsys
+import functools
 import hashlib
 import io
 import json
@@ -291,24 +292,30 @@ def cinematographer(
     return {"enhanced_prompt": ", ".join(clauses) + "."}
 
 
+def _share_kept(words: list[str], text: str) -> float:
+    lowered = text.lower()
+    return sum(word in lowered for word in words) / len(words) if words else 1.0
+
+
 def _clamp(value: float) -> float:
     return float(max(0, min(100, round(value))))
 
 
 def prompt_engineer(scene_prompt: str, story_prompt: str, enhanced_prompt: str, iteration: int = 1) -> dict:
     """Heuristic review: which aspects the prompt states, how concrete it is (numbers for lens,
-    aperture, Kelvin), how much of the story's vocabulary it keeps. The critique names what is
-    missing; the improvements are ordered by how much they would raise the score."""
+    aperture, Kelvin), whether it still says what the scene is about, how much of the story's
+    vocabulary it keeps. The critique names what is missing; the improvements are ordered by
+    how much they would raise the score."""
     present = present_aspects(enhanced_prompt)
     has = lambda key: key in present  # noqa: E731
     words = len(enhanced_prompt.split())
     numbers = len({match.group(0).lower() for match in NUMERIC_SPEC.finditer(enhanced_prompt)})
     vocabulary = brand_words(story_prompt)
-    kept = sum(1 for word in vocabulary if word in enhanced_prompt.lower())
-    kept_share = kept / len(vocabulary) if vocabulary else 1.0
+    kept_share = _share_kept(vocabulary, enhanced_prompt)
+    scene_lost = 1 - _share_kept(brand_words(scene_prompt, limit=8), enhanced_prompt)
 
     scores = {
-        "completeness": _clamp(52 + 4.6 * len(present)),
+        "completeness": _clamp(52 + 4.6 * len(present) - 20 * scene_lost),
         "specificity": _clamp(56 + 7 * min(numbers, 3) + 7 * has("subject_detail") + min(words, 60) / 6),
         "professionalism": _clamp(
             66 + 9 * has("finish") + 7 * has("colour_grade") + 6 * has("composition") - (12 if words > 220 else 0)
@@ -322,6 +329,8 @@ def prompt_engineer(scene_prompt: str, story_prompt: str, enhanced_prompt: str, 
     missing = [aspect for aspect in _IMPROVEMENT_ORDER if aspect.key not in present]
     brand = ", ".join(vocabulary[:3]) or "the product"
     improvements = [aspect.advice.format(b=brand).capitalize() for aspect in missing][:4]
+    if scene_lost > 0.25:
+        improvements.insert(0, "Keep the scene's own content: the rewrite lost what the scene is about")
     if words > 220:
         improvements.append("Tighten the prompt: it is long enough to dilute the subject")
     strong = [aspect.label for aspect in ASPECTS if aspect.key in present]
@@ -413,17 +422,12 @@ def _palette(prompt: str) -> np.ndarray:
     return np.array(colours, dtype=np.float32) * 255
 
 
-_FONT: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None
-
-
+@functools.lru_cache(maxsize=8)
 def _label_font(height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    global _FONT
-    if _FONT is None:
-        try:
-            _FONT = ImageFont.load_default(size=max(12, height // 18))
-        except TypeError:  # Pillow without FreeType
-            _FONT = ImageFont.load_default()
-    return _FONT
+    try:
+        return ImageFont.load_default(size=max(12, height // 18))
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
 
 
 def render_offline_image(

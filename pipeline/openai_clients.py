@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import logging
 
 import openai
 from PIL import Image
@@ -16,7 +15,6 @@ from pipeline.providers import ChatTask, GeneratedImage, ProviderError
 from pipeline.retry import with_retries
 from pipeline.settings import ImageSettings, LLMSettings
 
-logger = logging.getLogger("sceneref.providers")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -302,6 +302,18 @@ async def test_cinematographer_answers_the_critique():
     assert all(clause in second["enhanced_prompt"] for clause in first_prompt.rstrip(".").split(", "))
 
 
+async def test_review_penalises_losing_the_scene():
+    scene = "A ceramic teapot steaming beside an open window in the morning"
+    faithful = (await ask({"scene_prompt": scene, "story_prompt": STORY}, "cinematographer"))["enhanced_prompt"]
+    drifted = faithful.replace(scene, "A product")
+    reviews = [
+        await ask({"scene_prompt": scene, "story_prompt": STORY, "enhanced_prompt": text, "iteration": 1}, "prompt_engineer")
+        for text in (faithful, drifted)
+    ]
+    assert reviews[1]["scores"]["completeness"] < reviews[0]["scores"]["completeness"] - 10
+    assert "lost what the scene is about" in reviews[1]["improvements"][0]
+
+
 async def test_offline_images_depend_on_prompt_variation_and_reference():
     images = OfflineImages(ImageSettings(provider="offline", model="offline-procedural", size="512x288"))
     base = await images.generate("a lamp on a desk", reference=None, variation=0)
