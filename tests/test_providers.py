@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.factory import build_providers
+from pipeline.factory import build_chat, build_images, build_providers
 from pipeline.offline import OfflineChat, OfflineImages, render_offline_image
 from pipeline.openai_clients import OpenAIChat, OpenAIImages
 from pipeline.providers import ProviderError
@@ -343,3 +343,9 @@ def test_offline_images_are_fast():
     for variation in range(10):
         render_offline_image("speed", variation=variation, reference=None, size=(512, 288))
     assert (time.perf_counter() - started) / 10 < 0.1
+
+
+def test_factory_builds_one_side_without_the_others_key(monkeypatch):
+    monkeypatch.delenv(KEY_ENV)
+    assert isinstance(build_images(ImageSettings(provider="offline")), OfflineImages)
+    assert isinstance(build_chat(LLMSettings(provider="offline")), OfflineChat)
