@@ -320,3 +320,115 @@ class FakeOpenAIServer:
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(data).decode(), "revised_prompt": f"{prompt} (revised)"}],
         }
+
+
+# --- Scoring ---------------------------------------------------------------------------------
+
+import hashlib  # noqa: E402  (kept with the scoring double, appended after the server)
+import io  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.schemas import ScorerResult  # noqa: E402
+
+PIXEL_SCORERS = ("pickscore", "clipscore", "vqascore", "aesthetic")
+
+
+@dataclass
+class ScoringCall:
+    batch_size: int
+    prompts: list[str]
+    started: float
+    finished: float | None = None
+    failed: bool = False
+
+
+class PixelScoring:
+    """A deterministic `ScoringClient` for tests and benchmarks: no model, no GPU.
+
+    Each PNG is decoded and the four scorer results are derived from its pixel statistics
+    (contrast, colourfulness, edge energy, exposure), each with a tiny per-image offset from a
+    hash of the pixels, so different images get different scores and ties are rare; the same
+    image always gets the same scores. Scores are 0-100 and never reach 100, so a
+    `quality_threshold` of 100 is above every score.
+
+    `latency_s`: awaited once per call (a remote scorer's round trip). `fail=True`: every call
+    raises RuntimeError (a scorer that cannot run). `fixed`: every image gets these 0-100
+    scores (to force ties). Recording: `calls` (one ScoringCall per call), `batch_sizes`,
+    `max_in_flight`.
+    """
+
+    def __init__(
+        self,
+        *,
+        latency_s: float = 0.0,
+        fail: bool = False,
+        fail_message: str = "scorer 'pickscore' is unavailable (PixelScoring fail=True)",
+        fixed: dict[str, float] | None = None,
+    ):
+        self.latency_s = latency_s
+        self.fail = fail
+        self.fail_message = fail_message
+        self.fixed = fixed
+        self.calls: list[ScoringCall] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [call.batch_size for call in self.calls]
+
+    async def score(self, images: list[bytes], prompts: list[str]) -> list[dict[str, ScorerResult]]:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        call = ScoringCall(batch_size=len(images), prompts=list(prompts), started=time.monotonic())
+        self.calls.append(call)
+        self._in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            if self.fail:
+                call.failed = True
+                raise RuntimeError(self.fail_message)
+            return [self.score_one(data) for data in images]
+        finally:
+            self._in_flight -= 1
+            call.finished = time.monotonic()
+
+    def score_one(self, data: bytes) -> dict[str, ScorerResult]:
+        """The four results for one encoded image (synchronous, for tests to recompute)."""
+        if self.fixed is not None:
+            return {name: ScorerResult(raw=float(self.fixed[name]), score=float(self.fixed[name])) for name in PIXEL_SCORERS}
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+        luminance = rgb @ np.array([0.299, 0.587, 0.114])
+        contrast = min(luminance.std() / 100.0, 1.0)
+        rg = rgb[..., 0] - rgb[..., 1]
+        yb = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+        colourfulness = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())  # Hasler-Suesstrunk
+        colour = min(colourfulness / 120.0, 1.0)
+        edges = 0.0
+        if luminance.shape[0] > 1 and luminance.shape[1] > 1:
+            edges = np.abs(np.diff(luminance, axis=0)).mean() + np.abs(np.diff(luminance, axis=1)).mean()
+        detail = min(edges / 40.0, 1.0)
+        exposure = 1.0 - min(abs(luminance.mean() - 128.0) / 128.0, 1.0)
+        digest = hashlib.sha256(rgb.astype(np.uint8).tobytes()).digest()
+
+        def unit(value: float, slot: int) -> float:
+            # Up to 0.002 of jitter from the pixel hash breaks ties; stays below 1.
+            jitter = int.from_bytes(digest[2 * slot : 2 * slot + 2], "big") / 65536 * 0.002
+            return min(max(0.02 + 0.95 * value + jitter, 0.0), 0.999)
+
+        pick = unit(0.55 * contrast + 0.45 * colour, 0)
+        clip = unit(0.6 * detail + 0.4 * exposure, 1)
+        vqa = unit(0.5 * exposure + 0.5 * colour, 2)
+        aesthetic = unit(0.4 * contrast + 0.3 * colour + 0.3 * exposure, 3)
+        return {
+            # raw values on each model's own scale, scores 0-100
+            "pickscore": ScorerResult(raw=round(16 + 8 * pick, 6), score=round(100 * pick, 4)),
+            "clipscore": ScorerResult(raw=round(0.4 * clip, 6), score=round(100 * clip, 4)),
+            "vqascore": ScorerResult(raw=round(vqa, 6), score=round(100 * vqa, 4)),
+            "aesthetic": ScorerResult(raw=round(1 + 9 * aesthetic, 6), score=round(100 * aesthetic, 4)),
+        }
