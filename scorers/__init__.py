@@ -1,0 +1,43 @@
+"""The four quality scorers of sceneref, as a plain library (no Ray).
+
+    scorer = load_scorer("clipscore", device="auto", dtype="auto")
+    [out] = scorer.score([image], ["a red bicycle against a brick wall"])
+    out.raw, out.score, out.truncated
+
+Formulas, sources and normalisations: docs/scoring.md and each scorer's module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ModelNotFoundError, ScoreOutput, Scorer
+from .images import ImageError, open_image, to_rgb
+
+SCORER_NAMES = ("pickscore", "clipscore", "vqascore", "aesthetic")
+
+
+def load_scorer(name: str, **options: Any) -> Scorer:
+    """Load a scorer by name with its options (model ids or local paths, device, dtype; see each class).
+
+    pickscore: model, processor, reference, device, dtype       (scorers.pickscore.PickScore)
+    clipscore: model, pretrained, device, dtype                  (scorers.clipscore.ClipScore)
+    vqascore:  model, processor, question, answer, device, dtype (scorers.vqascore.VQAScore)
+    aesthetic: model, pretrained, head, device, dtype            (scorers.aesthetic.Aesthetic)
+    """
+    if name == "pickscore":
+        from .pickscore import PickScore as cls
+    elif name == "clipscore":
+        from .clipscore import ClipScore as cls
+    elif name == "vqascore":
+        from .vqascore import VQAScore as cls
+    elif name == "aesthetic":
+        from .aesthetic import Aesthetic as cls
+    else:
+        raise ValueError(f"unknown scorer {name!r}: choose one of {', '.join(SCORER_NAMES)}")
+    return cls(**options)
+
+
+__all__ = [
+    "SCORER_NAMES", "ImageError", "ModelNotFoundError", "ScoreOutput", "Scorer", "load_scorer", "open_image", "to_rgb",
+]

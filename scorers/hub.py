@@ -1,0 +1,54 @@
+"""Finding weights: local files first, the network only when allowed, and errors that say how to provide them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import transformers
+
+from .base import ModelNotFoundError
+
+_TRUE = {"1", "true", "yes", "on"}
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set: never touch the network."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hf_home() -> str:
+    return os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+
+
+def how_to_provide(source: str, option: str) -> str:
+    return (
+        f"Provide it one of these ways: pass {option}= a local directory saved with save_pretrained(); "
+        f"or on a machine with internet run `hf download {source}` and copy the cache to this machine's HF_HOME "
+        f"(now {hf_home()}); with HF_HUB_OFFLINE=1 only local files are used."
+    )
+
+
+def from_pretrained(loader: Callable[..., Any], source: str | os.PathLike, what: str, option: str, **kwargs: Any) -> Any:
+    """loader(source, local_files_only=True), then, unless offline or source is a local path, with the network."""
+    source = str(source)
+    try:
+        return loader(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        error = exc
+    if not offline() and not Path(source).exists():
+        try:
+            return loader(source, **kwargs)
+        except (OSError, ValueError) as exc:
+            error = exc
+    where = "local directory" if Path(source).exists() else "Hugging Face id"
+    raise ModelNotFoundError(
+        f"{what} not found: {where} {source!r} ({type(error).__name__}: {error}). {how_to_provide(source, option)}"
+    ) from error
+
+
+def pil_image_processor_kwargs() -> dict[str, Any]:
+    """Ask for the PIL image processors the references ran on (transformers 5 defaults to torchvision ones)."""
+    return {"backend": "pil"} if TRANSFORMERS_5 else {"use_fast": False}

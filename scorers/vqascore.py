@@ -1,0 +1,81 @@
+"""VQAScore (Lin et al. 2024, "Evaluating Text-to-Visual Generation with Image-to-Text Generation").
+
+Reference: t2v_metrics (github.com/linzhiqiu/t2v_metrics). A vision-language model is asked, in its chat
+template with the image first, 'Does this figure show "{prompt}"? Please answer yes or no.' and the score is the
+probability that its answer starts with "Yes".
+
+raw   = P("Yes") = softmax(next-token logits after the assistant turn opens)["Yes"]
+score = 100 * raw
+
+One forward pass over the templated question; the logits are used as they are. t2v_metrics reads them from
+generate(max_new_tokens=1), which also applies the model's generation-config processors (Qwen2-VL's
+repetition_penalty 1.05); those are sampling settings, not part of the model, and are left out here.
+Works with any transformers image-text-to-text model whose answer "Yes" is one token (Qwen2-VL, Qwen2.5-VL).
+Batches are left-padded, so the last position is every row's next token. Images go through the PIL image
+processor, as in the reference (transformers 4).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
+
+from .base import ScoreOutput, Scorer, resolve_device, resolve_dtype
+from .hub import from_pretrained, pil_image_processor_kwargs
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+SMALL_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
+QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
+ANSWER = "Yes"
+
+
+class VQAScore(Scorer):
+    name = "vqascore"
+
+    def __init__(
+        self,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        processor: str | os.PathLike | None = None,
+        question: str = QUESTION,
+        answer: str = ANSWER,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+    ):
+        self.device = resolve_device(device)
+        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # Qwen-VL models are trained and run in bf16 (t2v_metrics too); fp16 can overflow in their MLPs.
+        self.dtype = resolve_dtype(dtype, self.device, gpu_auto=torch.bfloat16 if bf16 else torch.float16)
+        self.question = question
+        processor = processor or model
+        self.model = from_pretrained(AutoModelForImageTextToText.from_pretrained, model, "VQAScore model", "model")
+        self.model.to(self.device, self.dtype).eval()
+        image_processor = from_pretrained(
+            AutoImageProcessor.from_pretrained, processor, "VQAScore image processor", "processor",
+            **pil_image_processor_kwargs(),
+        )
+        self.processor = from_pretrained(
+            AutoProcessor.from_pretrained, processor, "VQAScore processor", "processor", image_processor=image_processor
+        )
+        self.processor.tokenizer.padding_side = "left"
+        ids = self.processor.tokenizer.encode(answer, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"VQAScore needs an answer that is one token; {answer!r} is {len(ids)} tokens: {ids}")
+        self.answer_id = ids[0]
+
+    def prompt_text(self, prompt: str) -> str:
+        """The chat-templated question for one prompt, ending where the assistant's answer starts."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question.format(prompt)}]}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
+        inputs = self.processor(
+            text=[self.prompt_text(p) for p in prompts], images=images, padding=True, return_tensors="pt"
+        ).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+        p_yes = torch.softmax(logits, dim=-1)[:, self.answer_id].tolist()
+        return [ScoreOutput(raw=p, score=100.0 * p, truncated=False) for p in p_yes]
