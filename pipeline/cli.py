@@ -140,6 +140,15 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offline_models(args: argparse.Namespace) -> int:
+    from scorers.tiny import build_tiny_models
+
+    root = Path(args.dir) if args.dir else offline_models_dir()
+    options = build_tiny_models(root)
+    print(json.dumps({"dir": str(root.resolve()), "scorers": options}, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sceneref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--audience")
     tok.add_argument("--issuer")
     tok.add_argument("--secret-env", default="SCENEREF_JWT_SECRET")
+
+    models = commands.add_parser(
+        "offline-models", help="build the tiny random-weight scorer models of the offline demo (once)"
+    )
+    models.add_argument("--dir", help=f"where to build them (default ${MODELS_DIR_ENV} or ~/.cache/sceneref/offline-models)")
     return parser
 
 
@@ -173,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         return asyncio.run(_generate(args))
+    if args.command == "offline-models":
+        return _offline_models(args)
     return _token(args)
 
 
