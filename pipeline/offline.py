@@ -68,10 +68,13 @@ def subject_of(prompt: str, limit: int = 240) -> str:
 
 
 def brand_words(story_prompt: str, limit: int = 5) -> list[str]:
-    """Distinctive words of the story prompt; brand alignment means keeping them."""
+    """Distinctive words of the story prompt, as written (names keep their capitals); brand
+    alignment means keeping them."""
     words: list[str] = []
-    for word in re.findall(r"[A-Za-z][A-Za-z'-]{3,}", story_prompt.lower()):
-        if word not in _STOPWORDS and word not in words:
+    seen: set[str] = set()
+    for word in re.findall(r"[A-Za-z][A-Za-z'-]{3,}", story_prompt):
+        if word.lower() not in _STOPWORDS and word.lower() not in seen:
+            seen.add(word.lower())
             words.append(word)
         if len(words) == limit:
             break
@@ -294,7 +297,11 @@ def cinematographer(
 
 def _share_kept(words: list[str], text: str) -> float:
     lowered = text.lower()
-    return sum(word in lowered for word in words) / len(words) if words else 1.0
+    return sum(word.lower() in lowered for word in words) / len(words) if words else 1.0
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _clamp(value: float) -> float:
@@ -328,7 +335,7 @@ def prompt_engineer(scene_prompt: str, story_prompt: str, enhanced_prompt: str, 
 
     missing = [aspect for aspect in _IMPROVEMENT_ORDER if aspect.key not in present]
     brand = ", ".join(vocabulary[:3]) or "the product"
-    improvements = [aspect.advice.format(b=brand).capitalize() for aspect in missing][:4]
+    improvements = [_sentence(aspect.advice.format(b=brand)) for aspect in missing][:4]
     if scene_lost > 0.25:
         improvements.insert(0, "Keep the scene's own content: the rewrite lost what the scene is about")
     if words > 220:
