@@ -30,6 +30,11 @@ HEAD_ENV = "SCENEREF_AESTHETIC_HEAD"
 HEAD_SOURCE = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
 
 
+def normalise(rating: float) -> float:
+    """The AVA 1-10 scale mapped linearly onto 0-100."""
+    return 100.0 * clamp01((rating - 1.0) / 9.0)
+
+
 class AestheticHead(nn.Module):
     """The predictor's MLP, with the reference's layer indices so its state dict loads as is."""
 
@@ -96,4 +101,4 @@ class Aesthetic(Scorer):
         emb = self.clip.model.encode_image(pixels.to(self.device, self.dtype)).float()
         emb = emb / emb.norm(dim=-1, keepdim=True)
         ratings = self.head(emb)[:, 0].tolist()
-        return [ScoreOutput(raw=r, score=100.0 * clamp01((r - 1.0) / 9.0), truncated=False) for r in ratings]
+        return [ScoreOutput(raw=r, score=normalise(r), truncated=False) for r in ratings]

@@ -26,6 +26,11 @@ PREFIX = "A photo depicts "
 WEIGHT = 2.5
 
 
+def normalise(cos: float) -> float:
+    """CLIP-S = 2.5 * max(cos, 0) on 0-100, capped at CLIP-S = 1."""
+    return 100.0 * clamp01(WEIGHT * cos)
+
+
 class ClipScore(Scorer):
     name = "clipscore"
 
@@ -49,4 +54,4 @@ class ClipScore(Scorer):
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
         text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
         cos = (image_emb * text_emb).sum(dim=-1).tolist()
-        return [ScoreOutput(raw=c, score=100.0 * clamp01(WEIGHT * c), truncated=t) for c, t in zip(cos, truncated)]
+        return [ScoreOutput(raw=c, score=normalise(c), truncated=t) for c, t in zip(cos, truncated)]

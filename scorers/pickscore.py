@@ -17,6 +17,7 @@ transformers 5 would otherwise pick its torchvision processor, whose resize diff
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -29,6 +30,11 @@ from .hub import from_pretrained, pil_image_processor_kwargs
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 DEFAULT_REFERENCE = 20.0
+
+
+def normalise(raw: float, reference: float = DEFAULT_REFERENCE) -> float:
+    """Preference probability, in percent, over an image whose PickScore is reference."""
+    return 100.0 / (1.0 + math.exp(min(reference - raw, 700.0)))
 
 
 class PickScore(Scorer):
@@ -63,8 +69,7 @@ class PickScore(Scorer):
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
         text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
         raw = self.model.logit_scale.exp().float() * (text_emb * image_emb).sum(dim=-1)
-        score = 100.0 * torch.sigmoid(raw - self.reference)
         return [
-            ScoreOutput(raw=r, score=s, truncated=n > self.max_tokens)
-            for r, s, n in zip(raw.tolist(), score.tolist(), lengths)
+            ScoreOutput(raw=r, score=normalise(r, self.reference), truncated=n > self.max_tokens)
+            for r, n in zip(raw.tolist(), lengths)
         ]

@@ -32,6 +32,10 @@ QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
 ANSWER = "Yes"
 
 
+def normalise(p_yes: float) -> float:
+    return 100.0 * p_yes
+
+
 class VQAScore(Scorer):
     name = "vqascore"
 
@@ -78,4 +82,4 @@ class VQAScore(Scorer):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1].float()
         p_yes = torch.softmax(logits, dim=-1)[:, self.answer_id].tolist()
-        return [ScoreOutput(raw=p, score=100.0 * p, truncated=False) for p in p_yes]
+        return [ScoreOutput(raw=p, score=normalise(p), truncated=False) for p in p_yes]
