@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from pipeline.factory import build_providers
+from pipeline.factory import build_chat, build_images
 from pipeline.providers import ProviderError
 from pipeline.settings import PipelineSettings
 
@@ -22,7 +22,7 @@ def _error(exc: ProviderError) -> dict:
 @serve.deployment(max_ongoing_requests=128)
 class ImageGenerator:
     def __init__(self, settings: PipelineSettings):
-        _, self.provider = build_providers(settings)
+        self.provider = build_images(settings.images)
 
     async def generate(self, prompt: str, reference: bytes | None, variation: int) -> dict:
         try:
@@ -35,7 +35,7 @@ class ImageGenerator:
 @serve.deployment(max_ongoing_requests=128)
 class PromptAgents:
     def __init__(self, settings: PipelineSettings):
-        self.chat, _ = build_providers(settings)
+        self.chat = build_chat(settings.llm)
 
     async def complete(self, messages: list[dict[str, str]], task: str) -> dict:
         try:
