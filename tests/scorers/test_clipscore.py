@@ -78,7 +78,7 @@ def test_gelu_architecture_with_openai_weights_warns():
 
 
 def test_missing_weights_offline():
-    with pytest.raises(ModelNotFoundError, match="ViT-B-32-quickgelu.*openai.*HF_HOME"):
+    with pytest.raises(ModelNotFoundError, match="(?s)ViT-B-32-quickgelu.*openai.*HF_HOME"):
         load_scorer("clipscore", device="cpu")
 
 
