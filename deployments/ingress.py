@@ -5,7 +5,6 @@ started them; the job store holds their state and checkpoints, so the status rou
 truth and a restarted replica resumes unfinished jobs at their next scene.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging

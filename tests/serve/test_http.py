@@ -1,0 +1,226 @@
+"""HTTP end to end on a real local Ray: the guide's bodies, multipart, auth, bad uploads."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import jwt
+import pytest
+from PIL import Image
+
+from tests.serve.conftest import AUDIENCE, SECRET, auth, token, wait_done
+
+pytestmark = pytest.mark.serve
+
+QUICK_START = [
+    {"prompt": "Artisan coffee that starts your morning right", "target_duration": 15},
+    {
+        "prompt": "Eco-friendly running shoes made from recycled ocean plastic",
+        "target_duration": 12,
+        "use_advanced_image_generation": True,
+        "advanced_image_num_variations": 2,
+        "advanced_image_max_enhancement_iterations": 2,
+        "advanced_image_quality_threshold": 30.0,
+    },
+    {
+        "prompt": "A cozy winter cabin getaway with hot chocolate by the fire",
+        "target_duration": 9,
+        "advanced_image_num_variations": 3,
+        "advanced_image_max_enhancement_iterations": 1,
+        "advanced_image_quality_threshold": 0,
+    },
+]
+
+
+def png(size=(64, 36), color=(200, 120, 40), mode="RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def check_status_shape(status: dict, body: dict) -> None:
+    assert set(status) >= {"generation_id", "status", "progress", "advanced_image_generation_used", "storyboard_plan"}
+    assert status["status"] == "completed", status.get("error")
+    assert status["progress"] == 100
+    assert status["advanced_image_generation_used"] is True
+    settings = status["storyboard_plan"]["advanced_image_settings"]
+    assert settings == {
+        "quality_threshold": body.get("advanced_image_quality_threshold", 30.0),
+        "num_variations": body.get("advanced_image_num_variations", 4),
+        "max_enhancement_iterations": body.get("advanced_image_max_enhancement_iterations", 4),
+    }
+    scenes = status["storyboard_plan"]["scenes"]
+    assert [s["scene_number"] for s in scenes] == list(range(1, len(scenes) + 1))
+    for scene in scenes:
+        assert scene["reference_image_url"].startswith("http")
+        assert scene["quality_score"] is None or 0 <= scene["quality_score"] <= 100
+
+
+def test_quick_start_bodies_run_to_completion(offline_app):
+    headers = auth("alice")
+    ids = []
+    for body in QUICK_START:  # submitted together: they run concurrently in the ingress
+        reply = httpx.post(f"{offline_app}/api/generate", json=body, headers=headers, timeout=30)
+        assert reply.status_code == 202, reply.text
+        ids.append(reply.json()["generation_id"])
+    expected_scenes = [4, 3, 3]
+    for generation_id, body, count in zip(ids, QUICK_START, expected_scenes):
+        status = wait_done(offline_app, generation_id, headers)
+        check_status_shape(status, body)
+        assert len(status["storyboard_plan"]["scenes"]) == count
+        assert status["offline"] is True
+        # The signed image URL works without a bearer token and serves a PNG.
+        image = httpx.get(status["storyboard_plan"]["scenes"][-1]["reference_image_url"], timeout=10)
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+
+
+def test_generate_with_image_uses_the_upload_as_scene_one(offline_app):
+    headers = auth("bob")
+    upload = png((80, 45), (10, 200, 30))
+    reply = httpx.post(
+        f"{offline_app}/api/generate-with-image",
+        data={"prompt": "Fresh juice for a sunny afternoon picnic", "target_duration": "9",
+              "advanced_image_num_variations": "2", "advanced_image_max_enhancement_iterations": "1"},
+        files={"image": ("mine.png", upload, "image/png")},
+        headers=headers,
+        timeout=30,
+    )
+    assert reply.status_code == 202, reply.text
+    status = wait_done(offline_app, reply.json()["generation_id"], headers)
+    check_status_shape(status, {"advanced_image_num_variations": 2, "advanced_image_max_enhancement_iterations": 1})
+    first = status["storyboard_plan"]["scenes"][0]
+    assert first["user_provided"] is True and first["quality_score"] is None
+    served = Image.open(io.BytesIO(httpx.get(first["reference_image_url"], timeout=10).content))
+    assert served.size == (80, 45) and served.convert("RGB").getpixel((5, 5)) == (10, 200, 30)
+
+    # Traces are listed and fetched by their owner only.
+    traces = httpx.get(f"{offline_app}/api/generations/{status['generation_id']}/traces", headers=headers, timeout=10)
+    assert traces.status_code == 200
+    files = traces.json()["files"]
+    assert "scene_2/selected_best.txt" in files and "scene_2/quality_scores.json" in files
+    text = httpx.get(
+        f"{offline_app}/api/generations/{status['generation_id']}/traces/scene_2/selected_best.txt",
+        headers=headers, timeout=10,
+    )
+    assert text.status_code == 200 and "selected: image_" in text.text
+    other = httpx.get(f"{offline_app}/api/generations/{status['generation_id']}/traces", headers=auth("eve"), timeout=10)
+    assert other.status_code == 404
+
+
+def test_another_users_generation_is_404(offline_app):
+    reply = httpx.post(f"{offline_app}/api/generate", json=QUICK_START[2], headers=auth("carol"), timeout=30)
+    generation_id = reply.json()["generation_id"]
+    assert httpx.get(f"{offline_app}/api/status/{generation_id}", headers=auth("mallory"), timeout=10).status_code == 404
+    assert httpx.get(f"{offline_app}/api/status/{'0' * 32}", headers=auth("carol"), timeout=10).status_code == 404
+    wait_done(offline_app, generation_id, auth("carol"))
+
+
+def _forge(header: dict, claims: dict, key: bytes = b"") -> str:
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}.{b64(key)}"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "not-bearer", "expired", "bad-signature", "alg-none", "wrong-audience", "no-audience", "not-before"],
+)
+def test_auth_failures_are_401(offline_app, case):
+    now = int(time.time())
+    good = {"sub": "a", "exp": now + 60, "aud": AUDIENCE}
+    headers = {
+        "missing": {},
+        "not-bearer": {"Authorization": f"Basic {token()}"},
+        "expired": {"Authorization": "Bearer " + jwt.encode({**good, "exp": now - 3600}, SECRET, algorithm="HS256")},
+        "bad-signature": {"Authorization": "Bearer " + jwt.encode(good, "y" * 48, algorithm="HS256")},
+        "alg-none": {"Authorization": "Bearer " + _forge({"alg": "none", "typ": "JWT"}, good)},
+        "wrong-audience": {"Authorization": "Bearer " + jwt.encode({**good, "aud": "other"}, SECRET, algorithm="HS256")},
+        "no-audience": {"Authorization": "Bearer " + jwt.encode({"sub": "a", "exp": now + 60}, SECRET, algorithm="HS256")},
+        "not-before": {"Authorization": "Bearer " + jwt.encode({**good, "exp": now + 600, "nbf": now + 300}, SECRET, algorithm="HS256")},
+    }[case]
+    for method, path in [("post", "/api/generate"), ("get", "/api/status/abc")]:
+        reply = httpx.request(method, f"{offline_app}{path}", json=QUICK_START[0], headers=headers, timeout=10)
+        assert reply.status_code == 401, (case, reply.text)
+        assert reply.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_health_needs_no_token(offline_app):
+    assert httpx.get(f"{offline_app}/api/health", timeout=10).json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"prompt": "short", "target_duration": 15}, "prompt"),
+        ({"prompt": "x" * 2001, "target_duration": 15}, "prompt"),
+        ({"prompt": "Artisan coffee that starts your morning right", "target_duration": 61}, "target_duration"),
+        ({"prompt": "Artisan coffee that starts your morning right", "advanced_image_num_variations": 0}, "advanced_image_num_variations"),
+        ({"prompt": "Artisan coffee that starts your morning right", "advanced_image_num_variations": 1000}, "advanced_image_num_variations"),
+        ({"prompt": "Artisan coffee that starts your morning right", "advanced_image_quality_threshold": -1}, "advanced_image_quality_threshold"),
+        ({"target_duration": 15}, "prompt"),
+    ],
+)
+def test_validation_errors_name_the_field(offline_app, body, field):
+    reply = httpx.post(f"{offline_app}/api/generate", json=body, headers=auth(), timeout=10)
+    assert reply.status_code == 422
+    assert field in reply.json()["error"]
+
+
+def test_malformed_json_body_is_4xx(offline_app):
+    headers = {**auth(), "Content-Type": "application/json"}
+    reply = httpx.post(f"{offline_app}/api/generate", content=b"{not json", headers=headers, timeout=10)
+    assert reply.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "name,content,status",
+    [
+        ("big.png", b"\x89PNG\r\n\x1a\n" + b"0" * 2_100_000, 413),
+        ("fake.png", b"GIF89a" + b"0" * 100, 415),
+        ("text.png", b"hello, this is not an image at all", 415),
+        ("empty.png", b"", 422),
+        ("truncated.png", png()[:40], 422),
+        ("huge.png", None, 422),  # 3000x3000 = 9 MP > the 4 MP test limit, tiny on disk
+    ],
+)
+def test_bad_uploads_are_rejected_with_4xx(offline_app, name, content, status):
+    if content is None:
+        content = png((3000, 3000), 0, mode="1")
+    reply = httpx.post(
+        f"{offline_app}/api/generate-with-image",
+        data={"prompt": "Artisan coffee that starts your morning right", "target_duration": "9"},
+        files={"image": (name, content, "image/png")},
+        headers=auth(),
+        timeout=30,
+    )
+    assert reply.status_code == status, reply.text
+    assert "image" in reply.json()["detail"]
+
+
+def test_multipart_validation_names_the_field(offline_app):
+    reply = httpx.post(
+        f"{offline_app}/api/generate-with-image",
+        data={"prompt": "Artisan coffee that starts your morning right", "target_duration": "100"},
+        files={"image": ("a.png", png(), "image/png")},
+        headers=auth(),
+        timeout=30,
+    )
+    assert reply.status_code == 422 and "target_duration" in reply.json()["error"]
+    missing = httpx.post(f"{offline_app}/api/generate-with-image", data={"prompt": "Artisan coffee for you"}, headers=auth(), timeout=30)
+    assert missing.status_code == 422 and "image" in missing.json()["error"]
+
+
+def test_tampered_or_expired_image_links_are_refused(offline_app):
+    headers = auth("dave")
+    reply = httpx.post(f"{offline_app}/api/generate", json=QUICK_START[2], headers=headers, timeout=30)
+    status = wait_done(offline_app, reply.json()["generation_id"], headers)
+    url = status["storyboard_plan"]["scenes"][0]["reference_image_url"]
+    assert httpx.get(url.replace("scene_1", "scene_2"), timeout=10).status_code == 403
+    assert httpx.get(url.split("?")[0], timeout=10).status_code == 403
+    expired = url.split("expires=")[0] + "expires=1&" + url.split("&")[-1]
+    assert httpx.get(expired, timeout=10).status_code == 403
