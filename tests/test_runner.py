@@ -493,6 +493,44 @@ async def test_resume_generates_only_the_missing_scenes(server, tmp_path):
 
 @pytest.mark.xfail(
     strict=True,
+    reason="bug: execute_job sets status 'running'/'completed' on a resumed job but never clears "
+    "the previous run's `error` (JobStore.update treats error=None as 'unchanged'), so the status "
+    "reads completed with a stale failure message",
+)
+async def test_a_resumed_job_that_completes_has_no_stale_error(server, tmp_path):
+    settings = make_settings(server, tmp_path)
+    store = JobStore(f"sqlite:///{tmp_path}/db.sqlite")
+    gid = new_id()
+    await run_until_scene_three_fails(server, tmp_path, store, settings, gid)
+    server.reset()
+    await execute_job(store, gid, make_services(settings), settings)
+    record = store.get(gid)
+    store.close()
+    assert record.status == "completed"
+    assert record.error is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: on resume, run_generation restarts progress at 0-25 (planning/enhancing) although "
+    "scenes are already checkpointed, so a job's progress drops (e.g. 62 -> 5) while it runs again",
+)
+async def test_resumed_progress_does_not_go_backwards(server, tmp_path):
+    settings = make_settings(server, tmp_path)
+    store = JobStore(f"sqlite:///{tmp_path}/db.sqlite")
+    gid = new_id()
+    await run_until_scene_three_fails(server, tmp_path, store, settings, gid)
+    reached = store.get(gid).progress
+    assert reached >= 62  # two of four scenes were selected
+    server.reset()
+    events: list[ProgressEvent] = []
+    await execute_job(store, gid, make_services(settings), settings, on_event=events.append)
+    store.close()
+    assert min(e.progress for e in events) >= reached
+
+
+@pytest.mark.xfail(
+    strict=True,
     reason="bug: pipeline.offline.last_user_payload reads the LAST user message, which after a "
     "corrective re-ask (pipeline.structured.ask_json) is plain text, so the fake server and "
     "OfflineChat answer the re-ask with a non-retryable 400 instead of JSON",
@@ -555,4 +593,4 @@ async def test_all_scenes_are_enhanced_concurrently_before_generation(server, tm
     assert max(r.started for r in chats) < min(r.started for r in images)
     # the four scenes' first rewrite started together, not one after another
     firsts = [r.started for r in chats if chat_task(r) == "cinematographer" and chat_payload(r)["iteration"] == 1]
-    assert len(firsts) == 4 and max(firsts) - min(firsts) < 0.15
+    assert len(firsts) == 4 and max(firsts) - min(firsts) < 0.3  # sequential would be >= 0.6
