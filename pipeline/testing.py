@@ -392,7 +392,8 @@ class PixelScoring:
             if self.fail:
                 call.failed = True
                 raise RuntimeError(self.fail_message)
-            return [self.score_one(data) for data in images]
+            # off the event loop, like a remote or threaded scorer
+            return await asyncio.to_thread(lambda: [self.score_one(data) for data in images])
         finally:
             self._in_flight -= 1
             call.finished = time.monotonic()
