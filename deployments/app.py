@@ -2,7 +2,6 @@
 `args`, validated as AppArgs. Deployment options (GPU fractions, batching, autoscaling) come
 from the config's `deployments:` list, keyed by the names bound here."""
 
-from __future__ import annotations
 
 import os
 from pathlib import Path
