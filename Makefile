@@ -1,11 +1,13 @@
-# Two commands for a fresh clone: `make demo` (the main job, offline) and `make test`.
-# Both create .venv on first use and install what they need.
+# Two commands for a fresh clone: `make serve` (the main job: the offline app on Ray Serve)
+# and `make test`. Both create .venv on first use and install what they need.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SECRET_FILE := output/dev-jwt-secret
+SUB ?= demo
 
-.PHONY: demo test bench
+.PHONY: serve token demo test bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +16,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
+# A development JWT secret, made once; export SCENEREF_JWT_SECRET to use your own.
+$(SECRET_FILE):
+	mkdir -p output
+	$(PYTHON) -c "import secrets; print(secrets.token_urlsafe(48))" > $(SECRET_FILE)
+
+# The offline app (no GPU, no API key) on http://127.0.0.1:8000. Ctrl-C stops it.
+serve: $(STAMP) $(SECRET_FILE)
+	$(BIN)/sceneref offline-models --dir output/offline-models > /dev/null
+	SCENEREF_JWT_SECRET=$${SCENEREF_JWT_SECRET:-$$(cat $(SECRET_FILE))} RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 \
+		$(BIN)/serve run serve_config.offline.yaml
+
+# A token for the app above: TOKEN=$$(make -s token SUB=alice)
+token: $(STAMP) $(SECRET_FILE)
+	@SCENEREF_JWT_SECRET=$${SCENEREF_JWT_SECRET:-$$(cat $(SECRET_FILE))} $(BIN)/sceneref token --sub $(SUB)
+
+# One generation in this process, without Ray (offline providers, tiny scorer models).
 demo: $(STAMP)
 	$(BIN)/sceneref generate --offline --prompt "Artisan coffee that starts your morning right" \
 		--duration 15 --variations 4 --iterations 4 --threshold 30 --output output/demo --keep-traces
