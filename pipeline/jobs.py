@@ -203,9 +203,11 @@ class JobStore:
         progress: int | None = None,
         stage: str | None = None,
         error: str | None = None,
+        clear_error: bool = False,
         storyboard: Sequence[ScenePlan | dict] | None = None,
     ) -> None:
-        """Set the given fields; None leaves a field unchanged."""
+        """Set the given fields; None leaves a field unchanged (`clear_error` removes an
+        earlier failure's reason when a job is resumed)."""
         values: dict[str, Any] = {"updated_at": _now()}
         if status is not None:
             if status not in STATUSES:
@@ -219,6 +221,8 @@ class JobStore:
             values["stage"] = stage
         if error is not None:
             values["error"] = error
+        elif clear_error:
+            values["error"] = None
         if storyboard is not None:
             values["storyboard"] = [ScenePlan.model_validate(s).model_dump(mode="json") for s in storyboard]
         with self._write() as conn:

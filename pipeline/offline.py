@@ -363,17 +363,18 @@ def infer_task(payload: dict) -> ChatTask:
 
 
 def last_user_payload(messages: list[dict[str, str]]) -> dict:
-    """The JSON inputs object of the agents' message convention."""
+    """The JSON inputs object of the agents' message convention: the last user message that is
+    a JSON object (a corrective re-ask after invalid output is plain text and is skipped)."""
     for message in reversed(messages):
-        if message.get("role") == "user":
-            try:
-                payload = json.loads(message.get("content") or "")
-            except json.JSONDecodeError as error:
-                raise ProviderError(f"offline chat: last user message is not JSON ({error})") from error
-            if not isinstance(payload, dict):
-                raise ProviderError("offline chat: last user message must be a JSON object")
+        if message.get("role") != "user":
+            continue
+        try:
+            payload = json.loads(message.get("content") or "")
+        except json.JSONDecodeError:
+            continue
+        if isinstance(payload, dict):
             return payload
-    raise ProviderError("offline chat: no user message")
+    raise ProviderError("offline chat: no user message holds a JSON object of inputs")
 
 
 def offline_reply(task: ChatTask, payload: dict) -> dict:

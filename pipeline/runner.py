@@ -96,9 +96,13 @@ async def run_generation(
     traces = TraceWriter(settings.traces.root, generation_id)
     retries = settings.llm.invalid_output_retries
 
+    reached = 0  # progress never goes backwards, also when a resumed job re-enters early stages
+
     async def emit(stage: str, progress: int, message: str, scene: int | None = None) -> None:
+        nonlocal reached
+        reached = max(reached, progress)
         total = len(storyboard) if storyboard else None
-        await _call(on_event, ProgressEvent(stage, progress, message, scene, total))
+        await _call(on_event, ProgressEvent(stage, reached, message, scene, total))
 
     if storyboard is None:
         await emit("planning", 0, "planning the storyboard")
@@ -107,9 +111,11 @@ async def run_generation(
         except Exception as exc:
             raise GenerationError(f"storyboard planning failed: {exc}") from exc
         await _call(on_plan, storyboard)
+    results: dict[int, SceneResult] = {s.scene_number: s for s in completed}
+    if results:
+        reached = _ENHANCED + (100 - _ENHANCED) * len(results) // len(storyboard)
     await emit("planning", _PLANNED, f"storyboard has {len(storyboard)} scenes")
 
-    results: dict[int, SceneResult] = {s.scene_number: s for s in completed}
     if reference_image is not None and 1 not in results:
         results[1] = await _user_scene(generation_id, storyboard[0], reference_image, services, traces)
         await _call(on_scene, results[1])

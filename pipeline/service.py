@@ -32,10 +32,11 @@ async def execute_job(
         raise KeyError(generation_id)
     request = record.generation_request()
     completed = await asyncio.to_thread(store.scenes, generation_id)
-    await asyncio.to_thread(store.update, generation_id, status="running", stage="running")
+    await asyncio.to_thread(store.update, generation_id, status="running", stage="running", clear_error=True)
+    progress = _LatestWriter(store, generation_id)
 
     async def event(e: ProgressEvent) -> None:
-        await asyncio.to_thread(store.update, generation_id, progress=e.progress, stage=e.stage)
+        progress.push(e)
         if on_event is not None:
             on_event(e)
 
@@ -46,18 +47,21 @@ async def execute_job(
         await asyncio.to_thread(store.checkpoint_scene, generation_id, result)
 
     try:
-        scenes = await run_generation(
-            generation_id,
-            request,
-            services,
-            settings,
-            reference_image=reference_image,
-            storyboard=record.storyboard,
-            completed=completed,
-            on_event=event,
-            on_plan=plan,
-            on_scene=scene,
-        )
+        try:
+            scenes = await run_generation(
+                generation_id,
+                request,
+                services,
+                settings,
+                reference_image=reference_image,
+                storyboard=record.storyboard,
+                completed=completed,
+                on_event=event,
+                on_plan=plan,
+                on_scene=scene,
+            )
+        finally:
+            await progress.flush()  # before the final status, which must not be overwritten
     except GenerationError as exc:
         log.error("generation %s failed: %s", generation_id, exc)
         await asyncio.to_thread(store.update, generation_id, status="failed", stage="failed", error=str(exc))
@@ -71,3 +75,27 @@ async def execute_job(
         return None
     await asyncio.to_thread(store.update, generation_id, status="completed", progress=100, stage="completed")
     return scenes
+
+
+class _LatestWriter:
+    """Progress writes off the critical path: the runner never waits for the database between
+    scenes; only the newest event is written, one write at a time. Checkpoints stay awaited."""
+
+    def __init__(self, store: JobStore, generation_id: str):
+        self.store, self.generation_id = store, generation_id
+        self.latest: ProgressEvent | None = None
+        self.task: asyncio.Task | None = None
+
+    def push(self, event: ProgressEvent) -> None:
+        self.latest = event
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        while self.latest is not None:
+            event, self.latest = self.latest, None
+            await asyncio.to_thread(self.store.update, self.generation_id, progress=event.progress, stage=event.stage)
+
+    async def flush(self) -> None:
+        if self.task is not None:
+            await self.task

@@ -491,12 +491,6 @@ async def test_resume_generates_only_the_missing_scenes(server, tmp_path):
     store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: execute_job sets status 'running'/'completed' on a resumed job but never clears "
-    "the previous run's `error` (JobStore.update treats error=None as 'unchanged'), so the status "
-    "reads completed with a stale failure message",
-)
 async def test_a_resumed_job_that_completes_has_no_stale_error(server, tmp_path):
     settings = make_settings(server, tmp_path)
     store = JobStore(f"sqlite:///{tmp_path}/db.sqlite")
@@ -510,11 +504,6 @@ async def test_a_resumed_job_that_completes_has_no_stale_error(server, tmp_path)
     assert record.error is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on resume, run_generation restarts progress at 0-25 (planning/enhancing) although "
-    "scenes are already checkpointed, so a job's progress drops (e.g. 62 -> 5) while it runs again",
-)
 async def test_resumed_progress_does_not_go_backwards(server, tmp_path):
     settings = make_settings(server, tmp_path)
     store = JobStore(f"sqlite:///{tmp_path}/db.sqlite")
@@ -529,12 +518,6 @@ async def test_resumed_progress_does_not_go_backwards(server, tmp_path):
     assert min(e.progress for e in events) >= reached
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: pipeline.offline.last_user_payload reads the LAST user message, which after a "
-    "corrective re-ask (pipeline.structured.ask_json) is plain text, so the fake server and "
-    "OfflineChat answer the re-ask with a non-retryable 400 instead of JSON",
-)
 async def test_malformed_llm_json_is_retried(server, tmp_path, caplog):
     settings = make_settings(server, tmp_path)
     # The storyboard call is the first chat request and is alone: both faults hit it.
