@@ -4,7 +4,8 @@ Full-size architectures with random weights (no downloads): transformers CLIP Vi
 ViT-B-32-quickgelu for CLIP-Score, ViT-L-14-quickgelu + the aesthetic head, and a Qwen2-VL-2B-sized VLM for
 VQAScore (with the tiny offline tokenizer: the vocabulary size is the real one, the token ids are not).
 The scorer's time covers everything score() does (RGB conversion, preprocessing, tokenisation, forward, formula);
-the bare forward is the limit this hardware allows. Timings do not depend on the weights' values.
+the bare forward is the limit this hardware allows; "input prep" is the time to make the bare forward's ready
+tensors from the images and prompts (the scorer's overhead, measured alone, less sensitive to other load). Timings do not depend on the weights' values.
 
     python benchmarks/scorers.py --device cpu --dtype fp32 --batches 1,4,16 --repeats 2
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -189,17 +189,20 @@ def main() -> None:
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name'"], capture_output=True, text=True).stdout.split(":")[-1].strip()
     print(f"# {platform.node()} | {cpu or platform.processor()} | {torch.get_num_threads()} threads | "
           f"device {device} | {dtype} | torch {torch.__version__} | images {SIZE[0]}x{SIZE[1]} | repeats {args.repeats}")
-    print("| scorer | model | batch | scorer img/s | bare forward img/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| scorer | model | batch | scorer img/s | bare forward img/s | ratio | input prep ms |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for name in args.scorers.split(","):
             scorer, bare, label = BUILDERS[name](device, dtype, Path(tmp))
             scorer.score(pictures(1), prompts(1))  # warm-up
             for batch in batches:
                 images, texts = pictures(batch), prompts(batch)
-                full, forward = timed_pair(lambda: scorer.score(images, texts), bare(images, texts), args.repeats)
-                print(f"| {name} | {label} | {batch} | {batch / full:.2f} | {batch / forward:.2f} | {forward / full:.2f} |",
-                      flush=True)
+                start = time.perf_counter()
+                forward_fn = bare(images, texts)
+                prep = time.perf_counter() - start
+                full, forward = timed_pair(lambda: scorer.score(images, texts), forward_fn, args.repeats)
+                print(f"| {name} | {label} | {batch} | {batch / full:.2f} | {batch / forward:.2f} | {forward / full:.2f} "
+                      f"| {1000 * prep:.0f} |", flush=True)
             del scorer
 
 

@@ -36,7 +36,6 @@ def load_open_clip(
     pretrained: str | os.PathLike | None,
     device: torch.device,
     dtype: torch.dtype,
-    option: str = "model",
 ) -> OpenClip:
     """Build an open_clip model with its preprocessing and tokenizer.
 
@@ -45,7 +44,7 @@ def load_open_clip(
     pretrained: a tag of open_clip's pretrained table ("openai"), or a checkpoint file; ignored for hf-hub/local-dir.
     """
     name = _register(model)
-    checkpoint, preprocess_cfg = _resolve_pretrained(name, pretrained, option)
+    checkpoint, preprocess_cfg = _resolve_pretrained(name, pretrained)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
             name,
@@ -91,7 +90,7 @@ def _register(model: str | os.PathLike | dict) -> str:
     return name
 
 
-def _resolve_pretrained(name: str, pretrained, option: str) -> tuple[str | None, dict]:
+def _resolve_pretrained(name: str, pretrained: str | os.PathLike | None) -> tuple[str | None, dict]:
     """Turn a pretrained tag into a local checkpoint file (cache first, network only when not offline).
 
     open_clip would download on its own, without a local-first step; resolving here keeps offline machines from

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from PIL import Image
 import scorers
 from scorers import ImageError, ModelNotFoundError, ScoreOutput, load_scorer
 from scorers.base import resolve_device, resolve_dtype
+from scorers.tiny import build_tiny_models
 
 NAMES = ["pickscore", "clipscore", "vqascore", "aesthetic"]
 
@@ -102,12 +104,8 @@ def test_missing_local_directory_names_path(tmp_path):
         load_scorer("pickscore", model=str(missing), device="cpu")
 
 
-def test_tiny_build_is_idempotent(tiny_options, tmp_path_factory):
-    root = next(iter(tiny_options.values()))["model"].split("/pickscore/")[0]
-    from pathlib import Path
-
-    from scorers.tiny import build_tiny_models
-
+def test_tiny_build_is_idempotent(tiny_options):
+    root = tiny_options["pickscore"]["model"].split("/pickscore/")[0]
     before = {p: p.stat().st_mtime_ns for p in Path(root).rglob("*") if p.is_file()}
     assert build_tiny_models(Path(root)) == tiny_options
     assert {p: p.stat().st_mtime_ns for p in Path(root).rglob("*") if p.is_file()} == before
