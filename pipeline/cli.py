@@ -31,8 +31,10 @@ def offline_models_dir() -> Path:
 
 def load_settings(config: Path | None, *, offline: bool, output: Path) -> PipelineSettings:
     if config is not None:
-        data = yaml.safe_load(config.read_text()) or {}
-        settings = PipelineSettings.model_validate(data)
+        settings = PipelineSettings.model_validate(yaml.safe_load(config.read_text()) or {})
+        if offline:  # --offline wins over the file's providers
+            offline_defaults = PipelineSettings.offline(output)
+            settings = settings.model_copy(update={"llm": offline_defaults.llm, "images": offline_defaults.images})
     elif offline:
         settings = PipelineSettings.offline(output)
     else:
@@ -93,12 +95,20 @@ async def _generate(args: argparse.Namespace) -> int:
             return 2
         reference = data
 
-    settings = load_settings(args.config, offline=args.offline, output=output)
+    try:
+        settings = load_settings(args.config, offline=args.offline, output=output)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        print(f"error: --config {args.config}: {exc}", file=sys.stderr)
+        return 2
     if args.keep_traces:
         settings.traces.keep = True
-    chat, images = build_providers(settings)
-    print("loading scorers ...", file=sys.stderr, flush=True)
-    scoring = local_scoring(settings, offline=args.offline)
+    try:
+        chat, images = build_providers(settings)
+        print("loading scorers ...", file=sys.stderr, flush=True)
+        scoring = local_scoring(settings, offline=args.offline)
+    except RuntimeError as exc:  # ProviderError (no API key), ModelNotFoundError (no weights)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     artifacts = LocalArtifactStore(settings.artifacts_dir)
     store = JobStore(args.database or f"sqlite:///{output / 'sceneref.db'}")
     generation_id = uuid.uuid4().hex

@@ -114,3 +114,13 @@ def test_token_command(capsys, monkeypatch):
     assert main(["token", "--sub", "alice", "--ttl", "60"]) == 0
     claims = jwt.decode(capsys.readouterr().out.strip(), secret, algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["exp"] - claims["iat"] == 60
+
+
+def test_missing_key_and_bad_config_are_clear_errors(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(["generate", "--prompt", PROMPT, "--output", str(tmp_path)]) == 2
+    assert "OPENAI_API_KEY" in capsys.readouterr().err
+    config = tmp_path / "settings.yaml"
+    config.write_text("llm: {provider: telepathy}\n")
+    assert main(["generate", "--prompt", PROMPT, "--output", str(tmp_path), "--config", str(config)]) == 2
+    assert "llm.provider" in capsys.readouterr().err
