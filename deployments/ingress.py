@@ -82,6 +82,7 @@ class Ingress:
             scoring=HandleScoring({n: h for n, h in handles.items() if weights[n] > 0}),
             artifacts=self.artifacts,
         )
+        self.offline = self.settings.images.provider == "offline" or self.settings.llm.provider == "offline"
         self.tasks: set[asyncio.Task] = set()
         if args.resume_unfinished:
             for record in self.store.unfinished():
@@ -97,9 +98,8 @@ class Ingress:
 
     async def _submit(self, request: GenerationRequest, principal: Principal, http: Request, reference: bytes | None) -> dict:
         generation_id = uuid.uuid4().hex
-        offline = self.settings.images.provider == "offline" or self.settings.llm.provider == "offline"
         await asyncio.to_thread(
-            self.store.create, generation_id, principal.subject, request.model_dump(mode="json"), offline=offline
+            self.store.create, generation_id, principal.subject, request.model_dump(mode="json"), offline=self.offline
         )
         self._start(generation_id, reference)
         return {
@@ -110,7 +110,7 @@ class Ingress:
 
     @app.get("/api/health")
     async def health(self) -> dict:
-        return {"status": "ok", "running_generations": len(self.tasks)}
+        return {"status": "ok", "running_generations": len(self.tasks), "offline": self.offline}
 
     @app.post("/api/generate", status_code=202)
     async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(_principal)) -> dict:

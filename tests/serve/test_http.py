@@ -150,7 +150,8 @@ def test_auth_failures_are_401(offline_app, case):
 
 
 def test_health_needs_no_token(offline_app):
-    assert httpx.get(f"{offline_app}/api/health", timeout=10).json()["status"] == "ok"
+    health = httpx.get(f"{offline_app}/api/health", timeout=10).json()
+    assert health["status"] == "ok" and health["offline"] is True
 
 
 @pytest.mark.parametrize(
