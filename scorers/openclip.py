@@ -44,6 +44,11 @@ def load_open_clip(
     pretrained: a tag of open_clip's pretrained table ("openai"), or a checkpoint file; ignored for hf-hub/local-dir.
     """
     name = _register(model)
+    if not name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(name) is None:
+        raise ModelNotFoundError(
+            f"unknown open_clip architecture {name!r}: give a built-in name (open_clip.list_models()), "
+            "a model-config JSON file or dict, 'hf-hub:org/repo' or 'local-dir:/path'"
+        )
     checkpoint, preprocess_cfg = _resolve_pretrained(name, pretrained)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
@@ -54,7 +59,7 @@ def load_open_clip(
             **{f"image_{key}": value for key, value in preprocess_cfg.items()},
         )
     except (FileNotFoundError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "download" not in str(exc).lower() and "HF Hub" not in str(exc):
+        if isinstance(exc, RuntimeError) and not any(w in str(exc) for w in ("download", "not found", "HF Hub")):
             raise
         raise ModelNotFoundError(f"open_clip model {name!r} could not be loaded: {exc}. {_how(name)}") from exc
     clip.eval()

@@ -89,6 +89,13 @@ def test_missing_checkpoint_file(tiny_options, tmp_path):
         load_scorer("clipscore", model=str(tmp_path / "missing.json"))
 
 
+def test_unknown_architecture_and_missing_local_dir(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="ViT-Nope"):
+        load_scorer("clipscore", model="ViT-Nope", device="cpu")
+    with pytest.raises(ModelNotFoundError, match="absent"):
+        load_scorer("clipscore", model=f"local-dir:{tmp_path / 'absent'}", device="cpu")
+
+
 def test_config_registration_is_content_addressed(tiny_options):
     config = json.loads(open(tiny_options["clipscore"]["model"]).read())
     assert _register(config) == _register(tiny_options["clipscore"]["model"]) == _register(dict(config))
