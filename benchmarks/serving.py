@@ -1,0 +1,507 @@
+"""Serving benchmark (issue 4): scoring throughput through the ingress with batching on and off,
+and one 4-scene generation against its critical path.
+
+The app runs as users run it: `serve run` on a generated copy of `serve_config.offline.yaml`
+(offline providers, a free HTTP port, its own local Ray cluster), with bench-size scorer models
+given explicitly in `args.pipeline.scoring.*` instead of `offline_models_dir`, and each scorer's
+batching in its `deployments` entry's `user_config`:
+
+    on:  max_batch_size 16, batch_wait_timeout_s 0.02
+    off: max_batch_size 1,  batch_wait_timeout_s 0.0
+
+The benchmark also joins that cluster as a driver (its GCS port is read from the gcs_server
+process that `serve run` started) to read each scorer's `recent_batch_sizes()` and to time
+image generation and scoring directly through the deployment handles.
+
+Scorer models (random weights, built once into --models-dir with the helpers of scorers/tiny.py):
+ViT-B-32-sized CLIP towers (vision width 768, text width 512, 12 layers each, patch 32, image 224)
+for PickScore (transformers CLIPModel), CLIP-Score and Aesthetic (open_clip ViT-B-32-quickgelu
+shape; aesthetic head 512 -> 1024 -> 128 -> 64 -> 16 -> 1), and a small Qwen2-VL for VQAScore
+(4 text layers of width 512, vision depth 4).
+
+    .venv/bin/python benchmarks/serving.py --concurrency 1 4 16 --variations 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+SECRET = "bench-secret-" + "x" * 40
+ENV = {"RAY_AUTH_MODE": "disabled", "SCENEREF_JWT_SECRET": SECRET, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(ENV)
+
+SCORERS = {"pickscore": "PickScore", "clipscore": "CLIPScore", "vqascore": "VQAScore", "aesthetic": "Aesthetic"}
+MODES = {
+    "on": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02},
+    "off": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+}
+PROMPT = "Artisan coffee that starts your morning right, in a sunlit corner cafe"
+
+# open_clip ViT-B-32-quickgelu's shape (open_clip/model_configs/ViT-B-32-quickgelu.json).
+BENCH_OPEN_CLIP = {
+    "embed_dim": 512, "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+}
+# Small Qwen2-VL: head_dim 64, so mrope sections sum to 32 (the 2B model's are 16/24/24 for 128).
+BENCH_QWEN_TEXT = {
+    "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+}
+BENCH_QWEN_VISION = {
+    "depth": 4, "embed_dim": 256, "hidden_size": 512, "num_heads": 4, "mlp_ratio": 4,
+    "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+}
+QWEN_MAX_PIXELS = 28 * 28 * 256  # a 512x288 image becomes 504x280: 720 patches, 180 tokens after merging
+
+
+# ---------------------------------------------------------------- models
+
+
+def _build_pickscore(directory: Path) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from scorers.tiny import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(directory / "processor")
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        directory / "processor"
+    )
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+            "num_attention_heads": 8, "max_position_embeddings": 77, "projection_dim": 512,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "hidden_act": "gelu",
+        },
+        vision_config={
+            "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "image_size": 224, "patch_size": 32, "projection_dim": 512, "hidden_act": "gelu",
+        },
+        projection_dim=512,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).eval().save_pretrained(directory / "model")
+
+
+def _build_clipscore(directory: Path) -> None:
+    from scorers.tiny import _build_open_clip
+
+    _build_open_clip(directory, BENCH_OPEN_CLIP, seed=1)
+
+
+def _build_aesthetic(directory: Path) -> None:
+    import torch
+
+    from scorers.aesthetic import AestheticHead
+    from scorers.tiny import _build_open_clip
+
+    _build_open_clip(directory, BENCH_OPEN_CLIP, seed=2)
+    torch.manual_seed(3)
+    head = AestheticHead(BENCH_OPEN_CLIP["embed_dim"])
+    with torch.no_grad():
+        head.layers[-1].bias.fill_(5.0)
+    torch.save(head.state_dict(), directory / "aesthetic_head.pth")
+
+
+def _build_vqascore(directory: Path) -> None:
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    from scorers.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, _build_qwen_tokenizer
+
+    tokenizer = _build_qwen_tokenizer()
+    parts = {"image_processor": Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=QWEN_MAX_PIXELS),
+             "tokenizer": tokenizer, "chat_template": QWEN_CHAT_TEMPLATE}
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        parts["video_processor"] = Qwen2VLVideoProcessor()
+    except ImportError:
+        pass
+    Qwen2VLProcessor(**parts).save_pretrained(directory)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config={
+            **BENCH_QWEN_TEXT, "vocab_size": len(tokenizer),
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+            "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config=BENCH_QWEN_VISION,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(4)
+    Qwen2VLForConditionalGeneration(config).eval().save_pretrained(directory)
+
+
+def bench_models(root: Path, build: bool = True) -> dict[str, dict]:
+    """load_scorer options of the four bench models under root (built once, reused after)."""
+    from scorers.tiny import COMPLETE, _once
+
+    root = root.resolve()
+    builders = {"pickscore": _build_pickscore, "clipscore": _build_clipscore, "vqascore": _build_vqascore,
+                "aesthetic": _build_aesthetic}
+    for name, builder in builders.items():
+        target = root / name
+        if build:
+            root.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            fresh = not (target / COMPLETE).exists()
+            _once(target, builder)
+            if fresh:
+                print(f"built {name} in {time.perf_counter() - started:.1f} s", flush=True)
+        elif not (target / COMPLETE).exists():
+            raise SystemExit(f"--skip-build: {target} is not built; run once without --skip-build")
+    pick, clip, vqa, aes = (root / n for n in builders)
+    return {
+        "pickscore": {"model": str(pick / "model"), "processor": str(pick / "processor"), "reference": 0.0},
+        "clipscore": {"model": str(clip / "open_clip_model_config.json"), "pretrained": str(clip / "open_clip_model.safetensors")},
+        "vqascore": {"model": str(vqa)},
+        "aesthetic": {
+            "model": str(aes / "open_clip_model_config.json"),
+            "pretrained": str(aes / "open_clip_model.safetensors"),
+            "head": str(aes / "aesthetic_head.pth"),
+        },
+    }
+
+
+# ---------------------------------------------------------------- the app under `serve run`
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(directory: Path, port: int, models: dict[str, dict], batching: dict) -> Path:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "serve_config.offline.yaml").read_text())
+    config["http_options"]["port"] = port
+    [app] = config["applications"]
+    app["args"].pop("offline_models_dir", None)
+    app["args"]["pipeline"]["scoring"].update(models)
+    for entry in app["deployments"]:
+        if entry["name"] in SCORERS.values():
+            entry["user_config"] = dict(batching)
+    path = directory / "serve_config.bench.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class ServeRun:
+    """`serve run CONFIG` in its own process group and its own local Ray cluster (RAY_ADDRESS=local);
+    the benchmark joins that cluster as a driver for handles."""
+
+    def __init__(self, directory: Path, config: Path, port: int):
+        self.directory, self.config, self.base = directory, config, f"http://127.0.0.1:{port}"
+        self.log = (directory / "serve.log").open("w")
+        self.process = subprocess.Popen(
+            [str(BIN / "serve"), "run", config.name], cwd=directory, env={**os.environ, **ENV, "RAY_ADDRESS": "local"},
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_healthy(self, timeout_s: float = 600) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve run exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.base}/api/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{self.base}/api/health did not answer within {timeout_s} s; see {self.log.name}")
+
+    def gcs_address(self) -> str:
+        """The GCS address of the cluster this `serve run` started: its gcs_server (in our process
+        group) is started with port 0 and writes the port it took into its session directory."""
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(proc.name)) != self.process.pid:
+                    continue
+                args = [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0")]
+            except (OSError, ProcessLookupError):
+                continue
+            if args and args[0].endswith("gcs_server"):
+                options = dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--") and "=" in a)
+                session = Path(options["log_dir"]).parent
+                ip = options.get("node-ip-address") or options.get("node_ip_address") or "127.0.0.1"
+                for _ in range(60):
+                    ports = list(session.glob("gcs_server_port_*"))
+                    if ports and ports[0].read_text().strip():
+                        return f"{ip}:{ports[0].read_text().strip()}"
+                    time.sleep(1)
+        raise RuntimeError("the gcs_server of the serve run cluster was not found")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # leftovers of its cluster (raylet, workers), ours only
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self.log.close()
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def _utc(text: str) -> float:
+    stamp = datetime.fromisoformat(text)
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def job_times(db: Path, ids: list[str]) -> dict[str, tuple[float, float]]:
+    """created_at and updated_at (the last write: completion) of each job, as epoch seconds."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+        rows = connection.execute(
+            f"SELECT generation_id, created_at, updated_at FROM jobs WHERE generation_id IN ({','.join('?' * len(ids))})", ids
+        ).fetchall()
+    return {gid: (_utc(created), _utc(updated)) for gid, created, updated in rows}
+
+
+async def run_generations(base: str, headers: dict, count: int, body: dict, poll_s: float = 0.5) -> tuple[list[dict], float]:
+    """Submit `count` generations at once; return their final statuses and the submission time."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        started = time.time()
+
+        async def one(i: int) -> dict:
+            reply = await client.post(f"{base}/api/generate", json={**body, "prompt": f"{PROMPT} (take {i + 1})"}, headers=headers)
+            reply.raise_for_status()
+            url = reply.json()["status_url"]
+            while True:
+                status = (await client.get(url, headers=headers)).json()
+                if status["status"] in ("completed", "failed"):
+                    return status
+                await asyncio.sleep(poll_s)
+
+        statuses = await asyncio.gather(*(one(i) for i in range(count)))
+    return list(statuses), started
+
+
+async def batch_sizes(handles: dict) -> dict[str, list[int]]:
+    sizes = await asyncio.gather(*(handle.recent_batch_sizes.remote() for handle in handles.values()))
+    return dict(zip(handles, sizes))
+
+
+async def throughput(app: ServeRun, headers: dict, handles: dict, concurrency: int, variations: int) -> dict:
+    before = await batch_sizes(handles)
+    body = {"target_duration": 9, "advanced_image_num_variations": variations, "advanced_image_max_enhancement_iterations": 1}
+    statuses, started = await run_generations(app.base, headers, concurrency, body)
+    failed = [s for s in statuses if s["status"] != "completed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} generation(s) failed: {failed[0].get('error')}")
+    times = job_times(app.directory / "output/serve/sceneref.db", [s["generation_id"] for s in statuses])
+    wall = max(done for _, done in times.values()) - started
+    scenes = sum(len(s["storyboard_plan"]["scenes"]) for s in statuses)
+    after = await batch_sizes(handles)
+    sizes = {name: after[name][len(before[name]):] for name in handles}
+    images = scenes * variations
+    return {
+        "concurrency": concurrency, "generations": concurrency, "scenes": scenes, "images": images, "wall_s": wall,
+        "images_per_s": images / wall,
+        "batches": {name: {"count": len(s), "mean": statistics.fmean(s) if s else 0.0, "max": max(s, default=0),
+                           "images": sum(s)} for name, s in sizes.items()},
+    }
+
+
+async def timed(awaitable):
+    started = time.perf_counter()
+    result = await awaitable
+    return result, time.perf_counter() - started
+
+
+async def scene_path(generator, scoring, prompt: str, reference: bytes | None, variations: int) -> tuple[float, float, bytes]:
+    """One scene's critical path measured through the handles: one image generation (the runner
+    generates a scene's variations concurrently), then scoring all `variations` images (one
+    request per image and scorer, all in flight at once, exactly as the runner's HandleScoring)."""
+    from deployments.adapters import HandleImages
+
+    images = HandleImages(generator)
+    first, t_image = await timed(images.generate(prompt, reference=reference, variation=1))
+    others = await asyncio.gather(*(images.generate(prompt, reference=reference, variation=k) for k in range(2, variations + 1)))
+    data = [first.data] + [o.data for o in others]
+    _, t_score = await timed(scoring.score(data, [prompt] * len(data)))
+    return t_image, t_score, first.data
+
+
+def trace_timeline(traces: Path, created: float, finished: float) -> dict:
+    """Stages of the generation as the trace files' modification times show them."""
+    scenes = sorted((p for p in traces.iterdir() if p.name.startswith("scene_")), key=lambda p: int(p.name.split("_")[1]))
+    enhanced = max((s / "final_enhanced_prompt.txt").stat().st_mtime for s in scenes)
+    rows, previous = [], enhanced
+    for scene in scenes:
+        images = max(p.stat().st_mtime for p in scene.glob("image_*.png"))
+        scored = (scene / "quality_scores.json").stat().st_mtime
+        selected = (scene / "selected_best.txt").stat().st_mtime
+        rows.append({"scene": int(scene.name.split("_")[1]), "images_s": images - previous, "scoring_s": scored - images,
+                     "select_s": selected - scored})
+        previous = selected
+    return {"planning_enhancement_s": enhanced - created, "scenes": rows, "after_last_scene_s": finished - previous}
+
+
+async def end_to_end(app: ServeRun, headers: dict, handles: dict, generator) -> dict:
+    from deployments.adapters import HandleScoring
+
+    body = {"target_duration": 15, "advanced_image_num_variations": 4, "advanced_image_max_enhancement_iterations": 4}
+    [status], started = await run_generations(app.base, headers, 1, body, poll_s=0.2)
+    if status["status"] != "completed":
+        raise RuntimeError(f"end-to-end generation failed: {status.get('error')}")
+    gid = status["generation_id"]
+    created, finished = job_times(app.directory / "output/serve/sceneref.db", [gid])[gid]
+    timeline = trace_timeline(app.directory / "output/serve/reference_image_traces" / gid, created, finished)
+    # The same scenes' critical path, measured afterwards on the idle app through the handles.
+    scoring = HandleScoring(handles)
+    reference, per_scene = None, []
+    for scene in status["storyboard_plan"]["scenes"]:
+        t_image, t_score, reference = await scene_path(generator, scoring, scene["enhanced_prompt"], reference, 4)
+        per_scene.append({"scene": scene["scene_number"], "image_s": t_image, "score4_s": t_score})
+    critical = timeline["planning_enhancement_s"] + sum(s["image_s"] + s["score4_s"] for s in per_scene)
+    return {
+        "generation_id": gid, "scenes": len(status["storyboard_plan"]["scenes"]),
+        "wall_s": finished - started, "server_wall_s": finished - created, "critical_s": critical,
+        "critical_per_scene": per_scene, "timeline": timeline,
+    }
+
+
+async def warm_up(generator, handles: dict) -> None:
+    """First forward passes allocate and initialise: keep them out of the figures."""
+    from deployments.adapters import HandleScoring
+
+    scoring = HandleScoring(handles)
+    for _ in range(2):
+        _, _, image = await scene_path(generator, scoring, PROMPT, None, 2)
+    await scoring.score([image], [PROMPT])
+
+
+def bench_mode(mode: str, args, models: dict) -> dict:
+    import ray
+    from ray import serve
+
+    from deployments.auth import mint_token
+
+    directory = (args.work_dir / mode).resolve()
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)  # a stale job store would make the ingress resume old jobs
+    directory.mkdir(parents=True)
+    port = args.port or free_port()
+    config = write_config(directory, port, models, MODES[mode])
+    print(f"\n== batching {mode} {MODES[mode]}: serve run {config} (port {port})", flush=True)
+    app = ServeRun(directory, config, port)
+    result: dict = {"mode": mode, "user_config": MODES[mode]}
+    try:
+        started = time.perf_counter()
+        app.wait_healthy()
+        result["startup_s"] = time.perf_counter() - started
+        print(f"healthy after {result['startup_s']:.0f} s", flush=True)
+        ray.init(address=app.gcs_address(), log_to_driver=False, logging_level="ERROR")
+        handles = {name: serve.get_deployment_handle(dep, app_name="sceneref") for name, dep in SCORERS.items()}
+        generator = serve.get_deployment_handle("ImageGenerator", app_name="sceneref")
+        headers = {"Authorization": f"Bearer {mint_token(SECRET, 'bench')}"}
+        asyncio.run(warm_up(generator, handles))
+        result["throughput"] = []
+        for concurrency in args.concurrency:
+            row = asyncio.run(throughput(app, headers, handles, concurrency, args.variations))
+            result["throughput"].append(row)
+            batches = ", ".join(f"{n} {b['mean']:.1f}/{b['max']}" for n, b in row["batches"].items())
+            print(f"  {concurrency:>2} generations: {row['images']} images in {row['wall_s']:.1f} s = "
+                  f"{row['images_per_s']:.2f} images/s; batch mean/max: {batches}", flush=True)
+        if not args.no_e2e:
+            result["e2e"] = asyncio.run(end_to_end(app, headers, handles, generator))
+            e2e = result["e2e"]
+            print(f"  4-scene generation: wall {e2e['wall_s']:.1f} s, critical path {e2e['critical_s']:.1f} s", flush=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        app.stop()
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def report(results: list[dict], args) -> None:
+    print(f"\nMachine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU; "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"Scoring throughput through the ingress (target_duration 9 -> 3 scenes, {args.variations} variations, "
+          "1 enhancement iteration); batch sizes are mean/max per scorer\n")
+    print("| batching | generations | images | wall | images/s | PickScore | CLIPScore | VQAScore | Aesthetic |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for result in results:
+        for row in result["throughput"]:
+            batches = " | ".join(f"{b['mean']:.1f} / {b['max']}" for b in row["batches"].values())
+            print(f"| {result['mode']} | {row['concurrency']} | {row['images']} | {row['wall_s']:.1f} s | "
+                  f"{row['images_per_s']:.2f} | {batches} |")
+    e2es = [r for r in results if "e2e" in r]
+    if e2es:
+        print("\n4-scene generation (target_duration 15, 4 variations, up to 4 iterations): wall vs critical path\n")
+        print("| batching | wall | critical path | wall / critical | planning + enhancement | per scene: image + scoring 4 (handles) | per scene in the run: images + scoring (traces) |")
+        print("|---|---|---|---|---|---|---|")
+        for result in e2es:
+            e = result["e2e"]
+            direct = ", ".join(f"{s['image_s']:.2f}+{s['score4_s']:.2f}" for s in e["critical_per_scene"])
+            traced = ", ".join(f"{s['images_s']:.2f}+{s['scoring_s']:.2f}" for s in e["timeline"]["scenes"])
+            print(f"| {result['mode']} | {e['wall_s']:.1f} s | {e['critical_s']:.1f} s | {e['wall_s'] / e['critical_s']:.2f}x | "
+                  f"{e['timeline']['planning_enhancement_s']:.2f} s | {direct} | {traced} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent generations")
+    parser.add_argument("--variations", type=int, default=2, help="variations per scene in the throughput runs (2-8)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="batching on and/or off")
+    parser.add_argument("--skip-build", action="store_true", help="use the models already in --models-dir")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the 4-scene end-to-end generation")
+    parser.add_argument("--port", type=int, default=0, help="HTTP port of serve run (default: a free one)")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "output/bench-models")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "output/bench-serving")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    models = bench_models(args.models_dir, build=not args.skip_build)
+    started = time.perf_counter()
+    results = [bench_mode(mode, args, models) for mode in args.modes]
+    report(results, args)
+    print(f"\nbenchmark time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
