@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import ModelNotFoundError, ScoreOutput, Scorer, clamp01, resolve_device, resolve_dtype
+from .base import ModelNotFoundError, ScoreOutput, Scorer, clamp01, map_images, resolve_device, resolve_dtype
 from .openclip import load_open_clip
 
 DEFAULT_MODEL = "ViT-L-14-quickgelu"
@@ -97,7 +97,7 @@ class Aesthetic(Scorer):
             raise ValueError(f"aesthetic head takes {self.head.input_size}-d embeddings, the CLIP model gives {embed_dim}")
 
     def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
-        pixels = torch.stack([self.clip.preprocess(image) for image in images])
+        pixels = torch.stack(map_images(self.clip.preprocess, images))
         emb = self.clip.model.encode_image(pixels.to(self.device, self.dtype)).float()
         emb = emb / emb.norm(dim=-1, keepdim=True)
         ratings = self.head(emb)[:, 0].tolist()

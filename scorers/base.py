@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import abc
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from functools import lru_cache
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from PIL import Image
@@ -12,6 +15,7 @@ from PIL import Image
 from .images import to_rgb
 
 CLIP_CONTEXT_LENGTH = 77
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,22 @@ def features(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     return output.pooler_output
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="scorers-preprocess")
+
+
+def map_images(fn: Callable[[Image.Image], T], images: Sequence[Image.Image]) -> list[T]:
+    """fn over images in worker threads (PIL resizes release the GIL).
+
+    On a GPU the forward pass of a small model takes milliseconds while PIL preprocessing takes a few per image,
+    so preprocessing one image after another would dominate a batch.
+    """
+    if len(images) < 2 or (os.cpu_count() or 1) < 2:
+        return [fn(image) for image in images]
+    return list(_pool().map(fn, images))
 
 
 class Scorer(abc.ABC):

@@ -17,7 +17,7 @@ import os
 import torch
 from PIL import Image
 
-from .base import ScoreOutput, Scorer, clamp01, resolve_device, resolve_dtype
+from .base import ScoreOutput, Scorer, clamp01, map_images, resolve_device, resolve_dtype
 from .openclip import load_open_clip
 
 DEFAULT_MODEL = "ViT-B-32-quickgelu"
@@ -48,7 +48,7 @@ class ClipScore(Scorer):
     def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
         texts = [PREFIX + prompt for prompt in prompts]
         truncated = [len(self.clip.tokenizer.encode(text)) + 2 > self.clip.context_length for text in texts]
-        pixels = torch.stack([self.clip.preprocess(image) for image in images])
+        pixels = torch.stack(map_images(self.clip.preprocess, images))
         image_emb = self.clip.model.encode_image(pixels.to(self.device, self.dtype)).float()
         text_emb = self.clip.model.encode_text(self.clip.tokenizer(texts).to(self.device)).float()
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from .base import CLIP_CONTEXT_LENGTH, ScoreOutput, Scorer, features, resolve_device, resolve_dtype
+from .base import CLIP_CONTEXT_LENGTH, ScoreOutput, Scorer, features, map_images, resolve_device, resolve_dtype
 from .hub import from_pretrained, pil_image_processor_kwargs
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
@@ -60,10 +60,13 @@ class PickScore(Scorer):
         )
         self.max_tokens = min(CLIP_CONTEXT_LENGTH, self.model.config.text_config.max_position_embeddings)
 
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor(images=[image], return_tensors="pt").pixel_values
+
     def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False).input_ids]
         text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
+        pixels = torch.cat(map_images(self._pixels, images))
         image_emb = features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
         text_emb = features(self.model.get_text_features(**text.to(self.device))).float()
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
