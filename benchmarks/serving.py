@@ -13,8 +13,8 @@ The benchmark also joins that cluster as a driver (its GCS port is read from the
 process that `serve run` started) to read each scorer's `recent_batch_sizes()` and to time
 image generation and scoring directly through the deployment handles.
 
-Scorer models (random weights, built once into --models-dir with the helpers of scorers/tiny.py):
-ViT-B-32-sized CLIP towers (vision width 768, text width 512, 12 layers each, patch 32, image 224)
+Scorer models (random weights, built once into --models-dir by scorers.tiny with the `bench`
+shapes of scorers/shapes/bench.json): ViT-B-32-sized CLIP towers (vision width 768, text width 512, 12 layers each, patch 32, image 224)
 for PickScore (transformers CLIPModel), CLIP-Score and Aesthetic (open_clip ViT-B-32-quickgelu
 shape; aesthetic head 512 -> 1024 -> 128 -> 64 -> 16 -> 1), and a small Qwen2-VL for VQAScore
 (4 text layers of width 512, vision depth 4).
@@ -52,135 +52,21 @@ MODES = {
 }
 PROMPT = "Artisan coffee that starts your morning right, in a sunlit corner cafe"
 
-# open_clip ViT-B-32-quickgelu's shape (open_clip/model_configs/ViT-B-32-quickgelu.json).
-BENCH_OPEN_CLIP = {
-    "embed_dim": 512, "quick_gelu": True,
-    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
-}
-# Small Qwen2-VL: head_dim 64, so mrope sections sum to 32 (the 2B model's are 16/24/24 for 128).
-BENCH_QWEN_TEXT = {
-    "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
-    "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-}
-BENCH_QWEN_VISION = {
-    "depth": 4, "embed_dim": 256, "hidden_size": 512, "num_heads": 4, "mlp_ratio": 4,
-    "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-}
-QWEN_MAX_PIXELS = 28 * 28 * 256  # a 512x288 image becomes 504x280: 720 patches, 180 tokens after merging
-
-
 # ---------------------------------------------------------------- models
 
 
-def _build_pickscore(directory: Path) -> None:
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from scorers.tiny import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer(directory / "processor")
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
-        directory / "processor"
-    )
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-            "num_attention_heads": 8, "max_position_embeddings": 77, "projection_dim": 512,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "hidden_act": "gelu",
-        },
-        vision_config={
-            "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-            "image_size": 224, "patch_size": 32, "projection_dim": 512, "hidden_act": "gelu",
-        },
-        projection_dim=512,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).eval().save_pretrained(directory / "model")
-
-
-def _build_clipscore(directory: Path) -> None:
-    from scorers.tiny import _build_open_clip
-
-    _build_open_clip(directory, BENCH_OPEN_CLIP, seed=1)
-
-
-def _build_aesthetic(directory: Path) -> None:
-    import torch
-
-    from scorers.aesthetic import AestheticHead
-    from scorers.tiny import _build_open_clip
-
-    _build_open_clip(directory, BENCH_OPEN_CLIP, seed=2)
-    torch.manual_seed(3)
-    head = AestheticHead(BENCH_OPEN_CLIP["embed_dim"])
-    with torch.no_grad():
-        head.layers[-1].bias.fill_(5.0)
-    torch.save(head.state_dict(), directory / "aesthetic_head.pth")
-
-
-def _build_vqascore(directory: Path) -> None:
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
-
-    from scorers.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, _build_qwen_tokenizer
-
-    tokenizer = _build_qwen_tokenizer()
-    parts = {"image_processor": Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=QWEN_MAX_PIXELS),
-             "tokenizer": tokenizer, "chat_template": QWEN_CHAT_TEMPLATE}
-    try:
-        from transformers import Qwen2VLVideoProcessor
-
-        parts["video_processor"] = Qwen2VLVideoProcessor()
-    except ImportError:
-        pass
-    Qwen2VLProcessor(**parts).save_pretrained(directory)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config={
-            **BENCH_QWEN_TEXT, "vocab_size": len(tokenizer),
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
-            "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
-            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config=BENCH_QWEN_VISION,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(4)
-    Qwen2VLForConditionalGeneration(config).eval().save_pretrained(directory)
-
-
 def bench_models(root: Path, build: bool = True) -> dict[str, dict]:
-    """load_scorer options of the four bench models under root (built once, reused after)."""
-    from scorers.tiny import COMPLETE, _once
+    """load_scorer options of the four bench-shape models under root (scorers/shapes/bench.json;
+    built once, reused after)."""
+    from scorers.tiny import COMPLETE, build_tiny_models
 
     root = root.resolve()
-    builders = {"pickscore": _build_pickscore, "clipscore": _build_clipscore, "vqascore": _build_vqascore,
-                "aesthetic": _build_aesthetic}
-    for name, builder in builders.items():
-        target = root / name
-        if build:
-            root.mkdir(parents=True, exist_ok=True)
-            started = time.perf_counter()
-            fresh = not (target / COMPLETE).exists()
-            _once(target, builder)
-            if fresh:
-                print(f"built {name} in {time.perf_counter() - started:.1f} s", flush=True)
-        elif not (target / COMPLETE).exists():
-            raise SystemExit(f"--skip-build: {target} is not built; run once without --skip-build")
-    pick, clip, vqa, aes = (root / n for n in builders)
-    return {
-        "pickscore": {"model": str(pick / "model"), "processor": str(pick / "processor"), "reference": 0.0},
-        "clipscore": {"model": str(clip / "open_clip_model_config.json"), "pretrained": str(clip / "open_clip_model.safetensors")},
-        "vqascore": {"model": str(vqa)},
-        "aesthetic": {
-            "model": str(aes / "open_clip_model_config.json"),
-            "pretrained": str(aes / "open_clip_model.safetensors"),
-            "head": str(aes / "aesthetic_head.pth"),
-        },
-    }
+    if not build and not all((root / name / COMPLETE).exists() for name in SCORERS):
+        raise SystemExit(f"--skip-build: the models under {root} are not built; run once without --skip-build")
+    started = time.perf_counter()
+    options = build_tiny_models(root, shapes="bench")
+    print(f"bench models ready in {time.perf_counter() - started:.1f} s", flush=True)
+    return options
 
 
 # ---------------------------------------------------------------- the app under `serve run`

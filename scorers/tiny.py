@@ -3,7 +3,9 @@
 The offline demo and the tests load them through load_scorer and the same loading code as real ids:
 transformers save_pretrained directories (PickScore's CLIPModel and processor, a Qwen2-VL model and processor)
 and open_clip model-config JSON + checkpoint files (CLIP-Score, Aesthetic with a matching tiny head).
-Their numbers mean nothing; their shapes, tokenizers and preprocessing are the real ones.
+Their numbers mean nothing; their tokenizers and preprocessing are the real ones. Their sizes come from the
+shape files in shapes/: `tiny` (the offline demo, the tests) and `bench` (ViT-B-32-sized towers and a small
+Qwen2-VL, large enough that compute dominates a serving benchmark).
 """
 
 from __future__ import annotations
@@ -33,34 +35,36 @@ QWEN_CHAT_TEMPLATE = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TINY_OPEN_CLIP = {
-    "clipscore": {
-        "embed_dim": 32, "quick_gelu": True,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    },
-    "aesthetic": {
-        "embed_dim": 48, "quick_gelu": True,
-        "vision_cfg": {"image_size": 56, "layers": 2, "width": 64, "head_width": 32, "patch_size": 14},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    },
-}
+SHAPES_DIR = Path(__file__).parent / "shapes"
 
 
-def build_tiny_models(root: Path) -> dict[str, dict]:
-    """Build (once; later calls reuse them) the four tiny models under root and return load_scorer options.
+def load_shapes(shapes: str) -> dict:
+    """Model shapes live in small JSON files beside this module (shapes/tiny.json, shapes/bench.json)."""
+    path = SHAPES_DIR / f"{shapes}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SHAPES_DIR.glob("*.json")))
+        raise ValueError(f"unknown model shapes {shapes!r}: choose one of {known}")
+    return json.loads(path.read_text())
+
+
+def build_tiny_models(root: Path, shapes: str = "tiny") -> dict[str, dict]:
+    """Build (once; later calls reuse them) the four random-weight models of `shapes` under root and
+    return their load_scorer options.
 
     Safe to call twice and from concurrent processes: each model is built in a temporary folder and moved
     into place whole.
     """
+    shape = load_shapes(shapes)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    pick = _once(root / "pickscore", _build_pickscore)
-    clip = _once(root / "clipscore", lambda d: _build_open_clip(d, TINY_OPEN_CLIP["clipscore"], seed=1))
-    vqa = _once(root / "vqascore", _build_vqascore)
-    aes = _once(root / "aesthetic", _build_aesthetic)
+    pick = _once(root / "pickscore", lambda d: _build_pickscore(d, shape["pickscore"]))
+    clip = _once(root / "clipscore", lambda d: _build_open_clip(d, shape["clipscore"], seed=1))
+    vqa = _once(root / "vqascore", lambda d: _build_vqascore(d, shape["vqascore"]))
+    aes = _once(root / "aesthetic", lambda d: _build_aesthetic(d, shape["aesthetic"]))
     return {
-        "pickscore": {"model": str(pick / "model"), "processor": str(pick / "processor"), "reference": 0.0},
+        "pickscore": {
+            "model": str(pick / "model"), "processor": str(pick / "processor"), "reference": shape["pickscore"]["reference"],
+        },
         "clipscore": {"model": str(clip / "open_clip_model_config.json"), "pretrained": str(clip / "open_clip_model.safetensors")},
         "vqascore": {"model": str(vqa)},
         "aesthetic": {
@@ -111,25 +115,23 @@ def build_clip_tokenizer(directory: Path):
     return tokenizer
 
 
-def _build_pickscore(directory: Path) -> None:
+def _build_pickscore(directory: Path, shape: dict) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     tokenizer = build_clip_tokenizer(directory / "processor")
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
+    size = shape["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
         directory / "processor"
     )
     config = CLIPConfig(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 32,
+            **shape["text"], "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+            "projection_dim": shape["projection_dim"], "hidden_act": "gelu",
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "hidden_act": "gelu",
+            "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "image_size": 64, "patch_size": 16, "projection_dim": 32, "hidden_act": "gelu",
-        },
-        projection_dim=32,
+        vision_config={**shape["vision"], "image_size": size, "projection_dim": shape["projection_dim"], "hidden_act": "gelu"},
+        projection_dim=shape["projection_dim"],
     )
     torch.manual_seed(0)
     CLIPModel(config).eval().save_pretrained(directory / "model")
@@ -149,12 +151,12 @@ def _build_open_clip(directory: Path, config: dict, seed: int) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "open_clip_model.safetensors"))
 
 
-def _build_aesthetic(directory: Path) -> None:
+def _build_aesthetic(directory: Path, config: dict) -> None:
     from .aesthetic import AestheticHead
 
-    _build_open_clip(directory, TINY_OPEN_CLIP["aesthetic"], seed=2)
+    _build_open_clip(directory, config, seed=2)
     torch.manual_seed(3)
-    head = AestheticHead(TINY_OPEN_CLIP["aesthetic"]["embed_dim"])
+    head = AestheticHead(config["embed_dim"])
     with torch.no_grad():  # centre the random head on the AVA scale so demo scores spread around the middle
         head.layers[-1].bias.fill_(5.0)
     torch.save(head.state_dict(), directory / "aesthetic_head.pth")
@@ -185,11 +187,11 @@ def _build_qwen_tokenizer():
     return tokenizer
 
 
-def _build_vqascore(directory: Path) -> None:
+def _build_vqascore(directory: Path, shape: dict) -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
 
     tokenizer = _build_qwen_tokenizer()
-    parts = {"image_processor": Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16),
+    parts = {"image_processor": Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=shape["max_pixels"]),
              "tokenizer": tokenizer, "chat_template": QWEN_CHAT_TEMPLATE}
     try:
         from transformers import Qwen2VLVideoProcessor  # required by the processor from transformers 5
@@ -201,16 +203,12 @@ def _build_vqascore(directory: Path) -> None:
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     config = Qwen2VLConfig(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            **shape["text"], "vocab_size": len(tokenizer), "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": shape["mrope_section"]},
+            "rope_scaling": {"type": "mrope", "mrope_section": shape["mrope_section"]},
             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
         },
-        vision_config={
-            "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
-            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-        },
+        vision_config={**shape["vision"], "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
