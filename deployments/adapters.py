@@ -9,6 +9,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipeline.providers import GeneratedImage, ProviderError
 from pipeline.schemas import ScorerResult
+from pipeline.scoring import ScoringError
 
 
 def _raise_if_error(result: dict) -> dict:
@@ -44,7 +45,12 @@ class HandleScoring:
     async def score(self, images: list[bytes], prompts: list[str]) -> list[dict[str, ScorerResult]]:
         names = list(self.handles)
         calls = [self.handles[name].score.remote(image, prompt) for image, prompt in zip(images, prompts) for name in names]
-        outputs = await asyncio.gather(*calls)
+        outputs = await asyncio.gather(*calls, return_exceptions=True)
+        for i, out in enumerate(outputs):
+            if isinstance(out, BaseException):
+                # A replica's error arrives wrapped with its traceback; the status shows its last line.
+                reason = (str(out).strip().splitlines() or [type(out).__name__])[-1]
+                raise ScoringError(f"{names[i % len(names)]}: {reason}") from out
         results = []
         for i in range(len(images)):
             row = outputs[i * len(names) : (i + 1) * len(names)]

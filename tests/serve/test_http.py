@@ -61,6 +61,10 @@ def check_status_shape(status: dict, body: dict) -> None:
 
 
 def test_quick_start_bodies_run_to_completion(offline_app):
+    from ray import serve
+
+    pick = serve.get_deployment_handle("PickScore", app_name="sceneref")
+    seen = len(pick.recent_batch_sizes.remote().result(timeout_s=30))
     headers = auth("alice")
     ids = []
     for body in QUICK_START:  # submitted together: they run concurrently in the ingress
@@ -76,6 +80,11 @@ def test_quick_start_bodies_run_to_completion(offline_app):
         # The signed image URL works without a bearer token and serves a PNG.
         image = httpx.get(status["storyboard_plan"]["scenes"][-1]["reference_image_url"], timeout=10)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    # The runner sends one request per variation; the scorer merged them into batches.
+    sizes = pick.recent_batch_sizes.remote().result(timeout_s=30)[seen:]
+    assert sum(sizes) == sum(count * body.get("advanced_image_num_variations", 4)
+                             for count, body in zip(expected_scenes, QUICK_START))
+    assert max(sizes) > 1, sizes
 
 
 def test_generate_with_image_uses_the_upload_as_scene_one(offline_app):
