@@ -2,7 +2,8 @@
 `args`, validated as AppArgs. Deployment options (GPU fractions, batching, autoscaling) come
 from the config's `deployments:` list, keyed by the names bound here."""
 
-
+# No `from __future__ import annotations` here: Serve validates `args` against the builder's
+# annotation only when it is the AppArgs class itself, not the string "AppArgs".
 import os
 from pathlib import Path
 

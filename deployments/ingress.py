@@ -5,7 +5,8 @@ started them; the job store holds their state and checkpoints, so the status rou
 truth and a restarted replica resumes unfinished jobs at their next scene.
 """
 
-
+# No `from __future__ import annotations` here: FastAPI, through @serve.ingress, must see the
+# route parameters' real types (a string `Request` becomes a required field).
 import asyncio
 import logging
 import mimetypes
