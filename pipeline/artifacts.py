@@ -1,12 +1,11 @@
 """Artifact store: where every image a generation receives is kept, under keys like
 `{generation_id}/scene_2/variation_3.png`. A local directory by default; another backend
-(object storage) only needs the same four methods."""
+(object storage) only needs the same three methods."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +21,6 @@ class ArtifactStore(Protocol):
     def put(self, key: str, data: bytes) -> str: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
-    def list(self, prefix: str) -> list[str]: ...
 
 
 def check_key(key: str) -> str:
@@ -57,14 +55,3 @@ class LocalArtifactStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
-
-    def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix.rstrip("/"))
-        if not base.is_dir():
-            return []
-        return sorted(
-            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
-        )
-
-    def delete_prefix(self, prefix: str) -> None:
-        shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)

@@ -232,17 +232,6 @@ class JobStore:
         if result.rowcount == 0:
             raise JobNotFound(generation_id)
 
-    def list_for_owner(self, owner: str, limit: int = 50) -> list[JobRecord]:
-        """Newest first."""
-        query = (
-            select(jobs_table)
-            .where(jobs_table.c.owner == owner)
-            .order_by(jobs_table.c.created_at.desc(), jobs_table.c.generation_id)
-            .limit(limit)
-        )
-        with self.engine.connect() as conn:
-            return [_record(row) for row in conn.execute(query).mappings()]
-
     def unfinished(self) -> list[JobRecord]:
         """Queued and running jobs, oldest first: what a restarted service resumes."""
         query = (

@@ -209,7 +209,7 @@ async def _generate_scene(
     async def variation(k: int) -> tuple[VariationResult, bytes | None]:
         try:
             image = await services.images.generate(prompt, reference=reference, variation=k)
-            data = _as_png(image.data)
+            data = await asyncio.to_thread(_as_png, image.data)  # a full decode: off the event loop
         except ProviderError as exc:
             log.warning("scene %d variation %d failed: %s", n, k, exc)
             return VariationResult(variation=k, error=str(exc)), None

@@ -102,17 +102,13 @@ def test_checkpoint_upsert_and_order(store):
         store.checkpoint_scene("missing", scene(1))
 
 
-def test_unfinished_and_list_for_owner(store):
+def test_unfinished(store):
     for index, owner in enumerate(["alice", "bob", "alice", "alice"]):
         store.create(f"gen-{index}", owner, REQUEST, offline=False)
     store.update("gen-0", status="completed", progress=100)
     store.update("gen-1", status="running")
     store.update("gen-3", status="failed", error="boom")
     assert [r.generation_id for r in store.unfinished()] == ["gen-1", "gen-2"]
-    mine = store.list_for_owner("alice")
-    assert [r.generation_id for r in mine] == ["gen-3", "gen-2", "gen-0"]
-    assert len(store.list_for_owner("alice", limit=2)) == 2
-    assert store.list_for_owner("nobody") == []
 
 
 def test_second_instance_sees_data(url, store):
