@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SECRET_FILE := output/dev-jwt-secret
 SUB ?= demo
 
-.PHONY: serve token demo test bench
+.PHONY: serve token demo test bench postgres
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,5 +36,13 @@ demo: $(STAMP)
 	$(BIN)/sceneref generate --offline --prompt "Artisan coffee that starts your morning right" \
 		--duration 15 --variations 4 --iterations 4 --threshold 30 --output output/demo --keep-traces
 
-test: $(STAMP)
+# PostgreSQL server binaries for the job-store tests (the tests start a throwaway cluster on a
+# free port): Debian's package, installed when missing and we are root; else those tests skip.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null \
+			&& { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
+			|| echo "PostgreSQL binaries not found and cannot install them: the PostgreSQL tests will skip"; }
+
+test: $(STAMP) postgres
 	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider

@@ -52,6 +52,7 @@ class Services:
     images: ImageProvider
     scoring: ScoringClient
     artifacts: ArtifactStore
+    traces: Any = None  # an object store for the trace tree; None: files under settings.traces.root
 
 
 Callback = Callable[[Any], Awaitable[None] | None] | None
@@ -82,6 +83,7 @@ async def run_generation(
     settings: PipelineSettings,
     *,
     reference_image: bytes | None = None,
+    reference_key: str | None = None,
     storyboard: list[ScenePlan] | None = None,
     completed: list[SceneResult] = (),
     on_event: Callback = None,
@@ -90,10 +92,11 @@ async def run_generation(
 ) -> list[SceneResult]:
     """Run (or resume) one generation and return its scenes in order.
 
-    `reference_image` (PNG bytes) becomes scene 1 unchanged. `storyboard` and `completed`
+    `reference_image` (PNG bytes) becomes scene 1 unchanged; `reference_key` names such an image
+    already in the artifact store (the job's persisted upload), used as it is, never re-stored. `storyboard` and `completed`
     come from a checkpoint when resuming. Raises GenerationError with a user-facing reason.
     """
-    traces = TraceWriter(settings.traces.root, generation_id)
+    traces = TraceWriter(services.traces if services.traces is not None else settings.traces.root, generation_id)
     retries = settings.llm.invalid_output_retries
 
     reached = 0  # progress never goes backwards, also when a resumed job re-enters early stages
@@ -116,8 +119,8 @@ async def run_generation(
         reached = _ENHANCED + (100 - _ENHANCED) * len(results) // len(storyboard)
     await emit("planning", _PLANNED, f"storyboard has {len(storyboard)} scenes")
 
-    if reference_image is not None and 1 not in results:
-        results[1] = await _user_scene(generation_id, storyboard[0], reference_image, services, traces)
+    if (reference_image is not None or reference_key is not None) and 1 not in results:
+        results[1] = await _user_scene(generation_id, storyboard[0], reference_image, reference_key, services, traces)
         await _call(on_scene, results[1])
 
     pending = [scene for scene in storyboard if scene.scene_number not in results]
@@ -141,8 +144,11 @@ async def run_generation(
     return [results[s.scene_number] for s in storyboard]
 
 
-async def _user_scene(generation_id, scene: ScenePlan, image: bytes, services: Services, traces: TraceWriter) -> SceneResult:
-    key = services.artifacts.put(f"{generation_id}/scene_1/user_reference.png", _as_png(image))
+async def _user_scene(
+    generation_id, scene: ScenePlan, image: bytes | None, key: str | None, services: Services, traces: TraceWriter
+) -> SceneResult:
+    if key is None:
+        key = services.artifacts.put(f"{generation_id}/scene_1/user_reference.png", _as_png(image))
     result = SceneResult(
         scene_number=1,
         duration=scene.duration,

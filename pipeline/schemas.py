@@ -155,7 +155,7 @@ class StoryboardPlan(BaseModel):
     scenes: list[dict]
 
 
-Status = Literal["queued", "running", "completed", "failed"]
+Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
 class GenerationStatus(BaseModel):
