@@ -1,57 +1,37 @@
 """Artifact store: where every image a generation receives is kept, under keys like
-`{generation_id}/scene_2/variation_3.png`. A local directory by default; another backend
-(object storage) only needs the same three methods."""
+`{generation_id}/scene_2/variation_3.png`. The stores themselves live in pipeline/objectstore.py
+(a directory, or S3-compatible object storage for clusters, chosen by URL); these names stay so
+existing imports keep working."""
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
-from pathlib import Path
-from typing import Protocol
+from pipeline.objectstore import (
+    ArtifactNotFound,
+    LocalObjectStore,
+    ObjectStore,
+    ObjectStoreError,
+    as_store,
+    check_key,
+    is_url,
+    open_store,
+    share,
+    stored_bytes,
+)
 
-_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+ArtifactStore = ObjectStore
+LocalArtifactStore = LocalObjectStore
 
-
-class ArtifactNotFound(KeyError):
-    pass
-
-
-class ArtifactStore(Protocol):
-    def put(self, key: str, data: bytes) -> str: ...
-    def get(self, key: str) -> bytes: ...
-    def exists(self, key: str) -> bool: ...
-
-
-def check_key(key: str) -> str:
-    """Keys are relative, slash-separated names: no `..`, no absolute paths."""
-    if not _KEY.match(key) or ".." in key.split("/"):
-        raise ValueError(f"invalid artifact key {key!r}")
-    return key
-
-
-class LocalArtifactStore:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
-
-    def put(self, key: str, data: bytes) -> str:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a crash never leaves a half-written image behind a valid key.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-        return key
-
-    def get(self, key: str) -> bytes:
-        path = self._path(key)
-        if not path.is_file():
-            raise ArtifactNotFound(key)
-        return path.read_bytes()
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+__all__ = [
+    "ArtifactNotFound",
+    "ArtifactStore",
+    "LocalArtifactStore",
+    "LocalObjectStore",
+    "ObjectStore",
+    "ObjectStoreError",
+    "as_store",
+    "check_key",
+    "is_url",
+    "open_store",
+    "share",
+    "stored_bytes",
+]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import unquote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema, field_validator, model_validator
 
+from pipeline.objectstore import is_url
 from pipeline.schemas import DIMENSIONS
 
 SCORER_NAMES = ("pickscore", "clipscore", "vqascore", "aesthetic")
@@ -111,8 +113,69 @@ class ScoringSettings(_Settings):
         return {"device": self.device, "dtype": self.dtype, **getattr(self, name)}
 
 
+def _location(value):
+    """A store location: `s3://...` stays a URL string; a path, a plain string or a
+    `file:///abs/path` URL becomes a Path, so code that joins local paths keeps working and
+    `is_url(location)` tells a remote store from a directory."""
+    if isinstance(value, str) and is_url(value):
+        parsed = urlparse(value)
+        return Path(unquote(parsed.path)) if parsed.scheme == "file" and parsed.netloc in ("", "localhost") else value
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise ValueError("expected a path or a URL (file:///abs/path, s3://bucket/prefix)")
+
+
+StoreLocation = Annotated[
+    Path | str,
+    PlainValidator(_location),
+    PlainSerializer(str, when_used="json"),
+    WithJsonSchema({"type": "string", "description": "a path, file:///abs/path or s3://bucket/prefix"}),
+]
+
+
+class S3Settings(_Settings):
+    """S3-compatible object storage, used where a location is `s3://bucket/prefix`.
+
+    Credentials come from the environment variables named here (never from the config file);
+    with neither set, boto3's own chain is used (instance roles, ~/.aws, web identity)."""
+
+    endpoint_url: str | None = Field(
+        None, description="e.g. http://seaweedfs:8333; else AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, then AWS itself"
+    )
+    region: str | None = Field(None, description="else AWS_REGION / AWS_DEFAULT_REGION, then us-east-1")
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    session_token_env: str = "AWS_SESSION_TOKEN"
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="path for most self-hosted servers (SeaweedFS, MinIO) reached by IP or one host name"
+    )
+    create_bucket: bool = Field(False, description="create a missing bucket (tests, demos); else a missing one is an error")
+    max_connections: int = Field(32, ge=1, description="HTTP connection pool; worker threads share one client")
+
+    def endpoint(self) -> str | None:
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    def region_name(self) -> str:
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+    def credentials(self) -> dict[str, str]:
+        """Explicit keys for boto3, or {} to let boto3 find them itself."""
+        key, secret = os.environ.get(self.access_key_env), os.environ.get(self.secret_key_env)
+        if bool(key) != bool(secret):
+            missing = self.secret_key_env if key else self.access_key_env
+            raise ValueError(f"S3 credentials: {missing} is not set (both {self.access_key_env} and {self.secret_key_env} are needed)")
+        if not key:
+            return {}
+        found = {"aws_access_key_id": key, "aws_secret_access_key": secret}
+        if os.environ.get(self.session_token_env):
+            found["aws_session_token"] = os.environ[self.session_token_env]
+        return found
+
+
 class TraceSettings(_Settings):
-    root: Path = Path("output/reference_image_traces")
+    root: StoreLocation = Field(
+        Path("output/reference_image_traces"), description="a directory, file:///abs/path or s3://bucket/prefix"
+    )
     keep: bool = Field(False, description="Keep trace files after the generation completes.")
 
 
@@ -134,7 +197,10 @@ class PipelineSettings(_Settings):
     scoring: ScoringSettings = ScoringSettings()
     enhancement: EnhancementSettings = EnhancementSettings()
     traces: TraceSettings = TraceSettings()
-    artifacts_dir: Path = Path("output/artifacts")
+    artifacts_dir: StoreLocation = Field(
+        Path("output/artifacts"), description="a directory, file:///abs/path or s3://bucket/prefix"
+    )
+    s3: S3Settings = S3Settings()
 
     @classmethod
     def offline(cls, output: Path = Path("output"), **overrides) -> "PipelineSettings":
