@@ -18,13 +18,21 @@ SCORER_DEPLOYMENTS = {"pickscore": "PickScore", "clipscore": "CLIPScore", "vqasc
 
 
 def build_app(args: AppArgs) -> Application:
+    """The builder `serve run` calls (Serve allows exactly one parameter)."""
+    return build(args)
+
+
+def build(args: AppArgs, ingress_replicas: int | None = None) -> Application:
+    """`ingress_replicas` is for tests that deploy without a config file; `serve run` sets
+    replicas and autoscaling in the config's `deployments:` list."""
     args = args.resolved(Path(os.getcwd()))
     scoring = args.pipeline.scoring
     scorers = {
         name: ScorerDeployment.options(name=deployment).bind(name, scoring.options_for(name), args.offline_models_dir)
         for name, deployment in SCORER_DEPLOYMENTS.items()
     }
-    return Ingress.bind(
+    ingress = Ingress.options(num_replicas=ingress_replicas) if ingress_replicas else Ingress
+    return ingress.bind(
         scorers["pickscore"],
         scorers["clipscore"],
         scorers["vqascore"],

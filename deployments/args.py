@@ -10,7 +10,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.auth import AuthSettings, load_secret
 from deployments.uploads import UploadLimits
+from pipeline.limits import AdmissionLimits
+from pipeline.retention import RetentionSettings
 from pipeline.settings import PipelineSettings
+
+
+class JobSettings(BaseModel):
+    """How ingress replicas share the work: each claims unfinished jobs from the job store with a
+    lease it renews while it runs them, so any replica takes over a job whose runner died."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_jobs: bool = Field(True, description="claim and run jobs in this app's ingress replicas")
+    lease_s: float = Field(30.0, ge=3, description="a runner that stops renewing loses its job after this long")
+    poll_s: float = Field(2.0, gt=0, description="how often an idle replica looks for claimable jobs")
+    max_running_per_replica: int = Field(32, ge=1, description="jobs one ingress replica runs at once")
 
 
 class AppArgs(BaseModel):
@@ -27,7 +41,9 @@ class AppArgs(BaseModel):
     )
     url_ttl_s: int = Field(3600, gt=0)
     uploads: UploadLimits = UploadLimits()
-    resume_unfinished: bool = Field(True, description="resume queued/running jobs when the ingress starts")
+    jobs: JobSettings = JobSettings()
+    limits: AdmissionLimits = AdmissionLimits()
+    retention: RetentionSettings = RetentionSettings()
 
     def url_secret(self) -> str:
         if os.environ.get(self.url_secret_env):
@@ -38,8 +54,10 @@ class AppArgs(BaseModel):
         """Relative paths are taken from where `serve run` was started, not from wherever a
         replica process happens to run."""
 
-        def absolute(path) -> Path:
-            return path if Path(path).is_absolute() else cwd / path
+        def absolute(path):
+            if "://" in str(path) or Path(path).is_absolute():  # a store URL (s3://, file://) stays as written
+                return path
+            return cwd / path if isinstance(path, Path) else str(cwd / path)
 
         pipeline = self.pipeline.model_copy(
             update={

@@ -1,8 +1,11 @@
-"""The HTTP API: a FastAPI app behind `@serve.ingress`.
+"""The HTTP API: a FastAPI app behind `@serve.ingress`, run as several replicas.
 
-Generations run as background tasks of the ingress replica, independent of the request that
-started them; the job store holds their state and checkpoints, so the status route reads the
-truth and a restarted replica resumes unfinished jobs at their next scene.
+Nothing that matters lives in a replica: a submission is persisted whole before it is answered
+(the request, the owner, the user's image as an artifact), and every replica runs a claim loop
+that takes unfinished jobs from the shared job store with a lease it renews while it works. A
+replica that dies simply stops renewing; another one takes the job over at its next scene.
+Artifacts and trace files live in the configured object store (a directory or S3), so any
+replica on any node serves any generation.
 """
 
 # No `from __future__ import annotations` here: FastAPI, through @serve.ingress, must see the
@@ -10,12 +13,14 @@ truth and a restarted replica resumes unfinished jobs at their next scene.
 import asyncio
 import logging
 import mimetypes
+import os
+import random
+import socket
 import uuid
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from ray import serve
@@ -25,12 +30,16 @@ from deployments.adapters import HandleChat, HandleImages, HandleScoring
 from deployments.args import AppArgs
 from deployments.auth import Authenticator, Principal, bearer_principal
 from deployments.signing import SignatureError, sign_url, verify_signed
+from deployments.bodylimit import UploadBodyLimit
 from deployments.uploads import UploadError, prepare_upload
-from pipeline.artifacts import ArtifactNotFound, LocalArtifactStore
+from pipeline.objectstore import ArtifactNotFound, open_store
 from pipeline.jobs import JobStore, to_status
+from pipeline.limits import check_admission
+from pipeline.retention import sweep
 from pipeline.runner import Services
 from pipeline.schemas import GenerationRequest
 from pipeline.service import execute_job
+from pipeline.traces import TraceWriter
 
 log = logging.getLogger("sceneref.ingress")
 app = FastAPI(title="sceneref", version="0.1.0", description="Reference images for the scenes of a short video.")
@@ -47,6 +56,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse(status_code=422, content={"error": f"invalid request: {summary}", "detail": errors})
 
 
+UPLOAD_PATHS = ("/api/generate-with-image",)
+# Uploads are refused while they stream in, before Starlette spools the body; the limit is set
+# from the replica's args (below), hence read per request.
+app.add_middleware(UploadBodyLimit, paths=UPLOAD_PATHS, limit=lambda: app.state.upload_body_limit)
+app.state.upload_body_limit = UploadBodyLimit.body_limit(20 * 1024 * 1024)
+
 _bearer = HTTPBearer(auto_error=False, description="JWT bearer token (see `sceneref token`)")
 
 
@@ -54,6 +69,9 @@ def _principal(request: Request, credentials: HTTPAuthorizationCredentials | Non
     """Routes are declared at import time, the authenticator only exists once the replica has
     its args: it lives on `app.state`. A plain function, so a JWKS fetch runs in a thread."""
     return request.app.state.authenticate(request, credentials)
+
+
+FINISHED = ("completed", "failed", "cancelled")
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -72,9 +90,11 @@ class Ingress:
         self.args = args
         self.settings = args.pipeline
         app.state.authenticate = bearer_principal(Authenticator(args.auth))
+        app.state.upload_body_limit = UploadBodyLimit.body_limit(args.uploads.max_bytes)
         self.url_secret = args.url_secret()
         self.store = JobStore(args.database_url)
-        self.artifacts = LocalArtifactStore(self.settings.artifacts_dir)
+        self.artifacts = open_store(self.settings.artifacts_dir, self.settings.s3)
+        self.trace_store = open_store(self.settings.traces.root, self.settings.s3)
         weights = self.settings.scoring.weights.as_dict()
         handles = {"pickscore": pickscore, "clipscore": clipscore, "vqascore": vqascore, "aesthetic": aesthetic}
         self.services = Services(
@@ -82,27 +102,95 @@ class Ingress:
             images=HandleImages(generator),
             scoring=HandleScoring({n: h for n, h in handles.items() if weights[n] > 0}),
             artifacts=self.artifacts,
+            traces=self.trace_store,
         )
         self.offline = self.settings.images.provider == "offline" or self.settings.llm.provider == "offline"
-        self.tasks: set[asyncio.Task] = set()
-        if args.resume_unfinished:
-            for record in self.store.unfinished():
-                log.info("resuming generation %s", record.generation_id)
-                self._start(record.generation_id)
+        self.holder = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.wake = asyncio.Event()
+        loop = asyncio.get_event_loop()
+        self.loops = [loop.create_task(self._retention_loop())]
+        if args.jobs.run_jobs:
+            self.loops.append(loop.create_task(self._claim_loop()))
 
-    def _start(self, generation_id: str, reference: bytes | None = None) -> None:
-        task = asyncio.get_event_loop().create_task(
-            execute_job(self.store, generation_id, self.services, self.settings, reference_image=reference)
+    # --- running jobs -----------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        """Claim claimable jobs (new, or whose runner's lease expired) while this replica has
+        room; sleep until a submission or a finished job wakes it, or `poll_s` passes."""
+        jobs = self.args.jobs
+        while True:
+            try:
+                while len(self.tasks) < jobs.max_running_per_replica:
+                    lease = await asyncio.to_thread(self.store.claim, self.holder, jobs.lease_s)
+                    if lease is None:
+                        break
+                    self._start(lease)
+            except Exception:  # the database is down or locked: try again next tick
+                log.exception("claiming jobs failed; retrying in %.1f s", jobs.poll_s)
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), jobs.poll_s * random.uniform(0.8, 1.2))
+            except asyncio.TimeoutError:
+                pass
+
+    def _start(self, lease) -> None:
+        generation_id = lease.generation_id
+        log.info("%s runs generation %s (lease %d)", self.holder, generation_id, lease.token)
+        task = asyncio.get_running_loop().create_task(
+            execute_job(self.store, lease, self.services, self.settings, lease_s=self.args.jobs.lease_s)
         )
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks[generation_id] = task
 
-    async def _submit(self, request: GenerationRequest, principal: Principal, http: Request, reference: bytes | None) -> dict:
+        def done(_task: asyncio.Task) -> None:
+            self.tasks.pop(generation_id, None)
+            self.wake.set()
+
+        task.add_done_callback(done)
+
+    async def _retention_loop(self) -> None:
+        settings = self.args.retention
+        await asyncio.sleep(random.uniform(0, min(60.0, settings.interval_s)))  # replicas spread out
+        while True:
+            try:
+                removed = await asyncio.to_thread(sweep, self.store, self.artifacts, self.trace_store, settings)
+                if removed:
+                    log.info("retention removed %d generations", len(removed))
+            except Exception:
+                log.exception("retention sweep failed; next try in %.0f s", settings.interval_s)
+            await asyncio.sleep(settings.interval_s)
+
+    async def __del__(self) -> None:
+        """Serve stops this replica: stop claiming, and stop the running jobs, which release
+        their leases so another replica resumes them at once instead of after the lease."""
+        for task in self.loops:
+            task.cancel()
+        running = list(self.tasks.values())
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=10)
+
+    # --- routes -----------------------------------------------------------------------
+
+    async def _submit(self, request: GenerationRequest, principal: Principal, http: Request, upload=None) -> dict:
+        refusal = await asyncio.to_thread(check_admission, self.store, principal.subject, self.args.limits)
+        if refusal is not None:
+            raise HTTPException(refusal.status_code, detail=refusal.reason, headers={"Retry-After": str(refusal.retry_after_s)})
         generation_id = uuid.uuid4().hex
+        reference_key = None
+        if upload is not None:  # persisted before the job exists: whoever runs it finds the image
+            reference_key = await asyncio.to_thread(
+                self.artifacts.put, f"{generation_id}/scene_1/user_reference.png", upload.png, "image/png"
+            )
+            if upload.original is not None:
+                kind = (upload.original_format or "bin").lower()
+                await asyncio.to_thread(self.artifacts.put, f"{generation_id}/upload/original.{kind}", upload.original)
         await asyncio.to_thread(
-            self.store.create, generation_id, principal.subject, request.model_dump(mode="json"), offline=self.offline
+            self.store.create, generation_id, principal.subject, request.model_dump(mode="json"),
+            offline=self.offline, reference_key=reference_key,
         )
-        self._start(generation_id, reference)
+        self.wake.set()
         return {
             "generation_id": generation_id,
             "status": "queued",
@@ -111,11 +199,12 @@ class Ingress:
 
     @app.get("/api/health")
     async def health(self) -> dict:
+        """No I/O: answers at once however busy the replica is."""
         return {"status": "ok", "running_generations": len(self.tasks), "offline": self.offline}
 
     @app.post("/api/generate", status_code=202)
     async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(_principal)) -> dict:
-        return await self._submit(body, principal, http, None)
+        return await self._submit(body, principal, http)
 
     @app.post("/api/generate-with-image", status_code=202)
     async def generate_with_image(
@@ -142,23 +231,55 @@ class Ingress:
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
         try:
-            reference = await prepare_upload(image, self.args.uploads)
+            upload = await prepare_upload(image, self.args.uploads)
         except UploadError as exc:
             raise HTTPException(exc.status_code, detail=f"image: {exc.detail}") from None
-        return await self._submit(request, principal, http, reference)
+        return await self._submit(request, principal, http, upload)
+
+    def _read_status(self, generation_id: str, owner: str):
+        record = self.store.get(generation_id, owner)
+        return (record, self.store.scenes(generation_id)) if record is not None else (None, [])
 
     @app.get("/api/status/{generation_id}", name="status")
     async def status(self, generation_id: str, http: Request, principal: Principal = Depends(_principal)) -> dict:
-        record = await asyncio.to_thread(self.store.get, generation_id, principal.subject)
+        record, scenes = await asyncio.to_thread(self._read_status, generation_id, principal.subject)
         if record is None:  # also for another user's id, so ids cannot be probed
             raise HTTPException(404, detail=f"generation {generation_id} not found")
-        scenes = await asyncio.to_thread(self.store.scenes, generation_id)
         base = str(http.base_url).rstrip("/")
 
         def url_for(key: str) -> str:
             return base + sign_url(f"/api/artifacts/{key}", self.url_secret, ttl_s=self.args.url_ttl_s)
 
         return to_status(record, scenes, url_for).model_dump(mode="json")
+
+    @app.delete("/api/generations/{generation_id}", status_code=202)
+    async def cancel(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
+        """Ask the job to stop: it ends `cancelled` at its next step, wherever it runs; finished
+        scenes are kept."""
+        record = await asyncio.to_thread(self.store.get, generation_id, principal.subject)
+        if record is None:
+            raise HTTPException(404, detail=f"generation {generation_id} not found")
+        if record.status in FINISHED:
+            raise HTTPException(409, detail=f"generation {generation_id} is already {record.status}")
+        await asyncio.to_thread(self.store.request_cancel, generation_id, principal.subject)
+        task = self.tasks.get(generation_id)
+        if task is not None:  # running here: stop now rather than at the next lease renewal
+            task.cancel()
+        record = await asyncio.to_thread(self.store.get, generation_id, principal.subject)
+        return {"generation_id": generation_id, "status": record.status, "cancel_requested": True}
+
+    @app.post("/api/generations/{generation_id}/resume", status_code=202)
+    async def resume(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
+        """Run a failed or cancelled generation again from its next unfinished scene."""
+        record = await asyncio.to_thread(self.store.get, generation_id, principal.subject)
+        if record is None:
+            raise HTTPException(404, detail=f"generation {generation_id} not found")
+        if record.status not in ("failed", "cancelled"):
+            raise HTTPException(409, detail=f"generation {generation_id} is {record.status}: only failed or cancelled ones resume")
+        if not await asyncio.to_thread(self.store.requeue, generation_id, principal.subject):
+            raise HTTPException(409, detail=f"generation {generation_id} cannot be resumed now")
+        self.wake.set()
+        return {"generation_id": generation_id, "status": "queued"}
 
     @app.get("/api/artifacts/{key:path}")
     async def artifact(self, key: str, expires: str = "", sig: str = "") -> Response:
@@ -169,27 +290,32 @@ class Ingress:
             raise HTTPException(403, detail=f"artifact link: {exc}") from None
         except (ArtifactNotFound, ValueError):
             raise HTTPException(404, detail="artifact not found") from None
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+        media = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=300"})
 
-    def _trace_dir(self, generation_id: str, owner: str) -> Path:
+    def _traces(self, generation_id: str, owner: str) -> TraceWriter:
         if self.store.get(generation_id, owner) is None:
             raise HTTPException(404, detail=f"generation {generation_id} not found")
-        path = Path(self.settings.traces.root) / generation_id
-        if not path.is_dir():
-            raise HTTPException(404, detail="no trace files: they are removed on completion unless traces.keep is set")
-        return path
+        return TraceWriter(self.trace_store, generation_id)
 
     @app.get("/api/generations/{generation_id}/traces")
     async def traces(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
-        root = await asyncio.to_thread(self._trace_dir, generation_id, principal.subject)
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        def listing() -> list[str]:
+            return self._traces(generation_id, principal.subject).list_files()
+
+        files = await asyncio.to_thread(listing)
+        if not files:
+            raise HTTPException(404, detail="no trace files: they are removed on completion unless traces.keep is set")
         return {"generation_id": generation_id, "files": files}
 
     @app.get("/api/generations/{generation_id}/traces/{name:path}")
-    async def trace_file(self, generation_id: str, name: str, principal: Principal = Depends(_principal)) -> FileResponse:
-        root = (await asyncio.to_thread(self._trace_dir, generation_id, principal.subject)).resolve()
-        path = (root / name).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            raise HTTPException(404, detail=f"trace file {name} not found")
-        media = mimetypes.guess_type(path.name)[0] or "text/plain"
-        return FileResponse(path, media_type=media)
+    async def trace_file(self, generation_id: str, name: str, principal: Principal = Depends(_principal)) -> Response:
+        def read() -> bytes:
+            return self._traces(generation_id, principal.subject).read_file(name)
+
+        try:
+            data = await asyncio.to_thread(read)
+        except (ArtifactNotFound, ValueError, FileNotFoundError):
+            raise HTTPException(404, detail=f"trace file {name} not found") from None
+        media = mimetypes.guess_type(name)[0] or "text/plain"
+        return Response(data, media_type=media)

@@ -66,6 +66,8 @@ def app_args(tmp_path_factory, tiny_models):
                 "artifacts_dir": str(out / "artifacts"),
             },
             "uploads": {"max_bytes": 2_000_000, "max_pixels": 4_000_000},
+            "jobs": {"lease_s": 4, "poll_s": 0.5},
+            "limits": {"max_active_per_user": 3, "max_submitted_per_window": 50, "max_unfinished": 100},
             "auth": {"mode": "hs256", "audience": AUDIENCE},
         }
     )
@@ -79,9 +81,11 @@ def offline_app(ray_cluster, app_args):
     """The offline app, deployed once; tests talk to it over HTTP and through handles."""
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build
 
-    serve.run(build_app(app_args), name="sceneref", route_prefix="/", blocking=False)
+    # Two ingress replicas, as in serve_config.offline.yaml: every HTTP test runs on the shared
+    # job store with leases.
+    serve.run(build(app_args, ingress_replicas=2), name="sceneref", route_prefix="/", blocking=False)
     wait_healthy(ray_cluster["http"])
     return ray_cluster["http"]
 
@@ -112,7 +116,7 @@ def wait_done(base: str, generation_id: str, headers: dict, timeout_s: float = 2
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = httpx.get(f"{base}/api/status/{generation_id}", headers=headers, timeout=10).json()
-        if status["status"] in ("completed", "failed"):
+        if status["status"] in ("completed", "failed", "cancelled"):
             return status
         time.sleep(0.5)
     raise TimeoutError(f"generation {generation_id} not done after {timeout_s} s: {status}")

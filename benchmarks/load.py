@@ -1,0 +1,209 @@
+"""Load benchmark (issue 7): how fast health and status answer while many generations run.
+
+Starts the offline app as users start it (`serve run` on a copy of the tree's
+`serve_config.offline.yaml` with a free port and its own output directory), submits
+`--generations` generations at once from `--users` different users, lets every user poll its
+own status once a second (as a client would), and meanwhile probes `GET /api/health` and one
+`GET /api/status/{id}` every `--probe-s` seconds from a separate client. It reports latency
+percentiles of the probes and of the submissions, the answers' status codes (202, 429, 503)
+and how many generations completed.
+
+    .venv/bin/python benchmarks/load.py --generations 100
+    .venv/bin/python benchmarks/load.py --tree /tmp/old-checkout     # the same load on another commit
+
+`--tree` runs another checkout of the project (its code comes first on PYTHONPATH) with this
+venv, so two commits are measured with the same load on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SECRET = "load-secret-" + "x" * 40
+ENV = {"RAY_AUTH_MODE": "disabled", "SCENEREF_JWT_SECRET": SECRET, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+BODY = {"target_duration": 9, "advanced_image_num_variations": 2, "advanced_image_max_enhancement_iterations": 1}
+PROMPT = "Artisan coffee that starts your morning right, take {i}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tree: Path, work: Path, port: int, overrides: dict) -> Path:
+    import yaml
+
+    config = yaml.safe_load((tree / "serve_config.offline.yaml").read_text())
+    config["http_options"]["port"] = port
+    [app] = config["applications"]
+    args = app["args"]
+    args["database_url"] = f"sqlite:///{work / 'sceneref.db'}"
+    args["offline_models_dir"] = str(ROOT / "output/offline-models")
+    pipeline = args["pipeline"]
+    pipeline["traces"]["root"] = str(work / "traces")
+    pipeline["artifacts_dir"] = str(work / "artifacts")
+    for key, value in overrides.items():
+        args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value
+    path = work / "serve_config.load.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {
+        "n": len(values),
+        "p50_ms": round(1000 * statistics.median(ordered), 1),
+        "p95_ms": round(1000 * pick(0.95), 1),
+        "max_ms": round(1000 * ordered[-1], 1),
+    }
+
+
+async def run_load(base: str, generations: int, users: int, probe_s: float, limit_s: float) -> dict:
+    import httpx
+
+    sys.path.insert(0, str(ROOT))
+    from deployments.auth import mint_token
+
+    tokens = [mint_token(SECRET, f"user{u}", ttl_s=7200) for u in range(users)]
+    headers = [{"Authorization": f"Bearer {t}"} for t in tokens]
+    limits = httpx.Limits(max_connections=generations + 10, max_keepalive_connections=generations + 10)
+    submit_times: list[float] = []
+    codes: dict[int, int] = {}
+    ids: list[tuple[str, dict]] = []
+    finals: dict[str, str] = {}
+    health: list[float] = []
+    status: list[float] = []
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client, httpx.AsyncClient(timeout=120) as probe:
+
+        async def submit(i: int) -> None:
+            h = headers[i % users]
+            t0 = time.monotonic()
+            reply = await client.post(f"{base}/api/generate", json={**BODY, "prompt": PROMPT.format(i=i)}, headers=h)
+            submit_times.append(time.monotonic() - t0)
+            codes[reply.status_code] = codes.get(reply.status_code, 0) + 1
+            if reply.status_code != 202:
+                return
+            gid = reply.json()["generation_id"]
+            ids.append((gid, h))
+            while time.monotonic() - started < limit_s:
+                await asyncio.sleep(1.0)
+                s = (await client.get(f"{base}/api/status/{gid}", headers=h)).json()
+                if s["status"] in ("completed", "failed", "cancelled"):
+                    finals[gid] = s["status"]
+                    return
+
+        async def probes(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                await probe.get(f"{base}/api/health")
+                health.append(time.monotonic() - t0)
+                if ids:
+                    gid, h = random.choice(ids)
+                    t0 = time.monotonic()
+                    await probe.get(f"{base}/api/status/{gid}", headers=h)
+                    status.append(time.monotonic() - t0)
+                try:
+                    await asyncio.wait_for(stop.wait(), probe_s)
+                except asyncio.TimeoutError:
+                    pass
+
+        stop = asyncio.Event()
+        prober = asyncio.create_task(probes(stop))
+        await asyncio.gather(*(submit(i) for i in range(generations)))
+        stop.set()
+        await prober
+    outcome: dict[str, int] = {}
+    for value in finals.values():
+        outcome[value] = outcome.get(value, 0) + 1
+    return {
+        "submitted": generations,
+        "answers": codes,
+        "outcome": outcome,
+        "unfinished_after_limit": len(ids) - len(finals),
+        "wall_s": round(time.monotonic() - started, 1),
+        "health": percentiles(health),
+        "status": percentiles(status),
+        "submit": percentiles(submit_times),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose code and offline config to run")
+    parser.add_argument("--generations", type=int, default=100)
+    parser.add_argument("--users", type=int, default=100, help="distinct token subjects (per-user limits apply to each)")
+    parser.add_argument("--probe-s", type=float, default=0.25)
+    parser.add_argument("--limit-s", type=float, default=900, help="stop polling after this long")
+    parser.add_argument("--args", type=json.loads, default={}, help="JSON merged into the app's args (e.g. limits)")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "output/bench-load")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+
+    tree = args.tree.resolve()
+    work = args.work_dir.resolve() / time.strftime("%Y%m%d-%H%M%S")
+    work.mkdir(parents=True)
+    subprocess.run([str(BIN / "sceneref"), "offline-models", "--dir", str(ROOT / "output/offline-models")],
+                   check=True, stdout=subprocess.DEVNULL)
+    port = free_port()
+    config = write_config(tree, work, port, args.args)
+    env = {**os.environ, **ENV, "RAY_ADDRESS": "local", "PYTHONPATH": str(tree)}
+    log = (work / "serve.log").open("w")
+    process = subprocess.Popen([str(BIN / "serve"), "run", str(config)], cwd=tree, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"serve run exited with {process.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{base}/api/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"not healthy after 600 s; see {log.name}")
+            time.sleep(1)
+        commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        result = asyncio.run(run_load(base, args.generations, args.users, args.probe_s, args.limit_s))
+        result.update(commit=commit, cpus=os.cpu_count(), machine=platform.processor() or platform.machine(), body=BODY)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Retention: a finished generation's images, traces and row go together after the period;
+unfinished and recent ones stay; a second sweep (another replica) finds nothing to do."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from pipeline.artifacts import LocalObjectStore
+from pipeline.jobs import JobStore
+from pipeline.retention import RetentionSettings, sweep
+from pipeline.schemas import GenerationRequest
+
+REQUEST = GenerationRequest(prompt="A lighthouse keeper's morning", target_duration=9).model_dump(mode="json")
+
+
+@pytest.fixture
+def stores(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
+    yield store, LocalObjectStore(tmp_path / "artifacts"), LocalObjectStore(tmp_path / "traces")
+    store.close()
+
+
+def make(store, artifacts, traces, generation_id: str, finish: str | None) -> None:
+    store.create(generation_id, "alice", REQUEST, offline=True)
+    artifacts.put(f"{generation_id}/scene_1/variation_1.png", b"png-bytes")
+    traces.put(f"{generation_id}/scene_1/00_original_prompt.txt", b"prompt\n")
+    if finish:
+        lease = store.claim("tester", 30, generation_id=generation_id)
+        store.finish(lease, finish)
+
+
+def test_sweep_removes_only_expired_finished_generations(stores):
+    store, artifacts, traces = stores
+    for generation_id, finish in [("done", "completed"), ("broken", "failed"), ("stopped", "cancelled"), ("queued", None)]:
+        make(store, artifacts, traces, generation_id, finish)
+    settings = RetentionSettings(generations_s=3600)
+
+    assert sweep(store, artifacts, traces, settings) == []  # nothing is old enough yet
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    removed = sweep(store, artifacts, traces, settings, now=later)
+    assert sorted(removed) == ["broken", "done", "stopped"]
+    for generation_id in removed:
+        assert store.get(generation_id) is None
+        assert artifacts.list(f"{generation_id}/") == [] and traces.list(f"{generation_id}/") == []
+    assert store.get("queued") is not None  # unfinished work is never expired
+    assert artifacts.exists("queued/scene_1/variation_1.png")
+    assert sweep(store, artifacts, traces, settings, now=later) == []  # idempotent
+
+
+def test_sweep_works_in_batches(stores):
+    store, artifacts, traces = stores
+    for i in range(7):
+        make(store, artifacts, traces, f"gen-{i}", "completed")
+    later = datetime.now(timezone.utc) + timedelta(days=40)
+    removed = sweep(store, artifacts, traces, RetentionSettings(batch=3), now=later)
+    assert len(removed) == 7 and store.count_unfinished() == 0
