@@ -1,17 +1,27 @@
-"""Job store: one row per generation and one per finished scene, over any SQLAlchemy URL.
+"""Job store: one row per generation and one per finished scene, over any SQLAlchemy URL
+(SQLite for one machine, PostgreSQL via psycopg 3 for clusters).
 
-Scenes are checkpointed as soon as they are selected, so a restarted service can resume a
-generation at its next scene (`unfinished()`), and the status endpoint reads everything it
-shows from here. Only portable column types are used, so PostgreSQL works by URL alone.
-Methods are synchronous and thread-safe; async callers run them in a worker thread.
+Jobs are *claimed* with a lease, not just found: `claim` is an atomic compare-and-set on the
+row's `lease_token`, so across any number of processes a job runs in one runner at a time, and
+the token doubles as a fencing token: a write that carries a `Lease` lands only while the row
+still holds that token and holder, so a runner that lost its lease (paused, partitioned,
+outlived its expiry) can no longer change the job. Times are UTC from the writer's clock;
+lease lengths (seconds) must stay well above the clock skew between nodes (NTP keeps it in ms).
+
+Scenes are checkpointed as soon as they are selected, so any runner resumes a generation at
+its next scene, and the status endpoint reads everything it shows from here. The schema is
+managed by Alembic (`pipeline/migrations`) and upgraded when a store opens. Methods are
+synchronous and thread-safe; async callers run them in a worker thread.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from contextlib import contextmanager, nullcontext
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +38,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     create_engine,
+    delete,
     event,
+    false,
+    func,
     insert,
+    or_,
     select,
     update,
 )
@@ -47,9 +62,14 @@ from pipeline.schemas import (
     StoryboardPlan,
 )
 
+log = logging.getLogger("sceneref.jobs")
+
 DEFAULT_URL = "sqlite:///output/sceneref.db"
-STATUSES: tuple[str, ...] = ("queued", "running", "completed", "failed")
+STATUSES: tuple[str, ...] = ("queued", "running", "completed", "failed", "cancelled")
 UNFINISHED: tuple[str, ...] = ("queued", "running")
+FINISHED: tuple[str, ...] = ("completed", "failed", "cancelled")
+# How many candidates one claim looks at; losing a race on one just moves to the next.
+_CLAIM_CANDIDATES = 16
 
 metadata = MetaData()
 
@@ -67,7 +87,15 @@ jobs_table = Table(
     Column("offline", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
-    CheckConstraint("status IN ('queued', 'running', 'completed', 'failed')", name="ck_jobs_status"),
+    Column("reference_key", String(1024), nullable=True),
+    Column("lease_holder", String(255), nullable=True),
+    Column("lease_expires_at", DateTime(timezone=True), nullable=True),
+    Column("lease_token", Integer, nullable=False, default=0, server_default="0"),
+    Column("cancel_requested", Boolean, nullable=False, default=False, server_default=false()),
+    Column("finished_at", DateTime(timezone=True), nullable=True, index=True),
+    CheckConstraint(
+        "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')", name="ck_jobs_status"
+    ),
     CheckConstraint("progress >= 0 AND progress <= 100", name="ck_jobs_progress"),
 )
 
@@ -90,6 +118,18 @@ class JobNotFound(KeyError):
     pass
 
 
+class LeaseLost(RuntimeError):
+    """The job's lease now belongs to someone else (or was given up): stop, write nothing."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    generation_id: str
+    holder: str
+    token: int
+    expires_at: datetime
+
+
 class JobRecord(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -104,6 +144,12 @@ class JobRecord(BaseModel):
     offline: bool = False
     created_at: datetime
     updated_at: datetime
+    reference_key: str | None = None
+    lease_holder: str | None = None
+    lease_expires_at: datetime | None = None
+    lease_token: int = 0
+    cancel_requested: bool = False
+    finished_at: datetime | None = None
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest.model_validate(self.request)
@@ -113,8 +159,10 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _aware(value: datetime) -> datetime:
+def _aware(value: datetime | None) -> datetime | None:
     # SQLite drops the offset; every timestamp we write is UTC.
+    if value is None:
+        return None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
@@ -145,15 +193,30 @@ def _make_engine(url: str) -> Engine:
     return engine
 
 
+def _no_live_lease(now: datetime):
+    c = jobs_table.c
+    return or_(c.lease_holder.is_(None), c.lease_expires_at.is_(None), c.lease_expires_at < now)
+
+
+def _fenced(lease: Lease):
+    """The row still belongs to this lease: same token, holder not released."""
+    c = jobs_table.c
+    return and_(
+        c.generation_id == lease.generation_id, c.lease_token == lease.token, c.lease_holder == lease.holder
+    )
+
+
 class JobStore:
     def __init__(self, url: str = DEFAULT_URL):
+        from pipeline.migrations import upgrade
+
         self.url = url
         self.engine = _make_engine(url)
         self._sqlite = self.engine.dialect.name == "sqlite"
         # SQLite allows one writer at a time; serialising our own writes avoids lock errors
         # between threads of this process (other processes still rely on busy_timeout).
         self._write_lock = threading.Lock() if self._sqlite else None
-        metadata.create_all(self.engine)
+        upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -163,9 +226,21 @@ class JobStore:
         with self._write_lock or nullcontext(), self.engine.begin() as conn:
             yield conn
 
+    def _missing_or_lost(self, conn: Connection, generation_id: str, lease: Lease | None) -> Exception:
+        exists = conn.execute(
+            select(jobs_table.c.generation_id).where(jobs_table.c.generation_id == generation_id)
+        ).first()
+        if exists is None:
+            return JobNotFound(generation_id)
+        return LeaseLost(f"lease on {generation_id} (token {lease.token if lease else '-'}) was lost")
+
     # --- jobs -------------------------------------------------------------------------
 
-    def create(self, generation_id: str, owner: str, request: dict, *, offline: bool) -> None:
+    def create(
+        self, generation_id: str, owner: str, request: dict, *, offline: bool, reference_key: str | None = None
+    ) -> None:
+        """Persist everything a job needs before anyone answers for it; `reference_key` is the
+        user's image, already in the artifact store."""
         if not owner:
             raise ValueError("owner must be non-empty")
         now = _now()
@@ -183,6 +258,9 @@ class JobStore:
                     offline=offline,
                     created_at=now,
                     updated_at=now,
+                    reference_key=reference_key,
+                    lease_token=0,
+                    cancel_requested=False,
                 )
             )
 
@@ -205,9 +283,11 @@ class JobStore:
         error: str | None = None,
         clear_error: bool = False,
         storyboard: Sequence[ScenePlan | dict] | None = None,
+        lease: Lease | None = None,
     ) -> None:
         """Set the given fields; None leaves a field unchanged (`clear_error` removes an
-        earlier failure's reason when a job is resumed)."""
+        earlier failure's reason when a job is resumed). With `lease`, the write is fenced:
+        it lands only while the lease is current, else `LeaseLost` and nothing changes."""
         values: dict[str, Any] = {"updated_at": _now()}
         if status is not None:
             if status not in STATUSES:
@@ -225,15 +305,15 @@ class JobStore:
             values["error"] = None
         if storyboard is not None:
             values["storyboard"] = [ScenePlan.model_validate(s).model_dump(mode="json") for s in storyboard]
+        where = _fenced(lease) if lease else jobs_table.c.generation_id == generation_id
+        if lease and lease.generation_id != generation_id:
+            raise ValueError("lease is for another job")
         with self._write() as conn:
-            result = conn.execute(
-                update(jobs_table).where(jobs_table.c.generation_id == generation_id).values(**values)
-            )
-        if result.rowcount == 0:
-            raise JobNotFound(generation_id)
+            if conn.execute(update(jobs_table).where(where).values(**values)).rowcount == 0:
+                raise self._missing_or_lost(conn, generation_id, lease)
 
     def unfinished(self) -> list[JobRecord]:
-        """Queued and running jobs, oldest first: what a restarted service resumes."""
+        """Queued and running jobs, oldest first (held or not: use `claim` to run one)."""
         query = (
             select(jobs_table)
             .where(jobs_table.c.status.in_(UNFINISHED))
@@ -242,26 +322,229 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_record(row) for row in conn.execute(query).mappings()]
 
+    # --- leases -----------------------------------------------------------------------
+
+    def claim(self, holder: str, lease_s: float, *, generation_id: str | None = None) -> Lease | None:
+        """Take the oldest unfinished job nobody holds (absent or expired lease, no cancel
+        request), or that one job; None when there is none.
+
+        Race-free by compare-and-set: the UPDATE only matches while the row still has the token
+        we read, so of several claimers of one job exactly one wins (PostgreSQL re-checks the
+        condition on the locked row; SQLite has one writer at a time) and the others move on.
+        Jobs whose cancellation was asked while nobody held them are ended `cancelled` here.
+        """
+        c = jobs_table.c
+        while True:
+            now = _now()
+            query = select(c.generation_id, c.lease_token).where(
+                c.status.in_(UNFINISHED), c.cancel_requested.is_(False), _no_live_lease(now)
+            )
+            if generation_id is not None:
+                query = query.where(c.generation_id == generation_id)
+            query = query.order_by(c.created_at, c.generation_id).limit(_CLAIM_CANDIDATES)
+            with self._write() as conn:
+                self._end_cancelled(conn, now)
+                candidates = conn.execute(query).all()
+                for gid, seen in candidates:
+                    expires = now + timedelta(seconds=lease_s)
+                    won = conn.execute(
+                        update(jobs_table)
+                        .where(
+                            c.generation_id == gid,
+                            c.lease_token == seen,
+                            c.status.in_(UNFINISHED),
+                            c.cancel_requested.is_(False),
+                            _no_live_lease(now),
+                        )
+                        .values(
+                            status="running",
+                            lease_holder=holder,
+                            lease_expires_at=expires,
+                            lease_token=seen + 1,
+                            updated_at=now,
+                        )
+                    ).rowcount
+                    if won == 1:
+                        return Lease(gid, holder, seen + 1, expires)
+            if len(candidates) < _CLAIM_CANDIDATES:
+                return None  # every candidate went to someone else: nothing left to claim
+
+    def renew(self, lease: Lease, lease_s: float) -> Lease:
+        expires = _now() + timedelta(seconds=lease_s)
+        with self._write() as conn:
+            changed = conn.execute(
+                update(jobs_table).where(_fenced(lease)).values(lease_expires_at=expires)
+            ).rowcount
+            if changed == 0:
+                raise self._missing_or_lost(conn, lease.generation_id, lease)
+        return Lease(lease.generation_id, lease.holder, lease.token, expires)
+
+    def release(self, lease: Lease) -> None:
+        """Give the job up unfinished (a replica shutting down): it stays resumable and any
+        runner may claim it at once. Later writes with this lease are refused."""
+        with self._write() as conn:
+            changed = conn.execute(
+                update(jobs_table)
+                .where(_fenced(lease))
+                .values(lease_holder=None, lease_expires_at=None, updated_at=_now())
+            ).rowcount
+            if changed == 0:
+                raise self._missing_or_lost(conn, lease.generation_id, lease)
+
+    def finish(self, lease: Lease, status: Status, *, error: str | None = None) -> None:
+        """The final status, fenced on the token only, so a retry after a commit whose answer
+        was lost succeeds. Clears the lease: later writes with it are refused."""
+        if status not in FINISHED:
+            raise ValueError(f"final status must be one of {FINISHED}, got {status!r}")
+        now = _now()
+        values: dict[str, Any] = dict(
+            status=status, stage=status, error=error, lease_holder=None, lease_expires_at=None,
+            finished_at=now, updated_at=now,
+        )
+        if status == "completed":
+            values["progress"] = 100
+        c = jobs_table.c
+        with self._write() as conn:
+            changed = conn.execute(
+                update(jobs_table)
+                .where(c.generation_id == lease.generation_id, c.lease_token == lease.token)
+                .values(**values)
+            ).rowcount
+            if changed == 0:
+                raise self._missing_or_lost(conn, lease.generation_id, lease)
+
+    # --- cancellation and resumption --------------------------------------------------
+
+    def request_cancel(self, generation_id: str, owner: str) -> bool:
+        """Ask the job to stop; False if it is not this owner's (or does not exist). A job
+        nobody is running (queued, or its runner died) ends `cancelled` at once; a running one
+        ends at its runner's next step. Asking for a finished job changes nothing."""
+        c = jobs_table.c
+        now = _now()
+        with self._write() as conn:
+            found = conn.execute(
+                update(jobs_table)
+                .where(c.generation_id == generation_id, c.owner == owner, c.status.in_(UNFINISHED))
+                .values(cancel_requested=True, updated_at=now)
+            ).rowcount
+            if not found:
+                return conn.execute(
+                    select(c.generation_id).where(c.generation_id == generation_id, c.owner == owner)
+                ).first() is not None
+            self._end_cancelled(conn, now, generation_id)
+        return True
+
+    def _end_cancelled(self, conn: Connection, now: datetime, generation_id: str | None = None) -> None:
+        c = jobs_table.c
+        statement = update(jobs_table).where(
+            c.status.in_(UNFINISHED), c.cancel_requested.is_(True), _no_live_lease(now)
+        )
+        if generation_id is not None:
+            statement = statement.where(c.generation_id == generation_id)
+        conn.execute(
+            statement.values(
+                status="cancelled", stage="cancelled", lease_holder=None, lease_expires_at=None,
+                finished_at=now, updated_at=now,
+            )
+        )
+
+    def cancel_requested(self, generation_id: str) -> bool:
+        with self.engine.connect() as conn:
+            flag = conn.execute(
+                select(jobs_table.c.cancel_requested).where(jobs_table.c.generation_id == generation_id)
+            ).scalar()
+        return bool(flag)
+
+    def requeue(self, generation_id: str, owner: str) -> bool:
+        """Put a failed or cancelled job back in the queue (error and cancel flag cleared), so
+        the next runner resumes it at its next scene. False if it is not this owner's or not
+        failed/cancelled."""
+        c = jobs_table.c
+        with self._write() as conn:
+            return conn.execute(
+                update(jobs_table)
+                .where(c.generation_id == generation_id, c.owner == owner, c.status.in_(("failed", "cancelled")))
+                .values(
+                    status="queued", stage="queued", error=None, cancel_requested=False,
+                    lease_holder=None, lease_expires_at=None, finished_at=None, updated_at=_now(),
+                )
+            ).rowcount == 1
+
+    # --- admission and retention ------------------------------------------------------
+
+    def _count(self, *where: Any) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(jobs_table).where(*where)).scalar())
+
+    def count_active(self, owner: str) -> int:
+        """This owner's queued and running jobs."""
+        return self._count(jobs_table.c.owner == owner, jobs_table.c.status.in_(UNFINISHED))
+
+    def count_submitted_since(self, owner: str, since: datetime) -> int:
+        return self._count(jobs_table.c.owner == owner, jobs_table.c.created_at >= since)
+
+    def count_unfinished(self) -> int:
+        """Queued and running jobs of all owners: the global queue bound."""
+        return self._count(jobs_table.c.status.in_(UNFINISHED))
+
+    def expired(self, *, finished_before: datetime, limit: int) -> list[str]:
+        """Ids of finished jobs (completed, failed, cancelled) that finished before, oldest first."""
+        c = jobs_table.c
+        query = (
+            select(c.generation_id)
+            .where(c.status.in_(FINISHED), c.finished_at < finished_before)
+            .order_by(c.finished_at, c.generation_id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [row.generation_id for row in conn.execute(query)]
+
+    def delete(self, generation_id: str) -> bool:
+        """Remove the job row and its scenes (artifacts and traces are the caller's)."""
+        with self._write() as conn:
+            conn.execute(delete(scenes_table).where(scenes_table.c.generation_id == generation_id))
+            return conn.execute(
+                delete(jobs_table).where(jobs_table.c.generation_id == generation_id)
+            ).rowcount == 1
+
     # --- scenes -----------------------------------------------------------------------
 
-    def checkpoint_scene(self, generation_id: str, scene: SceneResult) -> None:
-        """Insert or replace the scene's result (a resumed scene may be checkpointed twice)."""
-        values = {
-            "generation_id": generation_id,
-            "scene_number": scene.scene_number,
-            "result": scene.model_dump(mode="json"),
-            "completed_at": _now(),
-        }
+    def checkpoint_scene(self, generation_id: str, scene: SceneResult, lease: Lease | None = None) -> bool:
+        """Store a finished scene; with `lease`, fenced like `update`.
+
+        A scene's image never changes once checkpointed: for a scene number already stored
+        with a *different* reference_image_key the first one is kept (and False returned), so
+        a late or duplicate runner can never swap the image later scenes were chained on. The
+        same image may be checkpointed again (a resumed run), which refreshes its result.
+        """
+        c = jobs_table.c
+        now = _now()
+        where = _fenced(lease) if lease else c.generation_id == generation_id
+        if lease and lease.generation_id != generation_id:
+            raise ValueError("lease is for another job")
+        result = scene.model_dump(mode="json")
+        key = (scenes_table.c.generation_id == generation_id, scenes_table.c.scene_number == scene.scene_number)
         with self._write() as conn:
-            exists = conn.execute(
-                select(jobs_table.c.generation_id).where(jobs_table.c.generation_id == generation_id)
-            ).first()
-            if exists is None:
-                raise JobNotFound(generation_id)
-            _upsert(conn, values)
-            conn.execute(
-                update(jobs_table).where(jobs_table.c.generation_id == generation_id).values(updated_at=_now())
-            )
+            # Touching the job row first takes its lock (PostgreSQL) or the write lock
+            # (SQLite): checkpoints of one job are serialised and fenced atomically.
+            if conn.execute(update(jobs_table).where(where).values(updated_at=now)).rowcount == 0:
+                raise self._missing_or_lost(conn, generation_id, lease)
+            stored = conn.execute(select(scenes_table.c.result).where(*key)).first()
+            if stored is None:
+                conn.execute(
+                    insert(scenes_table).values(
+                        generation_id=generation_id, scene_number=scene.scene_number, result=result, completed_at=now
+                    )
+                )
+                return True
+            if stored.result.get("reference_image_key") != scene.reference_image_key:
+                log.warning(
+                    "generation %s scene %d is already checkpointed with another image; keeping the first",
+                    generation_id, scene.scene_number,
+                )
+                return False
+            conn.execute(update(scenes_table).where(*key).values(result=result, completed_at=now))
+            return True
 
     def scenes(self, generation_id: str) -> list[SceneResult]:
         query = (
@@ -273,34 +556,10 @@ class JobStore:
             return [SceneResult.model_validate(row.result) for row in conn.execute(query)]
 
 
-def _upsert(conn: Connection, values: dict[str, Any]) -> None:
-    changed = {"result": values["result"], "completed_at": values["completed_at"]}
-    dialect = conn.dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        statement = dialect_insert(scenes_table).values(**values)
-        conn.execute(
-            statement.on_conflict_do_update(index_elements=["generation_id", "scene_number"], set_=changed)
-        )
-        return
-    # Other databases: update, else insert (a concurrent twin insert fails on the primary key).
-    found = conn.execute(
-        update(scenes_table)
-        .where(scenes_table.c.generation_id == values["generation_id"])
-        .where(scenes_table.c.scene_number == values["scene_number"])
-        .values(**changed)
-    )
-    if found.rowcount == 0:
-        conn.execute(insert(scenes_table).values(**values))
-
-
 def _record(row: Any) -> JobRecord:
     data = dict(row)
-    data["created_at"] = _aware(data["created_at"])
-    data["updated_at"] = _aware(data["updated_at"])
+    for name in ("created_at", "updated_at", "lease_expires_at", "finished_at"):
+        data[name] = _aware(data[name])
     return JobRecord.model_validate(data)
 
 

@@ -1,4 +1,6 @@
-"""Job store on a SQLite file: ownership, updates, scene checkpoints, resume, status shape."""
+"""Job store, on a SQLite file and on a real PostgreSQL (every test runs on both): ownership,
+updates, scene checkpoints, resume, status shape, leases and fencing, cancellation, admission
+counts and retention."""
 
 from __future__ import annotations
 
@@ -37,8 +39,10 @@ def scene(number: int, score: float | None = 70.0, **extra) -> SceneResult:
     )
 
 
-@pytest.fixture
-def url(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_db")
     return f"sqlite:///{tmp_path}/nested/dir/sceneref.db"
 
 
