@@ -17,6 +17,8 @@ from fastapi import UploadFile
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.bodylimit import FORM_ALLOWANCE, UploadBodyLimit  # noqa: F401  (re-exported)
+
 ImageKind = Literal["PNG", "JPEG", "WEBP"]
 
 CHUNK_BYTES = 64 * 1024
