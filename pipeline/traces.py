@@ -13,23 +13,84 @@ docs/traces.md.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from pipeline.objectstore import ArtifactNotFound, LocalObjectStore, ObjectStore, as_store, check_key, open_store, share
 from pipeline.schemas import EnhancementResult, IterationRecord, SceneResult, VariationResult
 
+# An image that lives in the artifact store is named in an S3 trace tree by a small pointer
+# object `image_{k}.png.link` instead of a second copy; the read API below shows it as
+# `image_{k}.png` with the artifact's bytes. Local trace trees use hard links instead, so the
+# files on disk keep exactly the guide's names.
+LINK_SUFFIX = ".link"
 
-class TraceWriter:
-    def __init__(self, root: Path, generation_id: str):
-        self.dir = Path(root) / generation_id
 
-    def scene_dir(self, scene_number: int) -> Path:
-        path = self.dir / f"scene_{scene_number}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+class TraceStore:
+    """Reads the trace trees of any generation, on either backend: the ingress's trace routes
+    use this, so they work the same whether traces are files or objects."""
+
+    def __init__(self, store_or_root: ObjectStore | str | Path, artifacts: ObjectStore | None = None, s3=None):
+        self.store = as_store(store_or_root, s3)
+        self.artifacts = artifacts
+        self._s3 = s3
+
+    def list_files(self, generation_id: str) -> list[str]:
+        """The generation's trace files relative to its folder (`scene_1/00_original_prompt.txt`),
+        sorted; [] when there are none (never written, or cleaned up)."""
+        base = check_key(generation_id) + "/"
+        names = {key[len(base):] for key in self.store.list(generation_id)}
+        return sorted({name.removesuffix(LINK_SUFFIX) for name in names})
+
+    def read_file(self, generation_id: str, name: str) -> bytes:
+        """One trace file's bytes. ValueError for a bad name (`..`, absolute), ArtifactNotFound
+        when missing."""
+        if name.endswith(LINK_SUFFIX):
+            raise ArtifactNotFound(name)
+        key = f"{check_key(generation_id)}/{check_key(name)}"
+        try:
+            return self.store.get(key)
+        except ArtifactNotFound:
+            pointer = json.loads(self.store.get(key + LINK_SUFFIX))
+        return self._artifacts_for(pointer["store"]).get(pointer["key"])
+
+    def _artifacts_for(self, url: str) -> ObjectStore:
+        if self.artifacts is not None and self.artifacts.url == url:
+            return self.artifacts
+        return open_store(url, self._s3)
+
+    def delete(self, generation_id: str) -> int:
+        """Remove one generation's trace tree (pointers only: the artifacts stay)."""
+        return self.store.delete_prefix(check_key(generation_id))
+
+    files = list_files
+    read = read_file
+
+
+class TraceWriter(TraceStore):
+    """Writes one generation's trace tree. Methods are synchronous and cheap (one small write
+    each); on S3 each is one PUT, so a caller on an event loop may move them to a thread."""
+
+    def __init__(
+        self, store_or_root: ObjectStore | str | Path, generation_id: str, *, artifacts: ObjectStore | None = None, s3=None
+    ):
+        super().__init__(store_or_root, artifacts, s3)
+        self.generation_id = check_key(generation_id)
+
+    def key(self, scene_number: int, name: str) -> str:
+        return f"{self.generation_id}/scene_{scene_number}/{name}"
 
     def _write(self, scene_number: int, name: str, text: str) -> None:
-        (self.scene_dir(scene_number) / name).write_text(text, encoding="utf-8")
+        kind = "application/json" if name.endswith(".json") else "text/plain; charset=utf-8"
+        self.store.put(self.key(scene_number, name), text.encode("utf-8"), kind)
+
+    def files(self, generation_id: str | None = None) -> list[str]:
+        return self.list_files(generation_id or self.generation_id)
+
+    def read(self, generation_id: str, name: str | None = None) -> bytes:
+        """read(name) for this generation, or read(generation_id, name)."""
+        if name is None:
+            generation_id, name = self.generation_id, generation_id
+        return self.read_file(generation_id, name)
 
     def original_prompt(self, scene_number: int, prompt: str) -> None:
         self._write(scene_number, "00_original_prompt.txt", prompt + "\n")
@@ -64,8 +125,24 @@ class TraceWriter:
         }
         self._write(scene_number, "prompt_trace_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
 
-    def image(self, scene_number: int, variation: int, data: bytes) -> None:
-        (self.scene_dir(scene_number) / f"image_{variation}.png").write_bytes(data)
+    def image(
+        self, scene_number: int, variation: int, data: bytes, *, artifact_key: str | None = None, artifacts=None
+    ) -> str:
+        """`image_{k}.png`, stored once: when the same bytes are already the artifact
+        `artifact_key`, a local trace tree gets a hard link to it (a copy only across
+        filesystems) and an S3 trace tree a pointer to it (a server-side copy would still be a
+        second copy). Returns how it was stored: "link", "pointer" or "copy"."""
+        artifacts = artifacts if artifacts is not None else self.artifacts
+        key = self.key(scene_number, f"image_{variation}.png")
+        if artifact_key is not None and artifacts is not None:
+            if share(artifacts, artifact_key, self.store, key):
+                return "link"
+            if not isinstance(self.store, LocalObjectStore) and not isinstance(artifacts, LocalObjectStore):
+                pointer = {"store": artifacts.url, "key": artifact_key, "bytes": len(data)}
+                self.store.put(key + LINK_SUFFIX, json.dumps(pointer).encode(), "application/json")
+                return "pointer"
+        self.store.put(key, data, "image/png")
+        return "copy"
 
     def quality_scores(self, scene_number: int, prompt: str, weights: dict, variations: list[VariationResult]) -> None:
         document = {
@@ -107,8 +184,9 @@ class TraceWriter:
             text = "\n".join(lines) + "\n"
         self._write(scene.scene_number, "selected_best.txt", text)
 
-    def cleanup(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def cleanup(self) -> int:
+        """Remove this generation's trace tree on either backend; returns the objects removed."""
+        return self.delete(self.generation_id)
 
 
 def _scores(scores, overall) -> dict | None:

