@@ -5,6 +5,13 @@ previous scene's selected image): variations concurrently -> score -> rank -> se
 checkpoint -> traces. Progress is reported through `on_event`; each scene is handed to
 `on_scene` as soon as it is selected, so a crash never loses a finished scene and a rerun with
 `completed=` resumes at the next one.
+
+Concurrency is structured: the scenes' enhancements and a scene's variations run as task
+groups, so the first error that ends the generation cancels its siblings, and a cancellation
+of the caller's task (user cancel, lost lease, shutdown) cancels every child. Once
+run_generation has raised, no child of it emits, checkpoints or writes anything. Artifact and
+trace writes are blocking I/O (local disk or object storage): they run in worker threads so the
+event loop of an ingress running a hundred generations stays free for health and status.
 """
 
 from __future__ import annotations
@@ -34,7 +41,28 @@ _PLANNED, _ENHANCED = 5, 25
 
 
 class GenerationError(RuntimeError):
-    """The generation cannot go on; the message says why (shown as the status's `error`)."""
+    """The generation cannot go on; the message says why (shown as the status's `error`).
+
+    `retryable` says the cause was transient (a provider still failing after its retries, a
+    scoring deployment without a live replica): the job owner records it so a user knows that
+    resuming the generation is worth it.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def transient(error: BaseException | None) -> bool:
+    """An error is transient when it, or an error it was raised from, says `retryable=True`
+    (ProviderError does; the Serve scoring adapter's errors do for a replica that went away)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if getattr(error, "retryable", False) is True:
+            return True
+        seen.add(id(error))
+        error = error.__cause__
+    return False
 
 
 @dataclass
@@ -63,6 +91,52 @@ async def _call(callback: Callback, value: Any) -> None:
         result = callback(value)
         if inspect.isawaitable(result):
             await result
+
+
+async def _blocking(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run blocking I/O in a worker thread. A write cannot be stopped half-way, so when the
+    caller is cancelled meanwhile the write is waited for before CancelledError goes on: once
+    run_generation has ended, none of its writes is still landing."""
+    task = asyncio.ensure_future(asyncio.to_thread(function, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what goes on
+        raise
+
+
+async def _all_or_nothing(coroutines) -> list:
+    """Await all of `coroutines` as one group: the first failure cancels the others, waits for
+    them to end, and is raised as itself (not wrapped in an ExceptionGroup), so callers keep
+    catching plain errors. A cancellation of the caller cancels every child and propagates.
+
+    Not asyncio.TaskGroup: on Python 3.11 a child's failure leaves the parent task's
+    cancel request counted (`cancelling()` stays 1, fixed in 3.12), which the job owner's own
+    timeouts and cancellation checks would then misread."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    if not tasks:
+        return []
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        await _cancel_all(tasks)
+        raise
+    errors = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    if errors:
+        await _cancel_all(tasks)
+        raise errors[0]
+    return [task.result() for task in tasks]
+
+
+async def _cancel_all(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)
+    for task in tasks:  # collected, so asyncio never logs "exception was never retrieved"
+        if not task.cancelled():
+            task.exception()
 
 
 def _as_png(data: bytes) -> bytes:
@@ -112,7 +186,7 @@ async def run_generation(
         try:
             storyboard = await plan_storyboard(services.chat, request.prompt, request.target_duration, retries=retries)
         except Exception as exc:
-            raise GenerationError(f"storyboard planning failed: {exc}") from exc
+            raise GenerationError(f"storyboard planning failed: {exc}", retryable=transient(exc)) from exc
         await _call(on_plan, storyboard)
     results: dict[int, SceneResult] = {s.scene_number: s for s in completed}
     if results:
@@ -129,7 +203,7 @@ async def run_generation(
     for scene in pending:
         n, total = scene.scene_number, len(storyboard)
         previous = results.get(n - 1)
-        reference = services.artifacts.get(previous.reference_image_key) if previous else None
+        reference = await _blocking(services.artifacts.get, previous.reference_image_key) if previous else None
         result = await _generate_scene(
             generation_id, scene, total, enhanced[n], reference, request, services, settings, traces, emit
         )
@@ -138,9 +212,16 @@ async def run_generation(
         done = sum(1 for s in storyboard if s.scene_number in results)
         await emit("scene_completed", _ENHANCED + (100 - _ENHANCED) * done // total, f"scene {n} of {total} selected", n)
 
+    # Every scene is checkpointed: from here on nothing may fail the generation.
     if not settings.traces.keep:
-        traces.cleanup()
-    await emit("completed", 100, "generation completed")
+        try:
+            await _blocking(traces.cleanup)
+        except Exception as exc:
+            log.warning("generation %s: trace cleanup failed (the traces stay): %r", generation_id, exc)
+    try:
+        await emit("completed", 100, "generation completed")
+    except Exception as exc:
+        log.warning("generation %s: the completion event failed: %r", generation_id, exc)
     return [results[s.scene_number] for s in storyboard]
 
 
@@ -148,7 +229,8 @@ async def _user_scene(
     generation_id, scene: ScenePlan, image: bytes | None, key: str | None, services: Services, traces: TraceWriter
 ) -> SceneResult:
     if key is None:
-        key = services.artifacts.put(f"{generation_id}/scene_1/user_reference.png", _as_png(image))
+        data = await asyncio.to_thread(_as_png, image)
+        key = await _blocking(services.artifacts.put, f"{generation_id}/scene_1/user_reference.png", data)
     result = SceneResult(
         scene_number=1,
         duration=scene.duration,
@@ -157,8 +239,8 @@ async def _user_scene(
         reference_image_key=key,
         user_provided=True,
     )
-    traces.original_prompt(1, scene.prompt)
-    traces.selected(result, threshold=0)
+    await _blocking(traces.original_prompt, 1, scene.prompt)
+    await _blocking(traces.selected, result, threshold=0)
     return result
 
 
@@ -170,7 +252,7 @@ async def _enhance_all(pending, request, services, settings, traces, emit) -> di
 
     async def one(scene: ScenePlan) -> EnhancementResult:
         nonlocal finished
-        traces.original_prompt(scene.scene_number, scene.prompt)
+        await _blocking(traces.original_prompt, scene.scene_number, scene.prompt)
         result = await enhance_scene(
             services.chat,
             scene,
@@ -179,7 +261,7 @@ async def _enhance_all(pending, request, services, settings, traces, emit) -> di
             settings=settings.enhancement,
             retries=settings.llm.invalid_output_retries,
         )
-        traces.enhancement(scene.scene_number, result)
+        await _blocking(traces.enhancement, scene.scene_number, result)
         finished += 1
         score = f"{result.final_overall:.1f}" if result.final_overall is not None else "unscored"
         await emit(
@@ -190,7 +272,7 @@ async def _enhance_all(pending, request, services, settings, traces, emit) -> di
         )
         return result
 
-    results = await asyncio.gather(*(one(scene) for scene in pending))
+    results = await _all_or_nothing(one(scene) for scene in pending)
     return {scene.scene_number: result for scene, result in zip(pending, results)}
 
 
@@ -212,26 +294,31 @@ async def _generate_scene(
     progress = _ENHANCED + (100 - _ENHANCED) * (n - 1) // total
     await emit("generating", progress, f"scene {n}: generating {count} variations", n)
 
+    failures: dict[int, bool] = {}  # variation -> whether its failure was transient
+
     async def variation(k: int) -> tuple[VariationResult, bytes | None]:
         try:
             image = await services.images.generate(prompt, reference=reference, variation=k)
             data = await asyncio.to_thread(_as_png, image.data)  # a full decode: off the event loop
         except ProviderError as exc:
             log.warning("scene %d variation %d failed: %s", n, k, exc)
+            failures[k] = exc.retryable
             return VariationResult(variation=k, error=str(exc)), None
         except Exception as exc:  # an undecodable image, a client bug: recorded, the scene goes on
             log.warning("scene %d variation %d failed: %r", n, k, exc)
+            failures[k] = transient(exc)
             return VariationResult(variation=k, error=f"{type(exc).__name__}: {exc}"), None
-        key = services.artifacts.put(f"{generation_id}/scene_{n}/variation_{k}.png", data)
-        traces.image(n, k, data)
+        key = await _blocking(services.artifacts.put, f"{generation_id}/scene_{n}/variation_{k}.png", data)
+        await _blocking(traces.image, n, k, data)
         return VariationResult(variation=k, image_key=key, provider_metadata=image.metadata), data
 
-    outcomes = await asyncio.gather(*(variation(k) for k in range(1, count + 1)))
+    outcomes = await _all_or_nothing(variation(k) for k in range(1, count + 1))
     variations = [v for v, _ in outcomes]
     received = [(v, data) for v, data in outcomes if data is not None]
     if not received:
         reasons = "; ".join(f"variation {v.variation}: {v.error}" for v in variations)
-        raise GenerationError(f"scene {n}: no image could be generated ({reasons})")
+        # Worth resuming when any variation failed for a transient reason: it may succeed later.
+        raise GenerationError(f"scene {n}: no image could be generated ({reasons})", retryable=any(failures.values()))
 
     await emit("scoring", progress, f"scene {n}: scoring {len(received)} variations", n)
     weights = settings.scoring.weights.as_dict()
@@ -241,8 +328,8 @@ async def _generate_scene(
             v.scores = per_scorer
             v.overall = weighted_overall(per_scorer, weights)
     except Exception as exc:
-        traces.quality_scores(n, prompt, weights, variations)
-        raise GenerationError(f"scene {n}: scoring failed: {exc}") from exc
+        await _blocking(traces.quality_scores, n, prompt, weights, variations)
+        raise GenerationError(f"scene {n}: scoring failed: {exc}", retryable=transient(exc)) from exc
     best = rank(variations)[0]
     below = best.overall < request.advanced_image_quality_threshold
     if below:
@@ -262,6 +349,6 @@ async def _generate_scene(
         selected_variation=best.variation,
         variations=variations,
     )
-    traces.quality_scores(n, prompt, weights, variations)
-    traces.selected(result, request.advanced_image_quality_threshold)
+    await _blocking(traces.quality_scores, n, prompt, weights, variations)
+    await _blocking(traces.selected, result, request.advanced_image_quality_threshold)
     return result
