@@ -131,9 +131,10 @@ class LocalObjectStore:
         """A hard link: one copy of the bytes under two keys. Safe because no write ever
         changes a file in place (put renames a new file over the key). Copies where the
         filesystem has no hard links."""
+        dst = self.path(dst_key)
         if not self.exists(src_key):
             raise ArtifactNotFound(src_key)
-        if not hard_link(self.path(src_key), self.path(dst_key)):
+        if not hard_link(self.path(src_key), dst):
             self.put(dst_key, self.get(src_key))
 
     def stored_bytes(self, prefix: str = "", seen: set | None = None) -> int:

@@ -93,12 +93,12 @@ class S3ObjectStore:
 
     def _check_bucket(self) -> None:
         """Fail at start-up, naming the bucket, rather than on the first image of a generation."""
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-            return
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket"):
-                with self._errors("opening"):
+        with self._errors("opening"):
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+                return
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket"):
                     raise
         if not self.settings.create_bucket:
             raise ObjectStoreError(
