@@ -10,10 +10,14 @@ import pytest
 from fastapi import UploadFile
 from PIL import Image
 
+from pipeline.imageinfo import ImageHeaderError
+
 from deployments.uploads import (
     CHUNK_BYTES,
+    PreparedImage,
     UploadError,
     UploadLimits,
+    image_size,
     normalize_image,
     prepare_upload,
     read_upload,
@@ -29,10 +33,11 @@ def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
     return out.getvalue()
 
 
-def decoded(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
+def decoded(prepared: PreparedImage) -> Image.Image:
+    image = Image.open(io.BytesIO(prepared.png))
     assert image.format == "PNG"
     image.load()
+    assert image.size == prepared.size
     return image
 
 
@@ -230,3 +235,115 @@ async def test_prepare_upload_end_to_end():
     data = encode(Image.new("P", (10, 10), 3), "PNG")
     result = decoded(await prepare_upload(upload(data, name="anything.bin"), LIMITS))
     assert result.mode == "RGB" and result.size == (10, 10)
+
+
+# --- the stored size: exact pixels within max_side, cheap downscale above it ----------------
+
+
+def noise(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    return Image.effect_noise(size, 80).convert(mode)
+
+
+@pytest.mark.parametrize("fmt, params", [("PNG", {}), ("WEBP", {"lossless": True})])
+def test_within_max_side_keeps_every_pixel(fmt, params):
+    limits = UploadLimits(max_side=256)
+    for size in [(256, 100), (100, 256), (173, 91)]:
+        image = noise(size)
+        prepared = normalize_image(encode(image, fmt, **params), limits)
+        assert not prepared.downscaled and prepared.original is None
+        assert prepared.size == prepared.original_size == size
+        assert prepared.original_format == fmt
+        assert decoded(prepared).tobytes() == image.tobytes()
+
+
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "LA"), ("PNG", "P"), ("PNG", "I;16"), ("JPEG", "RGB"),
+     ("JPEG", "L"), ("JPEG", "CMYK"), ("WEBP", "RGB")],
+)
+def test_larger_image_fits_max_side_with_aspect_and_original(fmt, mode):
+    limits = UploadLimits(max_side=256)
+    image = Image.new("RGB", (1200, 500), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 600, 500))  # left half red
+    image = image.convert(mode) if mode != "I;16" else image.convert("L").convert("I;16")
+    data = encode(image, fmt)
+    prepared = normalize_image(data, limits)
+    assert prepared.downscaled and prepared.original == data and prepared.original_format == fmt
+    assert prepared.original_size == (1200, 500)
+    assert prepared.size == (256, 107)  # 500 * 256 / 1200 = 106.7
+    result = decoded(prepared)
+    assert result.mode == "RGB"
+    if mode in ("RGB", "RGBA", "P", "CMYK"):
+        left, right = result.getpixel((30, 50)), result.getpixel((220, 50))
+        assert left[0] > 200 and left[2] < 60, left
+        assert right[2] > 200 and right[0] < 60, right
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch):
+    """`draft` makes libjpeg decode at 1/2, 1/4 or 1/8 scale: the full-size pixels never exist."""
+    from PIL import JpegImagePlugin
+
+    decoded_sizes = []
+    load = JpegImagePlugin.JpegImageFile.load
+
+    def spy(self):
+        decoded_sizes.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
+    data = encode(noise((2000, 1000)), "JPEG", quality=90)
+    prepared = normalize_image(data, UploadLimits(max_side=256))
+    # 2000/256 = 7.8: the largest DCT scale that stays >= the target is 1/4.
+    assert set(decoded_sizes) == {(500, 250)}
+    assert prepared.size == (256, 128) and prepared.original_size == (2000, 1000)
+
+    decoded_sizes.clear()
+    small = normalize_image(encode(noise((200, 100)), "JPEG"), UploadLimits(max_side=256))
+    assert set(decoded_sizes) == {(200, 100)} and not small.downscaled  # within max_side: full scale
+
+
+def test_downscale_applies_exif_orientation():
+    image = Image.new("RGB", (800, 400), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 400, 400))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    data = encode(image, "JPEG", exif=exif.tobytes(), quality=95)
+    prepared = normalize_image(data, UploadLimits(max_side=200))
+    assert prepared.size == (100, 200) and prepared.original_size == (400, 800)
+    result = decoded(prepared)
+    top, bottom = result.getpixel((50, 20)), result.getpixel((50, 180))
+    assert top[0] > 200 and top[2] < 60, top  # the left half is now on top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+    assert 0x0112 not in result.getexif()
+
+
+def test_default_max_side_keeps_png_under_provider_limits():
+    """Worst case for PNG (incompressible noise) at the default 2048 px: under OpenAI's 20 MiB
+    data-URL limit once base64-encoded, and so under the 50 MB file and Gemini inline limits."""
+    limits = UploadLimits()
+    data = encode(noise((3000, 1000)), "PNG", compress_level=1)
+    prepared = normalize_image(data, limits)
+    assert prepared.size == (2048, 683) and prepared.downscaled
+    assert 2048 * 2048 * 3 * 4 / 3 < 20 * 2**20  # the bound the docstring gives, checked
+
+
+def test_bombs_refused_from_the_header_without_decoding(monkeypatch):
+    from PIL import ImageFile
+
+    def no_decode(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    for width, height in [(20000, 20000), (8000, 6000)]:  # over PIL's own guard; over ours only
+        with pytest.raises(UploadError) as info:
+            normalize_image(bomb_png(width, height), LIMITS)
+        assert info.value.status_code == 422 and f"{width}x{height}" in info.value.detail
+
+
+def test_image_size_reads_the_header_only():
+    assert image_size(bomb_png(20000, 20000)) == (20000, 20000)
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        assert image_size(encode(Image.new("RGB", (33, 17)), fmt)) == (33, 17)
+    for bad in (b"", b"GIF89a", b"\x89PNG\r\n\x1a\n" + b"x" * 20, b"\xff\xd8\xff" + b"\x00" * 100):
+        with pytest.raises(ImageHeaderError):
+            image_size(bad)
