@@ -1,4 +1,5 @@
-"""`sceneref` command line: run a generation in this process, mint development tokens."""
+"""`sceneref` command line: run a generation in this process (claimed with a lease, like a
+service replica would), resume a stored one, mint development tokens."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -14,15 +17,23 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from pipeline.artifacts import LocalArtifactStore
 from pipeline.jobs import JobStore, to_status
-from pipeline.runner import ProgressEvent, Services
+from pipeline.objectstore import LocalObjectStore, open_store
+from pipeline.runner import ProgressEvent, Services, _as_png
 from pipeline.schemas import GenerationRequest
 from pipeline.scoring import LocalScoring, decode_rgb
 from pipeline.service import execute_job
 from pipeline.settings import SCORER_NAMES, PipelineSettings
 
 MODELS_DIR_ENV = "SCENEREF_MODELS_DIR"
+LOCAL_OWNER = "local"
+# The CLI's lease: renewed every LEASE_S / 3 while it runs; after a crash (kill -9, power loss)
+# a service or another CLI sharing the database takes the job over this long after.
+LEASE_S = 30.0
+
+
+def cli_holder() -> str:
+    return f"cli-{socket.gethostname()}-{os.getpid()}"
 
 
 def offline_models_dir() -> Path:
@@ -69,8 +80,6 @@ def _print_progress(event: ProgressEvent) -> None:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from pipeline.factory import build_providers
-
     output = Path(args.output)
     try:
         request = GenerationRequest(
@@ -90,47 +99,141 @@ async def _generate(args: argparse.Namespace) -> int:
         try:
             data = Path(args.image).read_bytes()
             decode_rgb(data)
+            reference = _as_png(data)
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             print(f"error: --image {args.image}: {exc}", file=sys.stderr)
             return 2
-        reference = data
+    settings = _settings(args, offline=args.offline, output=output)
+    if settings is None:
+        return 2
+    services = _services(settings, offline=args.offline)
+    if services is None:
+        return 2
+    store = JobStore(args.database or f"sqlite:///{output / 'sceneref.db'}")
+    generation_id = uuid.uuid4().hex
+    reference_key = None
+    if reference is not None:  # persisted before the job exists: a resumed job finds it anywhere
+        reference_key = services.artifacts.put(f"{generation_id}/scene_1/user_reference.png", reference, "image/png")
+    store.create(
+        generation_id, LOCAL_OWNER, request.model_dump(mode="json"), offline=args.offline, reference_key=reference_key
+    )
+    return await _run(store, generation_id, LOCAL_OWNER, services, settings, args)
 
+
+async def _resume(args: argparse.Namespace) -> int:
+    """Run a stored job again from its next scene: a failed or cancelled job is requeued first;
+    an unfinished one is claimed if nobody holds a live lease on it."""
+    output = Path(args.output)
+    store = JobStore(args.database or f"sqlite:///{output / 'sceneref.db'}")
+    record = store.get(args.generation_id)
+    if record is None:
+        print(f"error: no generation {args.generation_id} in {store.url}", file=sys.stderr)
+        return 2
+    settings = _settings(args, offline=record.offline, output=output)
+    if settings is None:
+        return 2
+    if record.status == "completed":
+        _report(store, record.generation_id, settings, args)
+        return 0
+    services = _services(settings, offline=record.offline)
+    if services is None:
+        return 2
+    if record.status in ("failed", "cancelled"):
+        store.requeue(record.generation_id, record.owner)
+    return await _run(store, record.generation_id, record.owner, services, settings, args)
+
+
+def _settings(args: argparse.Namespace, *, offline: bool, output: Path) -> PipelineSettings | None:
     try:
-        settings = load_settings(args.config, offline=args.offline, output=output)
+        settings = load_settings(args.config, offline=offline, output=output)
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         print(f"error: --config {args.config}: {exc}", file=sys.stderr)
-        return 2
+        return None
     if args.keep_traces:
         settings.traces.keep = True
+    return settings
+
+
+def _services(settings: PipelineSettings, *, offline: bool) -> Services | None:
+    from pipeline.factory import build_providers
+
     try:
         chat, images = build_providers(settings)
         print("loading scorers ...", file=sys.stderr, flush=True)
-        scoring = local_scoring(settings, offline=args.offline)
+        scoring = local_scoring(settings, offline=offline)
     except RuntimeError as exc:  # ProviderError (no API key), ModelNotFoundError (no weights)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    artifacts = LocalArtifactStore(settings.artifacts_dir)
-    store = JobStore(args.database or f"sqlite:///{output / 'sceneref.db'}")
-    generation_id = uuid.uuid4().hex
-    store.create(generation_id, "local", request.model_dump(mode="json"), offline=args.offline)
-    services = Services(chat=chat, images=images, scoring=scoring, artifacts=artifacts)
-    await execute_job(
-        store, generation_id, services, settings, reference_image=reference,
-        on_event=None if args.quiet else _print_progress,
+        return None
+    return Services(
+        chat=chat,
+        images=images,
+        scoring=scoring,
+        artifacts=open_store(settings.artifacts_dir, settings.s3),
+        traces=open_store(settings.traces.root, settings.s3),
     )
-    record = store.get(generation_id)
-    status = to_status(record, store.scenes(generation_id), lambda key: (artifacts.root / key).resolve().as_uri())
+
+
+async def _run(store: JobStore, generation_id: str, owner: str, services: Services, settings, args) -> int:
+    """Claim the job and run it here. Ctrl-C asks for cancellation and stops the run: the job
+    ends `cancelled` (exit 130), never `running` with nobody behind it."""
+    lease = store.claim(cli_holder(), LEASE_S, generation_id=generation_id)
+    if lease is None:
+        record = store.get(generation_id)
+        print(
+            f"error: generation {generation_id} is {record.status}"
+            + (f", held by {record.lease_holder} until {record.lease_expires_at:%H:%M:%S} UTC" if record.lease_holder else ""),
+            file=sys.stderr,
+        )
+        return 1
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def interrupt() -> None:
+        print("cancelling ...", file=sys.stderr, flush=True)
+        try:
+            store.request_cancel(generation_id, owner)
+        except Exception as exc:  # still stop: the job is then released, resumable
+            print(f"warning: could not record the cancellation: {exc}", file=sys.stderr)
+        task.cancel()
+
+    interrupted = False
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    try:
+        await execute_job(
+            store, lease, services, settings, lease_s=LEASE_S, on_event=None if args.quiet else _print_progress
+        )
+    except asyncio.CancelledError:
+        interrupted = True
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    status = _report(store, generation_id, settings, args)
+    if interrupted:
+        return 130
+    return 0 if status.status == "completed" else 1
+
+
+def _report(store: JobStore, generation_id: str, settings: PipelineSettings, args: argparse.Namespace):
+    artifacts = open_store(settings.artifacts_dir, settings.s3)
+
+    def url_for(key: str) -> str:
+        if isinstance(artifacts, LocalObjectStore):
+            return artifacts.path(key).resolve().as_uri()
+        return f"{str(settings.artifacts_dir).rstrip('/')}/{key}"
+
+    status = to_status(store.get(generation_id), store.scenes(generation_id), url_for)
     if args.json:
         print(status.model_dump_json(indent=2))
     else:
         _print_summary(status, settings)
-    return 0 if status.status == "completed" else 1
+    return status
 
 
 def _print_summary(status, settings: PipelineSettings) -> None:
     print(f"generation {status.generation_id}: {status.status}" + (" (OFFLINE demo providers)" if status.offline else ""))
     if status.error:
         print(f"error: {status.error}")
+    if status.status in ("failed", "cancelled"):
+        print(f"resume with: sceneref resume {status.generation_id}")
     for scene in status.storyboard_plan.scenes:
         score = scene.get("quality_score")
         shown = "user image" if scene.get("user_provided") else (f"{score:.1f}" if score is not None else "-")
@@ -178,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the result as the status JSON")
     gen.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
+    res = commands.add_parser(
+        "resume",
+        help="resume a stored generation at its next scene (a failed, cancelled or abandoned one)",
+        description="Resume a generation from the job store: a failed (e.g. a transient provider "
+        "error) or cancelled job is requeued, then claimed and run here from its next scene; its "
+        "checkpointed scenes are kept. The providers come from --config, or the offline pair if "
+        "the job was an offline one.",
+    )
+    res.add_argument("generation_id")
+    res.add_argument("--output", default="output", help="directory for artifacts, traces and the job database")
+    res.add_argument("--config", type=Path, help="YAML file of PipelineSettings (providers, models, weights)")
+    res.add_argument("--database", help="job store URL (default: sqlite in --output)")
+    res.add_argument("--keep-traces", action="store_true", help="keep trace files after completion")
+    res.add_argument("--json", action="store_true", help="print the result as the status JSON")
+    res.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
     tok = commands.add_parser("token", help="mint a development JWT (HS256) from the configured secret")
     tok.add_argument("--sub", required=True, help="the user (token subject)")
     tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
@@ -197,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         return asyncio.run(_generate(args))
+    if args.command == "resume":
+        return asyncio.run(_resume(args))
     if args.command == "offline-models":
         return _offline_models(args)
     return _token(args)

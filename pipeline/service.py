@@ -1,88 +1,256 @@
-"""Running a generation as a job: the runner's events, plan and scenes go to the job store as
-they happen, so the status endpoint (or `sceneref generate`) always reads the truth, and a
-restart resumes from the last checkpointed scene."""
+"""Running a claimed job: the runner's plan and scenes go to the job store as they happen, fenced
+by the job's lease, so the status endpoint (or `sceneref generate`) always reads the truth and
+any runner resumes from the last checkpointed scene.
+
+The lifecycle, and why each rule is there:
+- The lease is renewed in the background every `lease_s / 3`; losing it (someone took the job
+  over after we stalled) stops the run at once and nothing more is written: the new holder owns
+  the job. The same loop notices a cancel request from another replica and stops the run.
+- Progress writes are best effort (a `database is locked` must never fail a generation);
+  checkpoints and the final status are fenced and retried on transient database errors.
+- A job whose scenes are all checkpointed is `completed`, whatever fails after (trace cleanup,
+  a progress write): the user has every image.
+- Cancelled from outside (Ctrl-C, a replica shutting down): the job ends `cancelled` if its
+  owner asked, else the lease is released so any runner resumes it at once; the final write is
+  shielded from the cancellation, which is then re-raised. A job never stays `running` with a
+  live lease that nobody renews.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
-from pipeline.jobs import JobStore
+from sqlalchemy.exc import OperationalError
+
+from pipeline.jobs import JobNotFound, JobStore, Lease, LeaseLost
 from pipeline.runner import GenerationError, ProgressEvent, Services, run_generation
 from pipeline.schemas import SceneResult
 from pipeline.settings import PipelineSettings
 
 log = logging.getLogger("sceneref.service")
 
+# Waits between attempts of a write that must land (checkpoint, final status) on a transient
+# database error; about 4 s in all, well inside any sensible lease.
+RETRY_DELAYS_S = (0.1, 0.3, 1.0, 2.5)
+# Upper bound between two looks at the job's cancel flag.
+CANCEL_POLL_S = 2.0
+
+
+async def _retrying(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except OperationalError as exc:
+            if delay is None:
+                raise
+            log.warning("%s failed (%s); retrying in %.1f s", getattr(fn, "__name__", fn), exc.orig, delay)
+            await asyncio.sleep(delay)
+
+
+async def _shielded(work: Awaitable[Any]) -> Any:
+    """Run `work` to its end even if we are cancelled meanwhile; re-raise the cancellation after."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                result = task.result()
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
 
 async def execute_job(
     store: JobStore,
-    generation_id: str,
+    lease: Lease,
     services: Services,
     settings: PipelineSettings,
     *,
-    reference_image: bytes | None = None,
+    lease_s: float = 30.0,
     on_event: Callable[[ProgressEvent], None] | None = None,
 ) -> list[SceneResult] | None:
-    """Run or resume the stored job; record completion or a user-facing failure reason.
-    Returns the scenes, or None when the generation failed (the reason is in the store)."""
-    record = store.get(generation_id)
-    if record is None:
-        raise KeyError(generation_id)
-    request = record.generation_request()
-    completed = await asyncio.to_thread(store.scenes, generation_id)
-    await asyncio.to_thread(store.update, generation_id, status="running", stage="running", clear_error=True)
-    progress = _LatestWriter(store, generation_id)
+    """Run or resume the job held by `lease` and record how it ended.
+
+    Returns the scenes when the job completed; None when it failed or was cancelled (the store
+    says which, and why) or when the lease was lost (the new holder decides).
+    """
+    gid = lease.generation_id
+    try:
+        record = await _retrying(store.get, gid)
+        if record is None:
+            raise JobNotFound(gid)
+        completed = await _retrying(store.scenes, gid)
+        await _retrying(store.update, gid, stage="running", clear_error=True, lease=lease)
+    except (LeaseLost, JobNotFound) as exc:
+        log.warning("generation %s not started: %s", gid, exc)
+        return None
+    job = _Job(store, lease, record.storyboard, completed)
+    progress = _LatestWriter(store, gid, lease)
 
     async def event(e: ProgressEvent) -> None:
         progress.push(e)
         if on_event is not None:
-            on_event(e)
+            try:
+                on_event(e)
+            except Exception:  # a display problem is not the job's problem
+                log.exception("on_event failed for generation %s", gid)
 
-    async def plan(storyboard) -> None:
-        await asyncio.to_thread(store.update, generation_id, storyboard=storyboard)
-
-    async def scene(result: SceneResult) -> None:
-        await asyncio.to_thread(store.checkpoint_scene, generation_id, result)
-
+    run = asyncio.ensure_future(
+        run_generation(
+            gid,
+            record.generation_request(),
+            services,
+            settings,
+            reference_key=record.reference_key,
+            storyboard=record.storyboard,
+            completed=completed,
+            on_event=event,
+            on_plan=job.plan,
+            on_scene=job.scene,
+        )
+    )
+    keeper = _LeaseKeeper(store, lease, lease_s, run)
+    keeper_task = asyncio.ensure_future(keeper.run())
     try:
         try:
-            scenes = await run_generation(
-                generation_id,
-                request,
-                services,
-                settings,
-                reference_image=reference_image,
-                storyboard=record.storyboard,
-                completed=completed,
-                on_event=event,
-                on_plan=plan,
-                on_scene=scene,
-            )
+            scenes = await run
         finally:
-            await progress.flush()  # before the final status, which must not be overwritten
+            keeper_task.cancel()
+            await progress.stop()
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling() > 0:  # we were cancelled, not just the run
+            await _shielded(_end_interrupted(job))
+            raise
+        if keeper.reason == "lost":
+            return None
+        return await _shielded(job.end("cancelled"))
+    except LeaseLost:
+        log.warning("generation %s: lease lost, stopping without further writes", gid)
+        return None
     except GenerationError as exc:
-        log.error("generation %s failed: %s", generation_id, exc)
-        await asyncio.to_thread(store.update, generation_id, status="failed", stage="failed", error=str(exc))
-        return None
+        log.error("generation %s failed: %s", gid, exc)
+        reason = str(exc)
+        if getattr(exc, "retryable", False):
+            reason += " (a transient error: the job can be resumed)"
+        return await _shielded(job.end("failed", reason))
     except Exception as exc:  # a bug must still end the job visibly, with finished scenes kept
-        log.exception("generation %s crashed", generation_id)
-        await asyncio.to_thread(
-            store.update, generation_id, status="failed", stage="failed",
-            error=f"internal error ({type(exc).__name__}); finished scenes are kept",
-        )
-        return None
-    await asyncio.to_thread(store.update, generation_id, status="completed", progress=100, stage="completed")
+        log.exception("generation %s crashed", gid)
+        return await _shielded(job.end("failed", f"internal error ({type(exc).__name__}); finished scenes are kept"))
+    await _shielded(job.end("completed"))
     return scenes
+
+
+async def _end_interrupted(job: "_Job") -> None:
+    """Stopped from outside: cancelled if the owner asked, else left for anyone to resume."""
+    try:
+        if job.all_checkpointed() or await _retrying(job.store.cancel_requested, job.lease.generation_id):
+            await job.end("cancelled")
+        else:
+            await _retrying(job.store.release, job.lease)
+            log.info("generation %s released unfinished; any runner may resume it", job.lease.generation_id)
+    except (LeaseLost, JobNotFound):
+        pass
+
+
+async def run_claimed(
+    store: JobStore,
+    holder: str,
+    services: Services,
+    settings: PipelineSettings,
+    *,
+    lease_s: float = 30.0,
+    generation_id: str | None = None,
+    on_event: Callable[[ProgressEvent], None] | None = None,
+) -> bool:
+    """Claim one job (the oldest claimable, or `generation_id`) and run it to its end.
+    False when there was nothing to claim: a claim loop's signal to wait."""
+    lease = await _retrying(store.claim, holder, lease_s, generation_id=generation_id)
+    if lease is None:
+        return False
+    await execute_job(store, lease, services, settings, lease_s=lease_s, on_event=on_event)
+    return True
+
+
+class _Job:
+    """The fenced writes of one run, and what it has checkpointed so far."""
+
+    def __init__(self, store: JobStore, lease: Lease, storyboard: list | None, completed: list[SceneResult]):
+        self.store, self.lease = store, lease
+        self.total = len(storyboard) if storyboard else None
+        self.checkpointed = {s.scene_number for s in completed}
+
+    def all_checkpointed(self) -> bool:
+        return self.total is not None and len(self.checkpointed) >= self.total
+
+    async def plan(self, storyboard: list) -> None:
+        await _retrying(self.store.update, self.lease.generation_id, storyboard=storyboard, lease=self.lease)
+        self.total = len(storyboard)
+
+    async def scene(self, result: SceneResult) -> None:
+        await _retrying(self.store.checkpoint_scene, self.lease.generation_id, result, self.lease)
+        self.checkpointed.add(result.scene_number)
+
+    async def end(self, status: str, error: str | None = None) -> list[SceneResult] | None:
+        """The final, fenced status; a job with every scene checkpointed is `completed`."""
+        if self.all_checkpointed():
+            status, error = "completed", None
+        try:
+            await _retrying(self.store.finish, self.lease, status, error=error)
+        except (LeaseLost, JobNotFound) as exc:
+            log.warning("generation %s: final status %s not written: %s", self.lease.generation_id, status, exc)
+            return None
+        if status != "completed":
+            return None
+        return await _retrying(self.store.scenes, self.lease.generation_id)
+
+
+class _LeaseKeeper:
+    """Renews the lease every lease_s / 3 and watches the cancel flag; stops the run (by
+    cancelling it) when the lease is lost or the owner asked to cancel."""
+
+    def __init__(self, store: JobStore, lease: Lease, lease_s: float, run: asyncio.Future):
+        self.store, self.lease, self.lease_s, self.run_future = store, lease, lease_s, run
+        self.reason: str | None = None  # "lost" | "cancel"
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        every = self.lease_s / 3
+        tick = min(every, CANCEL_POLL_S)
+        next_renewal = loop.time() + every
+        while not self.run_future.done():
+            await asyncio.sleep(tick)
+            try:
+                if loop.time() >= next_renewal:
+                    self.lease = await asyncio.to_thread(self.store.renew, self.lease, self.lease_s)
+                    next_renewal = loop.time() + every
+                if await asyncio.to_thread(self.store.cancel_requested, self.lease.generation_id):
+                    return self._stop("cancel")
+            except (LeaseLost, JobNotFound) as exc:
+                log.warning("generation %s: %s", self.lease.generation_id, exc)
+                return self._stop("lost")
+            except Exception as exc:  # transient: the next tick tries again, fencing keeps us safe
+                log.warning("generation %s: lease renewal failed (%s)", self.lease.generation_id, exc)
+
+    def _stop(self, reason: str) -> None:
+        self.reason = reason
+        self.run_future.cancel()
 
 
 class _LatestWriter:
     """Progress writes off the critical path: the runner never waits for the database between
-    scenes; only the newest event is written, one write at a time. Checkpoints stay awaited."""
+    scenes; only the newest event is written, one write at a time. Best effort: a failing write
+    is logged, never raised (the next event writes again). Fenced, so a runner that lost its
+    lease, or whose job already has its final status, writes nothing."""
 
-    def __init__(self, store: JobStore, generation_id: str):
-        self.store, self.generation_id = store, generation_id
+    def __init__(self, store: JobStore, generation_id: str, lease: Lease):
+        self.store, self.generation_id, self.lease = store, generation_id, lease
         self.latest: ProgressEvent | None = None
         self.task: asyncio.Task | None = None
 
@@ -94,8 +262,23 @@ class _LatestWriter:
     async def _drain(self) -> None:
         while self.latest is not None:
             event, self.latest = self.latest, None
-            await asyncio.to_thread(self.store.update, self.generation_id, progress=event.progress, stage=event.stage)
+            try:
+                await asyncio.to_thread(
+                    self.store.update, self.generation_id, progress=event.progress, stage=event.stage, lease=self.lease
+                )
+            except Exception as exc:
+                log.warning("generation %s: progress write failed (%s)", self.generation_id, exc)
 
     async def flush(self) -> None:
         if self.task is not None:
             await self.task
+
+    async def stop(self) -> None:
+        """Drop pending progress: the final status follows (and fences out a late write)."""
+        self.latest = None
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
