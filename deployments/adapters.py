@@ -1,15 +1,107 @@
 """The only place where the pipeline meets Serve: its provider and scoring protocols
-implemented over deployment handles."""
+implemented over deployment handles.
+
+A call whose replica went away (died mid-call, not started yet, a deployment that is being
+redeployed, a handle queue that is full) is transient: Serve starts a new replica and the same
+call then succeeds. Those errors are retried here, with backoff, under one policy
+(`HandleRetry`); real errors of a provider or a scorer are not. A provider call that still finds
+no replica ends as `ProviderError(retryable=True)`, a scoring call as `ScorerUnavailable`
+(retryable), so the runner marks the generation as worth resuming.
+
+An image is put into Ray's object store once and its reference goes to the four scorer
+deployments: Ray resolves a top-level ObjectRef argument to the bytes in each replica, and a
+scorer node pulls the object once, however many scorer replicas on it read it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from dataclasses import dataclass
 
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.providers import GeneratedImage, ProviderError
+from pipeline.retry import backoff_delay
 from pipeline.schemas import ScorerResult
 from pipeline.scoring import ScoringError
+from pipeline.settings import RetrySettings
+
+log = logging.getLogger("sceneref.handles")
+
+_GONE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError)
+
+
+class HandleRetry(BaseModel):
+    """How the ingress retries calls whose replica went away (AppArgs: `handle_retry`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calls: RetrySettings = Field(
+        RetrySettings(max_attempts=5, initial_delay_s=0.5, max_delay_s=10.0),
+        description="chat and image calls: attempts and backoff when their replica went away",
+    )
+    scoring_budget_s: float = Field(
+        120.0, gt=0, description="a scoring call whose replica died is retried until a replica answers, at most this long"
+    )
+
+
+class ScorerUnavailable(ScoringError):
+    """No replica of a scorer answered within the budget: transient, worth resuming."""
+
+    retryable = True
+
+
+def replica_gone(error: BaseException) -> str | None:
+    """A short reason when `error` (or what it wraps) means the replica behind a handle went
+    away or is not there yet; None for every other error."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, _GONE):
+            return _short(error)
+        cause = getattr(error, "cause", None) if isinstance(error, RayTaskError) else None
+        error = cause if isinstance(cause, BaseException) else error.__cause__
+    return None
+
+
+def _short(error: BaseException) -> str:
+    kind = {
+        "ActorDiedError": "replica died",
+        "ActorUnavailableError": "replica unavailable",
+        "ReplicaUnavailableError": "replica unavailable",
+        "DeploymentUnavailableError": "deployment unavailable",
+        "BackPressureError": "handle queue full",
+    }
+    name = next((kind[c.__name__] for c in type(error).__mro__ if c.__name__ in kind), "replica error")
+    text = getattr(error, "message", None) or str(error)
+    first = (text.strip().splitlines() or [""])[0]
+    return f"{name}: {first[:120]}" if first else name
+
+
+async def _until_served(call, retry: RetrySettings, what: str):
+    """`call()` again (backoff between tries) while its replica is gone, up to max_attempts."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except Exception as error:
+            reason = replica_gone(error)
+            if reason is None:
+                raise
+            if attempt >= retry.max_attempts:
+                raise ProviderError(
+                    f"{what}: no replica answered after {attempt} attempts ({reason})", retryable=True
+                ) from error
+            delay = backoff_delay(attempt, retry)
+            log.warning("%s: %s; retrying in %.2fs (attempt %d/%d)", what, reason, delay, attempt, retry.max_attempts)
+            await asyncio.sleep(delay)
 
 
 def _raise_if_error(result: dict) -> dict:
@@ -19,40 +111,115 @@ def _raise_if_error(result: dict) -> dict:
 
 
 class HandleChat:
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
+    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None):
+        self.handle, self.retry = handle, retry or HandleRetry()
 
     async def complete(self, messages, *, task) -> str:
-        return _raise_if_error(await self.handle.complete.remote(messages, task))["text"]
+        result = await _until_served(lambda: self.handle.complete.remote(messages, task), self.retry.calls, f"{task} agent")
+        return _raise_if_error(result)["text"]
 
 
 class HandleImages:
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
+    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None):
+        self.handle, self.retry = handle, retry or HandleRetry()
 
     async def generate(self, prompt, *, reference, variation) -> GeneratedImage:
-        result = _raise_if_error(await self.handle.generate.remote(prompt, reference, variation))
+        call = lambda: self.handle.generate.remote(prompt, reference, variation)  # noqa: E731
+        result = _raise_if_error(await _until_served(call, self.retry.calls, f"image generation (variation {variation})"))
         return GeneratedImage(data=result["data"], metadata=result["metadata"])
+
+
+@dataclass
+class SentBytes:
+    """What the ingress sent to the scorers: image bytes inside call arguments, image bytes put
+    into the object store, and the number of scoring calls (for the serving benchmark)."""
+
+    inline: int = 0
+    put: int = 0
+    calls: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.inline + self.put
 
 
 class HandleScoring:
     """One request per image and scorer, all in flight at once: each scorer deployment's
-    `@serve.batch` merges them with requests from other scenes and generations."""
+    `@serve.batch` merges them with requests from other scenes and generations.
 
-    def __init__(self, handles: dict[str, DeploymentHandle]):
-        self.handles = handles
+    `by_reference=False` sends the bytes inside each call (the behaviour before issue 7, kept
+    for the serving benchmark's before/after figure)."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], retry: HandleRetry | None = None, *, by_reference: bool = True):
+        self.handles, self.retry, self.by_reference = handles, retry or HandleRetry(), by_reference
+        self.sent = SentBytes()
+        self.put = ray.put  # replaced in tests that run without Ray
 
     async def score(self, images: list[bytes], prompts: list[str]) -> list[dict[str, ScorerResult]]:
         names = list(self.handles)
-        calls = [self.handles[name].score.remote(image, prompt) for image, prompt in zip(images, prompts) for name in names]
-        outputs = await asyncio.gather(*calls, return_exceptions=True)
-        for i, out in enumerate(outputs):
-            if isinstance(out, BaseException):
-                # A replica's error arrives wrapped with its traceback; the status shows its last line.
-                reason = (str(out).strip().splitlines() or [type(out).__name__])[-1]
-                raise ScoringError(f"{names[i % len(names)]}: {reason}") from out
-        results = []
-        for i in range(len(images)):
-            row = outputs[i * len(names) : (i + 1) * len(names)]
-            results.append({name: ScorerResult(**out) for name, out in zip(names, row)})
-        return results
+        if self.by_reference:
+            payloads = [self.put(image) for image in images]
+            self.sent.put += sum(len(image) for image in images)
+        else:
+            payloads = list(images)
+            self.sent.inline += sum(len(image) for image in images) * len(names)
+        self.sent.calls += len(images) * len(names)
+        tasks = [
+            asyncio.ensure_future(self._score_one(name, payload, prompt))
+            for payload, prompt in zip(payloads, prompts)
+            for name in names
+        ]
+        try:
+            outputs = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one scorer failed for good (or we were cancelled): stop the rest
+                task.cancel()
+            raise
+        return [
+            {name: ScorerResult(**out) for name, out in zip(names, outputs[i * len(names) : (i + 1) * len(names)])}
+            for i in range(len(images))
+        ]
+
+    async def _score_one(self, name: str, payload, prompt: str) -> dict:
+        handle = self.handles[name]
+        try:
+            return await handle.score.remote(payload, prompt)
+        except Exception as error:
+            reason = replica_gone(error)
+            if reason is None:
+                raise _scorer_error(name, error) from error
+        return await self._retry_until_live(name, handle, payload, prompt, reason)
+
+    async def _retry_until_live(self, name, handle, payload, prompt, reason: str) -> dict:
+        """The replica died mid-call: try again (backoff between tries) until Serve has a live
+        replica again, within `scoring_budget_s` from the first failure."""
+        budget, retry = self.retry.scoring_budget_s, self.retry.calls
+        deadline = time.monotonic() + budget
+        attempt = 1
+        while True:
+            delay = min(backoff_delay(attempt, retry), max(0.0, deadline - time.monotonic()))
+            log.warning("%s: %s; retrying in %.2fs", name, reason, delay)
+            await asyncio.sleep(delay)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                return await asyncio.wait_for(_awaited(handle.score.remote(payload, prompt)), left)
+            except asyncio.TimeoutError:
+                break
+            except Exception as error:
+                again = replica_gone(error)
+                if again is None:
+                    raise _scorer_error(name, error) from error
+                reason, attempt = again, attempt + 1
+        raise ScorerUnavailable(f"{name}: no live replica after {budget:g} s ({reason})")
+
+
+async def _awaited(response):
+    return await response
+
+
+def _scorer_error(name: str, error: BaseException) -> ScoringError:
+    # A replica's error arrives wrapped with its traceback; the status shows its last line.
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return ScoringError(f"{name}: {reason}")
