@@ -8,7 +8,9 @@ import threading
 
 import pytest
 
-from pipeline.jobs import JobNotFound, JobStore, to_status
+from datetime import datetime, timedelta, timezone
+
+from pipeline.jobs import JobNotFound, JobStore, Lease, LeaseLost, to_status
 from pipeline.schemas import GenerationRequest, GenerationStatus, SceneResult, ScenePlan
 
 REQUEST = GenerationRequest(
@@ -195,3 +197,175 @@ def test_to_status_shape(store):
     }
     assert second["below_threshold"] is True and second["quality_score"] == 25
     assert third == {"scene_number": 3, "duration": 5, "prompt": "lamp lit at dawn", "status": "pending"}
+
+
+# --- leases, fencing, cancellation, admission, retention ---------------------------------
+
+EXPIRED = -1.0  # a lease that is already over: the next claimer takes the job without waiting
+
+
+def test_claim_takes_oldest_unheld_job_once(store):
+    for index in range(3):
+        store.create(f"gen-{index}", "alice", REQUEST, offline=False)
+    store.update("gen-0", status="completed")
+    first = store.claim("runner-a", 30)
+    assert (first.generation_id, first.holder, first.token) == ("gen-1", "runner-a", 1)
+    assert first.expires_at > datetime.now(timezone.utc) + timedelta(seconds=25)
+    record = store.get("gen-1")
+    assert (record.status, record.lease_holder, record.lease_token) == ("running", "runner-a", 1)
+    second = store.claim("runner-b", 30)
+    assert second.generation_id == "gen-2"
+    assert store.claim("runner-c", 30) is None
+    assert store.claim("runner-c", 30, generation_id="gen-1") is None  # live lease
+    assert store.claim("runner-c", 30, generation_id="missing") is None
+
+
+def test_expired_lease_is_taken_over_and_old_holder_is_fenced(store):
+    store.create("gen-1", "alice", REQUEST, offline=False)
+    old = store.claim("runner-a", EXPIRED)
+    store.checkpoint_scene("gen-1", scene(1), old)
+    new = store.claim("runner-b", 30)
+    assert (new.generation_id, new.token) == ("gen-1", 2)
+    with pytest.raises(LeaseLost):
+        store.update("gen-1", progress=50, stage="late", lease=old)
+    with pytest.raises(LeaseLost):
+        store.checkpoint_scene("gen-1", scene(2), old)
+    with pytest.raises(LeaseLost):
+        store.renew(old, 30)
+    with pytest.raises(LeaseLost):
+        store.finish(old, "failed", error="late")
+    record = store.get("gen-1")
+    assert (record.status, record.progress, record.stage, record.lease_holder) == ("running", 0, "queued", "runner-b")
+    assert [s.scene_number for s in store.scenes("gen-1")] == [1]
+    store.update("gen-1", progress=60, lease=new)
+    assert store.renew(new, 60).expires_at > new.expires_at
+    assert store.checkpoint_scene("gen-1", scene(2), new) is True
+    assert store.get("gen-1").progress == 60
+    with pytest.raises(LeaseLost):
+        store.update("gen-1", progress=1, lease=Lease("gen-1", "runner-b", 1, new.expires_at))
+    with pytest.raises(JobNotFound):
+        store.renew(Lease("missing", "x", 1, new.expires_at), 30)
+
+
+def test_a_checkpointed_scene_keeps_its_first_image(store):
+    store.create("gen-1", "alice", REQUEST, offline=False)
+    lease = store.claim("runner-a", 30)
+    assert store.checkpoint_scene("gen-1", scene(1), lease) is True
+    other = scene(1).model_copy(update={"reference_image_key": "gen-1/scene_1/variation_9.png"})
+    assert store.checkpoint_scene("gen-1", other, lease) is False
+    assert store.checkpoint_scene("gen-1", other) is False
+    [kept] = store.scenes("gen-1")
+    assert kept.reference_image_key == "gen-1/scene_1/variation_1.png"
+
+
+def test_finish_and_release(store):
+    store.create("gen-1", "alice", REQUEST, offline=False)
+    store.create("gen-2", "alice", REQUEST, offline=False)
+    lease = store.claim("runner-a", 30, generation_id="gen-1")
+    with pytest.raises(ValueError):
+        store.finish(lease, "running")  # type: ignore[arg-type]
+    store.finish(lease, "completed")
+    record = store.get("gen-1")
+    assert (record.status, record.stage, record.progress, record.lease_holder) == ("completed", "completed", 100, None)
+    assert record.finished_at is not None and record.lease_expires_at is None
+    with pytest.raises(LeaseLost):  # the final status ended the lease
+        store.update("gen-1", progress=5, lease=lease)
+    held = store.claim("runner-a", 30)
+    store.release(held)
+    assert store.get("gen-2").status == "running" and store.get("gen-2").lease_holder is None
+    again = store.claim("runner-b", 30)
+    assert (again.generation_id, again.token) == ("gen-2", 2)
+
+
+def test_cancel_queued_running_and_abandoned_jobs(store):
+    for name in ("queued", "running", "abandoned", "done"):
+        store.create(name, "alice", REQUEST, offline=False)
+    running = store.claim("runner-a", 30, generation_id="running")
+    store.claim("runner-dead", EXPIRED, generation_id="abandoned")
+    done = store.claim("runner-a", 30, generation_id="done")
+    store.finish(done, "completed")
+
+    assert store.request_cancel("queued", "mallory") is False
+    assert store.request_cancel("missing", "alice") is False
+    assert store.request_cancel("queued", "alice") is True
+    assert store.get("queued").status == "cancelled" and store.get("queued").finished_at is not None
+    assert store.request_cancel("abandoned", "alice") is True
+    assert store.get("abandoned").status == "cancelled"
+    assert store.request_cancel("done", "alice") is True
+    assert store.get("done").status == "completed" and not store.cancel_requested("done")
+
+    assert store.request_cancel("running", "alice") is True
+    assert store.get("running").status == "running" and store.cancel_requested("running")
+    assert store.claim("runner-b", 30) is None  # cancelled jobs are not handed out
+    store.finish(running, "cancelled")
+    assert store.get("running").status == "cancelled"
+
+
+def test_cancel_requested_job_whose_runner_died_ends_at_next_claim(store):
+    store.create("gen-1", "alice", REQUEST, offline=False)
+    store.claim("runner-dead", 30)
+    store.request_cancel("gen-1", "alice")
+    assert store.get("gen-1").status == "running"  # its runner may still be alive
+    with store.engine.begin() as conn:  # the runner dies: its lease runs out
+        from pipeline.jobs import jobs_table
+
+        conn.execute(jobs_table.update().values(lease_expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
+    assert store.claim("runner-b", 30) is None
+    assert store.get("gen-1").status == "cancelled"
+
+
+def test_requeue_failed_and_cancelled_jobs(store):
+    store.create("gen-1", "alice", REQUEST, offline=False)
+    lease = store.claim("runner-a", 30)
+    store.checkpoint_scene("gen-1", scene(1), lease)
+    store.finish(lease, "failed", error="image API 503")
+    assert store.get("gen-1").error == "image API 503"
+    assert store.requeue("gen-1", "mallory") is False
+    assert store.requeue("gen-1", "alice") is True
+    record = store.get("gen-1")
+    assert (record.status, record.error, record.finished_at, record.cancel_requested) == ("queued", None, None, False)
+    assert [s.scene_number for s in store.scenes("gen-1")] == [1]  # resumes at scene 2
+    again = store.claim("runner-b", 30)
+    assert again.token == 2
+    assert store.requeue("gen-1", "alice") is False  # running: nothing to requeue
+    store.request_cancel("gen-1", "alice")
+    store.finish(again, "cancelled")
+    assert store.requeue("gen-1", "alice") is True
+    assert store.claim("runner-c", 30).generation_id == "gen-1"
+
+
+def test_admission_counts(store):
+    for index, owner in enumerate(["alice", "alice", "alice", "bob"]):
+        store.create(f"gen-{index}", owner, REQUEST, offline=False)
+    lease = store.claim("runner-a", 30, generation_id="gen-0")
+    store.finish(lease, "completed")
+    store.claim("runner-a", 30, generation_id="gen-1")
+    assert store.count_active("alice") == 2
+    assert store.count_active("bob") == 1 and store.count_active("carol") == 0
+    assert store.count_unfinished() == 3
+    hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    assert store.count_submitted_since("alice", hour_ago) == 3
+    assert store.count_submitted_since("alice", datetime.now(timezone.utc) + timedelta(seconds=5)) == 0
+
+
+def test_expired_and_delete(store):
+    for index in range(4):
+        store.create(f"gen-{index}", "alice", REQUEST, offline=False)
+    for index, status in enumerate(["completed", "failed", "cancelled"]):
+        lease = store.claim("runner-a", 30, generation_id=f"gen-{index}")
+        store.checkpoint_scene(f"gen-{index}", scene(1), lease)
+        store.finish(lease, status)  # type: ignore[arg-type]
+    later = datetime.now(timezone.utc) + timedelta(seconds=5)
+    assert store.expired(finished_before=later, limit=10) == ["gen-0", "gen-1", "gen-2"]
+    assert store.expired(finished_before=later, limit=2) == ["gen-0", "gen-1"]
+    assert store.expired(finished_before=datetime.now(timezone.utc) - timedelta(hours=1), limit=10) == []
+    assert store.delete("gen-0") is True and store.delete("gen-0") is False
+    assert store.get("gen-0") is None and store.scenes("gen-0") == []
+    assert store.get("gen-3") is not None  # unfinished jobs never expire
+
+
+def test_reference_key_is_stored(store):
+    store.create("gen-1", "alice", REQUEST, offline=False, reference_key="gen-1/scene_1/user_reference.png")
+    assert store.get("gen-1").reference_key == "gen-1/scene_1/user_reference.png"
+    store.create("gen-2", "alice", REQUEST, offline=False)
+    assert store.get("gen-2").reference_key is None

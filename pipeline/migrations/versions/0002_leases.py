@@ -52,6 +52,11 @@ def upgrade() -> None:
         batch.drop_constraint("ck_jobs_status", type_="check")
         batch.create_check_constraint("ck_jobs_status", NEW_STATUSES)
         batch.create_index("ix_jobs_finished_at", ["finished_at"])
+    # SQLite's table copy does not carry the old indexes over: put back any that went missing.
+    present = {index["name"] for index in sa.inspect(op.get_bind()).get_indexes("jobs")}
+    for name, column in (("ix_jobs_owner", "owner"), ("ix_jobs_status", "status")):
+        if name not in present:
+            op.create_index(name, "jobs", [column])
     op.execute("UPDATE jobs SET finished_at = updated_at WHERE status IN ('completed', 'failed')")
 
 

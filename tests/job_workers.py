@@ -1,0 +1,52 @@
+"""Process entry points for the job store's multi-process tests (spawned processes import
+them by name, so they live in a module of their own)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pipeline.jobs import JobStore
+from pipeline.schemas import SceneResult
+
+
+def open_store(url: str) -> str:
+    """Open (and so migrate) the store; answer the schema revision it found."""
+    from pipeline import migrations
+
+    store = JobStore(url)
+    try:
+        with store.engine.connect() as conn:
+            return migrations.current(conn)
+    finally:
+        store.close()
+
+
+def race(url: str, holder: str, scenes: int, start_at: float) -> list[tuple[str, int]]:
+    """Claim jobs until none is left; "run" each by checkpointing its scenes fenced by the
+    lease, each image key naming this holder, then finish it. Answers (job, token) claimed."""
+    store = JobStore(url)
+    claimed: list[tuple[str, int]] = []
+    time.sleep(max(0.0, start_at - time.time()))  # everyone starts together
+    try:
+        while (lease := store.claim(holder, 30.0)) is not None:
+            claimed.append((lease.generation_id, lease.token))
+            for number in range(1, scenes + 1):
+                store.checkpoint_scene(lease.generation_id, scene(lease.generation_id, number, holder), lease)
+                store.update(lease.generation_id, progress=number * 100 // (scenes + 1), lease=lease)
+            store.finish(lease, "completed")
+    finally:
+        store.close()
+    return claimed
+
+
+def scene(generation_id: str, number: int, holder: str) -> SceneResult:
+    return SceneResult(
+        scene_number=number,
+        duration=5,
+        original_prompt=f"scene {number}",
+        enhanced_prompt=f"shot {number}",
+        prompt_score=80.0,
+        reference_image_key=f"{generation_id}/scene_{number}/{holder}-{os.getpid()}.png",
+        quality_score=60.0,
+    )
