@@ -45,14 +45,17 @@ CHUNK_BYTES = 64 * 1024
 class UploadLimits(BaseModel):
     """What one upload may be. `max_side` bounds what is stored and sent on, not what is
     accepted: a larger image is downscaled on ingest, so the reference it becomes stays within
-    every image provider's limits. Those limits, as documented in 2025-26: OpenAI's image edit
-    call takes PNG/WEBP/JPEG files under 50 MB for the GPT image models (25 MB in earlier
-    versions of the reference; DALL-E 2: a square PNG under 4 MB) and, as a base64 data URL in
-    JSON, 20 MiB (`image_url` maxLength 20971520); Gemini takes inline image data up to 20 MB
-    per request (raised to 100 MB in January 2026). An RGB PNG of 2048x2048 is at most ~12.6 MB
-    (incompressible noise; photographs are 4-8 MB), ~16.8 MB as base64: under all of them. 2048
-    is also above every output size these models produce (1024-1536 px on the long side), so a
-    downscaled reference loses nothing the model would use.
+    what image providers take as an edit/reference input:
+    - OpenAI `images.edit` (API reference, `image` parameter): PNG/WEBP/JPEG files under 50 MB
+      each for the GPT image models (25 MB in earlier versions of the reference); DALL-E 2 wants
+      a square PNG under 4 MB. As a base64 data URL in a JSON body, `image_url` has
+      maxLength 20971520 (20 MiB).
+    - Gemini (Gemini API docs, "inline data"): a request with inline image data up to 20 MB in
+      total; Google's developer blog ("Increased file size limits and expanded inputs support
+      in Gemini API") raised it to 100 MB, base64-encoded.
+    An RGB PNG of 2048x2048 is at most ~12.6 MB (incompressible noise), ~16.8 MB as base64;
+    a photograph at 2048 px is a few MB (the benchmark's 2048x1280 one: 3 MB). So 2048 stays
+    under every limit above except DALL-E 2's, which no current model needs.
     """
 
     model_config = ConfigDict(extra="forbid")
