@@ -179,10 +179,12 @@ def test_body_limit_adds_the_form_allowance():
 # --- a real server on a loopback port: the client gets the 413, not a reset or a hang ------
 
 
-@pytest.fixture
-def server(limit):
+@pytest.fixture(params=["h11", "httptools"])
+def server(limit, request):
+    """uvicorn (the server of Ray Serve's proxy) with either of its HTTP parsers."""
+    pytest.importorskip(request.param)
     app = make_app(limit)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http=request.param)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
