@@ -50,3 +50,33 @@ def scene(generation_id: str, number: int, holder: str) -> SceneResult:
         reference_image_key=f"{generation_id}/scene_{number}/{holder}-{os.getpid()}.png",
         quality_score=60.0,
     )
+
+
+def doomed_runner(url: str, artifacts_root: str, generation_id: str, lease_s: float, scenes: int) -> None:
+    """A runner that renews its lease, checkpoints scenes 1..scenes-2 with random image bytes
+    (a rerun would never reproduce them), then hangs mid-scene until it is killed."""
+    import threading
+
+    from pipeline.objectstore import LocalObjectStore
+
+    store, artifacts = JobStore(url), LocalObjectStore(artifacts_root)
+    lease = store.claim("doomed", lease_s, generation_id=generation_id)
+    assert lease is not None
+
+    def renew() -> None:
+        while True:
+            time.sleep(lease_s / 3)
+            store.renew(lease, lease_s)
+
+    threading.Thread(target=renew, daemon=True).start()
+    for number in range(1, scenes - 1):
+        run_scene(store, artifacts, lease, number)
+    artifacts.put(f"{generation_id}/scene_{scenes - 1}/half.png", os.urandom(64))  # mid-scene
+    print("MID-SCENE", flush=True)
+    time.sleep(3600)
+
+
+def run_scene(store: JobStore, artifacts, lease, number: int) -> None:
+    item = scene(lease.generation_id, number, lease.holder)
+    artifacts.put(item.reference_image_key, os.urandom(4096))
+    store.checkpoint_scene(lease.generation_id, item, lease)
