@@ -124,3 +124,90 @@ def test_missing_key_and_bad_config_are_clear_errors(capsys, monkeypatch, tmp_pa
     config.write_text("llm: {provider: telepathy}\n")
     assert main(["generate", "--prompt", PROMPT, "--output", str(tmp_path), "--config", str(config)]) == 2
     assert "llm.provider" in capsys.readouterr().err
+
+
+# --- jobs: the stored user image, resume, Ctrl-C ---------------------------------------------
+
+from pipeline.jobs import JobStore  # noqa: E402
+
+REQUEST = {
+    "prompt": PROMPT, "target_duration": 9, "advanced_image_num_variations": 2,
+    "advanced_image_max_enhancement_iterations": 1,
+}
+
+
+def test_user_image_is_stored_before_the_run_and_named_on_the_job(capsys, monkeypatch, models_dir, tmp_path):
+    mine = tmp_path / "mine.png"
+    Image.new("RGB", (64, 36), (200, 60, 30)).save(mine, format="PNG")
+    code, out, err = run(
+        capsys, monkeypatch, models_dir, "--prompt", PROMPT, "--duration", "9", "--variations", "2",
+        "--iterations", "1", "--output", str(tmp_path / "out"), "--image", str(mine), "--json",
+    )
+    assert code == 0, err
+    gid = json.loads(out)["generation_id"]
+    store = JobStore(f"sqlite:///{tmp_path / 'out' / 'sceneref.db'}")
+    record = store.get(gid)
+    assert record.reference_key == f"{gid}/scene_1/user_reference.png"
+    assert store.scenes(gid)[0].reference_image_key == record.reference_key
+    assert record.lease_holder is None and record.lease_token == 1
+    store.close()
+
+
+def test_resume_runs_a_failed_job_from_its_next_scene(capsys, monkeypatch, models_dir, tmp_path):
+    monkeypatch.setenv("SCENEREF_MODELS_DIR", str(models_dir))
+    store = JobStore(f"sqlite:///{tmp_path / 'sceneref.db'}")
+    store.create("gen-1", "alice", REQUEST, offline=True)
+    store.finish(store.claim("earlier-run", 30), "failed", error="image API 503 (a transient error)")
+    store.create("gen-held", "alice", REQUEST, offline=True)
+    store.claim("a-live-replica", 30, generation_id="gen-held")
+
+    assert main(["resume", "gen-1", "--output", str(tmp_path), "--json", "--quiet"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["status"] == "completed" and status["error"] is None
+    assert [s["scene_number"] for s in status["storyboard_plan"]["scenes"]] == [1, 2, 3]
+    record = store.get("gen-1")
+    assert (record.owner, record.lease_token, record.lease_holder) == ("alice", 2, None)
+
+    assert main(["resume", "gen-1", "--output", str(tmp_path)]) == 0  # completed: just shows it
+    assert "completed" in capsys.readouterr().out
+    assert main(["resume", "gen-held", "--output", str(tmp_path)]) == 1
+    assert "held by a-live-replica" in capsys.readouterr().err
+    assert main(["resume", "missing", "--output", str(tmp_path)]) == 2
+    store.close()
+
+
+def test_ctrl_c_ends_the_generation_cancelled(models_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "SCENEREF_MODELS_DIR": str(models_dir)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "generate", "--offline", "--prompt", PROMPT, "--duration", "30",
+         "--variations", "2", "--iterations", "2", "--output", str(tmp_path), "--quiet"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    database = tmp_path / "sceneref.db"
+    try:
+        deadline = time.monotonic() + 240
+        store = None
+        while time.monotonic() < deadline and process.poll() is None:
+            if database.exists():
+                store = store or JobStore(f"sqlite:///{database}")
+                if store.count_unfinished() and store.unfinished()[0].status == "running":
+                    break
+            time.sleep(0.05)
+        assert store is not None and process.poll() is None, "the generation never started"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    [gid] = [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("generation ")]
+    record = store.get(gid)
+    assert (record.status, record.lease_holder, record.cancel_requested) == ("cancelled", None, True)
+    assert f"sceneref resume {gid}" in out
+    store.close()
