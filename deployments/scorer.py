@@ -18,6 +18,7 @@ import asyncio
 import io
 from pathlib import Path
 
+import ray
 from PIL import Image
 from pydantic import BaseModel, Field
 from ray import serve
@@ -104,7 +105,13 @@ class ScorerDeployment:
         images = [Image.open(io.BytesIO(data)).convert("RGB") for data, _ in requests]
         return self.model.score(images, [prompt for _, prompt in requests])
 
-    async def score(self, image: bytes, prompt: str) -> dict:
+    async def score(self, image: bytes | ray.ObjectRef, prompt: str) -> dict:
+        """`image` is PNG bytes. The ingress puts each image into the object store once and
+        passes the same ObjectRef to all four scorers as a top-level argument, which Ray resolves
+        to the bytes before this runs (a node fetches the object once for all its replicas).
+        Where Serve does not resolve it (local testing mode), the reference is awaited here."""
+        if isinstance(image, ray.ObjectRef):
+            image = await image
         return await self.score_batch((image, prompt))
 
     def recent_batch_sizes(self) -> list[int]:
