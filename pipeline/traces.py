@@ -83,14 +83,19 @@ class TraceWriter(TraceStore):
         kind = "application/json" if name.endswith(".json") else "text/plain; charset=utf-8"
         self.store.put(self.key(scene_number, name), text.encode("utf-8"), kind)
 
-    def files(self, generation_id: str | None = None) -> list[str]:
-        return self.list_files(generation_id or self.generation_id)
+    # The read API, bound to this generation: list_files() / read_file(name); the TraceStore
+    # forms with an explicit generation id keep working too.
+    def list_files(self, generation_id: str | None = None) -> list[str]:
+        return super().list_files(generation_id or self.generation_id)
 
-    def read(self, generation_id: str, name: str | None = None) -> bytes:
-        """read(name) for this generation, or read(generation_id, name)."""
+    def read_file(self, generation_id: str, name: str | None = None) -> bytes:
+        """read_file(name) for this generation, or read_file(generation_id, name)."""
         if name is None:
             generation_id, name = self.generation_id, generation_id
-        return self.read_file(generation_id, name)
+        return super().read_file(generation_id, name)
+
+    files = list_files
+    read = read_file
 
     def original_prompt(self, scene_number: int, prompt: str) -> None:
         self._write(scene_number, "00_original_prompt.txt", prompt + "\n")

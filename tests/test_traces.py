@@ -108,6 +108,9 @@ def test_trace_tree_has_exactly_the_guides_names(stores):
     expected = sorted(f"scene_{n}/{name}" for n in (1, 2) for name in GUIDE_NAMES)
     assert writer.files() == expected
     assert TraceStore(traces, artifacts).list_files("gen-a") == expected  # what the ingress sees
+    assert writer.list_files() == writer.list_files("gen-a") == expected
+    assert writer.read_file("scene_1/00_original_prompt.txt") == writer.read_file("gen-a", "scene_1/00_original_prompt.txt")
+    assert TraceWriter(traces, "gen-a", artifacts=artifacts).read_file("scene_1/image_2.png") == images[1]
     for k, data in enumerate(images, start=1):
         assert writer.read(f"scene_2/image_{k}.png") == data
     summary = json.loads(writer.read("gen-a", "scene_1/prompt_trace_summary.json"))
