@@ -22,12 +22,12 @@ def open_store(url: str) -> str:
         store.close()
 
 
-def race(url: str, holder: str, scenes: int, start_at: float) -> list[tuple[str, int]]:
+def race(url: str, holder: str, scenes: int, barrier, results) -> None:
     """Claim jobs until none is left; "run" each by checkpointing its scenes fenced by the
-    lease, each image key naming this holder, then finish it. Answers (job, token) claimed."""
+    lease, each image key naming this holder, then finish it. Puts (holder, [(job, token)])."""
     store = JobStore(url)
     claimed: list[tuple[str, int]] = []
-    time.sleep(max(0.0, start_at - time.time()))  # everyone starts together
+    barrier.wait()  # everyone starts together, store open and warm
     try:
         while (lease := store.claim(holder, 30.0)) is not None:
             claimed.append((lease.generation_id, lease.token))
@@ -37,7 +37,7 @@ def race(url: str, holder: str, scenes: int, start_at: float) -> list[tuple[str,
             store.finish(lease, "completed")
     finally:
         store.close()
-    return claimed
+        results.put((holder, claimed))
 
 
 def scene(generation_id: str, number: int, holder: str) -> SceneResult:

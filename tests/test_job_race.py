@@ -36,17 +36,25 @@ def test_processes_racing_for_jobs_run_each_exactly_once(url):
     for gid in ids:
         store.create(gid, "alice", REQUEST, offline=True)
     context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(PROCESSES + 1), context.Queue()
+    workers = [
+        context.Process(target=race, args=(url, f"runner-{n}", SCENES, barrier, queue)) for n in range(PROCESSES)
+    ]
+    for worker in workers:
+        worker.start()
+    barrier.wait(timeout=120)
     started = time.perf_counter()
-    with context.Pool(PROCESSES) as pool:
-        start_at = time.time() + 3.0  # after every process has imported and opened the store
-        results = pool.starmap(race, [(url, f"runner-{n}", SCENES, start_at) for n in range(PROCESSES)])
-    elapsed = time.perf_counter() - started - 3.0
+    results = [queue.get(timeout=120)[1] for _ in workers]
+    elapsed = time.perf_counter() - started
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
     claims = [claim for result in results for claim in result]
     runs = Counter(gid for gid, _ in claims)
     print(
         f"\nclaim race [{url.split(':')[0]}]: {JOBS} jobs, {PROCESSES} processes, {len(claims)} claims, "
         f"per process {[len(r) for r in results]}, duplicates {sum(n - 1 for n in runs.values())}, "
-        f"{elapsed:.2f} s after the start signal"
+        f"{elapsed:.2f} s from the common start"
     )
     assert sorted(runs) == ids and set(runs.values()) == {1}  # each job claimed exactly once
     assert {token for _, token in claims} == {1}
