@@ -140,7 +140,8 @@ async def run(args: argparse.Namespace) -> dict:
         if store is None:
             scenes = await run_generation(generation_id, request, services, settings, on_event=on_event)
         else:
-            scenes = await execute_job(store, generation_id, services, settings, on_event=on_event)
+            lease = store.claim("bench", 60, generation_id=generation_id)
+            scenes = await execute_job(store, lease, services, settings, lease_s=60, on_event=on_event)
             if scenes is None:
                 raise SystemExit(f"generation failed: {store.get(generation_id).error}")
         wall = time.perf_counter() - started

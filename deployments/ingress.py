@@ -25,6 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from sqlalchemy.exc import OperationalError
 
 from deployments.adapters import HandleChat, HandleImages, HandleScoring
 from deployments.args import AppArgs
@@ -32,7 +33,7 @@ from deployments.auth import Authenticator, Principal, bearer_principal
 from deployments.signing import SignatureError, sign_url, verify_signed
 from deployments.bodylimit import UploadBodyLimit
 from deployments.uploads import UploadError, prepare_upload
-from pipeline.objectstore import ArtifactNotFound, open_store
+from pipeline.objectstore import ArtifactNotFound, ObjectStoreError, open_store
 from pipeline.jobs import JobStore, to_status
 from pipeline.limits import check_admission
 from pipeline.retention import sweep
@@ -61,6 +62,21 @@ UPLOAD_PATHS = ("/api/generate-with-image",)
 # from the replica's args (below), hence read per request.
 app.add_middleware(UploadBodyLimit, paths=UPLOAD_PATHS, limit=lambda: app.state.upload_body_limit)
 app.state.upload_body_limit = UploadBodyLimit.body_limit(20 * 1024 * 1024)
+
+@app.exception_handler(OperationalError)
+async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+    """The job store is unreachable or locked: a temporary condition, not the client's fault."""
+    log.warning("job store unavailable: %s", exc)
+    return JSONResponse(status_code=503, content={"detail": "the job store is unavailable; try again shortly"},
+                        headers={"Retry-After": "5"})
+
+
+@app.exception_handler(ObjectStoreError)
+async def _object_store_unavailable(request: Request, exc: ObjectStoreError) -> JSONResponse:
+    log.warning("object store unavailable: %s", exc)
+    return JSONResponse(status_code=503, content={"detail": "the object store is unavailable; try again shortly"},
+                        headers={"Retry-After": "5"})
+
 
 _bearer = HTTPBearer(auto_error=False, description="JWT bearer token (see `sceneref token`)")
 

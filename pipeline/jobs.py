@@ -483,6 +483,15 @@ class JobStore:
     def count_submitted_since(self, owner: str, since: datetime) -> int:
         return self._count(jobs_table.c.owner == owner, jobs_table.c.created_at >= since)
 
+    def oldest_submitted_since(self, owner: str, since: datetime) -> datetime | None:
+        """When this owner's oldest submission inside the window was made: the window frees a
+        slot when it leaves (the Retry-After of a per-window refusal)."""
+        c = jobs_table.c
+        query = select(func.min(c.created_at)).where(c.owner == owner, c.created_at >= since)
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar()
+        return _aware(value) if value is not None else None
+
     def count_unfinished(self) -> int:
         """Queued and running jobs of all owners: the global queue bound."""
         return self._count(jobs_table.c.status.in_(UNFINISHED))
