@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.objectstore import is_url
 from pipeline.schemas import DIMENSIONS
@@ -149,7 +158,9 @@ class S3Settings(_Settings):
     addressing_style: Literal["auto", "path", "virtual"] = Field(
         "auto", description="path for most self-hosted servers (SeaweedFS, MinIO) reached by IP or one host name"
     )
-    create_bucket: bool = Field(False, description="create a missing bucket (tests, demos); else a missing one is an error")
+    create_bucket: bool = Field(
+        False, description="create a missing bucket (tests, demos); else a missing one is an error"
+    )
     max_connections: int = Field(32, ge=1, description="HTTP connection pool; worker threads share one client")
 
     def endpoint(self) -> str | None:
@@ -163,7 +174,8 @@ class S3Settings(_Settings):
         key, secret = os.environ.get(self.access_key_env), os.environ.get(self.secret_key_env)
         if bool(key) != bool(secret):
             missing = self.secret_key_env if key else self.access_key_env
-            raise ValueError(f"S3 credentials: {missing} is not set (both {self.access_key_env} and {self.secret_key_env} are needed)")
+            both = f"{self.access_key_env} and {self.secret_key_env}"
+            raise ValueError(f"S3 credentials: {missing} is not set (both {both} are needed)")
         if not key:
             return {}
         found = {"aws_access_key_id": key, "aws_secret_access_key": secret}

@@ -71,7 +71,12 @@ class TraceWriter(TraceStore):
     each); on S3 each is one PUT, so a caller on an event loop may move them to a thread."""
 
     def __init__(
-        self, store_or_root: ObjectStore | str | Path, generation_id: str, *, artifacts: ObjectStore | None = None, s3=None
+        self,
+        store_or_root: ObjectStore | str | Path,
+        generation_id: str,
+        *,
+        artifacts: ObjectStore | None = None,
+        s3=None,
     ):
         super().__init__(store_or_root, artifacts, s3)
         self.generation_id = check_key(generation_id)

