@@ -56,7 +56,9 @@ class TraceStore:
     def _artifacts_for(self, url: str) -> ObjectStore:
         if self.artifacts is not None and self.artifacts.url == url:
             return self.artifacts
-        return open_store(url, self._s3)
+        # Not handed the artifact store: open it from the pointer, with the S3 settings given,
+        # else those of the trace store itself (artifacts and traces share one S3 service).
+        return open_store(url, self._s3 or getattr(self.store, "settings", None))
 
     def delete(self, generation_id: str) -> int:
         """Remove one generation's trace tree (pointers only: the artifacts stay)."""

@@ -179,6 +179,7 @@ def test_s3_trace_images_are_pointers_to_the_artifacts(s3_location):
     assert traces.list("gen-f") == ["gen-f/scene_1/image_2.png" + LINK_SUFFIX]
     # A reader that was not handed the artifact store finds it from the pointer.
     assert TraceStore(traces, s3=s3_location.settings).read_file("gen-f", "scene_1/image_2.png") == png(4)
+    assert TraceWriter(traces, "gen-f").read_file("scene_1/image_2.png") == png(4)  # the trace store's settings
 
 
 def test_cleanup_removes_one_generation_and_nothing_else(stores):
