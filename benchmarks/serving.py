@@ -19,6 +19,12 @@ for PickScore (transformers CLIPModel), CLIP-Score and Aesthetic (open_clip ViT-
 shape; aesthetic head 512 -> 1024 -> 128 -> 64 -> 16 -> 1), and a small Qwen2-VL for VQAScore
 (4 text layers of width 512, vision depth 4).
 
+Bytes per scene to the scorers (issue 7): one scene's images (`--variations` of them, made by
+the ImageGenerator deployment) scored through `HandleScoring` twice, with the bytes inline in
+every scorer call (before issue 7) and by object reference (put once per image); the serialized
+size of every argument of every scorer call, and of every `ray.put`, is counted with Ray's own
+serializer.
+
     .venv/bin/python benchmarks/serving.py --concurrency 1 4 16 --variations 2
 """
 
@@ -286,6 +292,70 @@ async def end_to_end(app: ServeRun, headers: dict, handles: dict, generator) -> 
     }
 
 
+class Meter:
+    """Serialized bytes the ingress hands to Ray on its way to the scorers, measured with Ray's
+    serializer: the arguments of each scorer call (a top-level ObjectRef argument travels as its
+    id and owner address) and each image put into the object store."""
+
+    def __init__(self):
+        import ray
+
+        self.context = ray._private.worker.global_worker.get_serialization_context()
+        self.call_bytes = self.put_bytes = self.calls = self.puts = 0
+
+    def size(self, value) -> int:
+        return self.context.serialize(value).total_bytes
+
+    def handles(self, handles: dict) -> dict:
+        meter = self
+
+        class Method:
+            def __init__(self, method):
+                self.method = method
+
+            def remote(self, *args):
+                meter.calls += 1
+                meter.call_bytes += sum(meter.size(a) for a in args)
+                return self.method.remote(*args)
+
+        class Handle:
+            def __init__(self, handle):
+                self.score = Method(handle.score)
+
+        return {name: Handle(h) for name, h in handles.items()}
+
+    def put(self, data: bytes):
+        import ray
+
+        self.puts += 1
+        self.put_bytes += self.size(data)
+        return ray.put(data)
+
+
+async def scene_bytes(generator, handles: dict, variations: int) -> dict:
+    """One scene's images scored inline (before issue 7) and by reference (after): bytes per
+    scene, as Ray serializes them, and the adapter's own count of image bytes."""
+    from deployments.adapters import HandleImages, HandleScoring
+
+    images = HandleImages(generator)
+    made = await asyncio.gather(*(images.generate(PROMPT, reference=None, variation=k) for k in range(1, variations + 1)))
+    data = [m.data for m in made]
+    result = {"variations": variations, "image_bytes": [len(d) for d in data], "scorers": len(handles)}
+    scores = {}
+    for mode, by_reference in (("inline", False), ("by_reference", True)):
+        meter = Meter()
+        scoring = HandleScoring(meter.handles(handles), by_reference=by_reference)
+        scoring.put = meter.put
+        scores[mode] = await scoring.score(data, [PROMPT] * len(data))
+        result[mode] = {"calls": meter.calls, "call_bytes": meter.call_bytes, "puts": meter.puts,
+                        "put_bytes": meter.put_bytes, "total_bytes": meter.call_bytes + meter.put_bytes,
+                        "adapter_count": scoring.sent.total}
+    result["same_scores"] = all(
+        abs(a[n].score - b[n].score) < 1e-3 for a, b in zip(scores["inline"], scores["by_reference"]) for n in a
+    )
+    return result
+
+
 async def warm_up(generator, handles: dict) -> None:
     """First forward passes allocate and initialise: keep them out of the figures."""
     from deployments.adapters import HandleScoring
@@ -323,6 +393,10 @@ def bench_mode(mode: str, args, models: dict) -> dict:
         generator = serve.get_deployment_handle("ImageGenerator", app_name="sceneref")
         headers = {"Authorization": f"Bearer {mint_token(SECRET, 'bench')}"}
         asyncio.run(warm_up(generator, handles))
+        result["bytes"] = asyncio.run(scene_bytes(generator, handles, args.variations))
+        b = result["bytes"]
+        print(f"  bytes per scene to the scorers ({b['variations']} images, {b['scorers']} scorers): "
+              f"inline {b['inline']['total_bytes']:,}, by reference {b['by_reference']['total_bytes']:,}", flush=True)
         result["throughput"] = []
         for concurrency in args.concurrency:
             row = asyncio.run(throughput(app, headers, handles, concurrency, args.variations))
@@ -356,6 +430,16 @@ def report(results: list[dict], args) -> None:
             batches = " | ".join(f"{b['mean']:.1f} / {b['max']}" for b in row["batches"].values())
             print(f"| {result['mode']} | {row['concurrency']} | {row['images']} | {row['wall_s']:.1f} s | "
                   f"{row['images_per_s']:.2f} | {batches} |")
+    for result in (r for r in results if "bytes" in r):
+        b = result["bytes"]
+        print(f"\nBytes per scene to the scorers (issue 7), batching {result['mode']}: {b['variations']} images of "
+              f"{', '.join(f'{n:,}' for n in b['image_bytes'])} bytes, {b['scorers']} scorers; same scores: {b['same_scores']}\n")
+        print("| images sent | scorer calls | bytes in call arguments | ray.put | bytes put | total per scene | adapter count |")
+        print("|---|---|---|---|---|---|---|")
+        for mode in ("inline", "by_reference"):
+            m = b[mode]
+            print(f"| {mode.replace('_', ' ')} | {m['calls']} | {m['call_bytes']:,} | {m['puts']} | {m['put_bytes']:,} | "
+                  f"{m['total_bytes']:,} | {m['adapter_count']:,} |")
     e2es = [r for r in results if "e2e" in r]
     if e2es:
         print("\n4-scene generation (target_duration 15, 4 variations, up to 4 iterations): wall vs critical path\n")
