@@ -22,16 +22,16 @@ def build_app(args: AppArgs) -> Application:
     return build(args)
 
 
-def build(args: AppArgs, ingress_replicas: int | None = None) -> Application:
-    """`ingress_replicas` is for tests that deploy without a config file; `serve run` sets
-    replicas and autoscaling in the config's `deployments:` list."""
+def build(args: AppArgs, ingress_options: dict | None = None) -> Application:
+    """`ingress_options` (Serve deployment options) are for tests that deploy without a config
+    file; `serve run` sets replicas, resources and autoscaling in the config's `deployments:`."""
     args = args.resolved(Path(os.getcwd()))
     scoring = args.pipeline.scoring
     scorers = {
         name: ScorerDeployment.options(name=deployment).bind(name, scoring.options_for(name), args.offline_models_dir)
         for name, deployment in SCORER_DEPLOYMENTS.items()
     }
-    ingress = Ingress.options(num_replicas=ingress_replicas) if ingress_replicas else Ingress
+    ingress = Ingress.options(**ingress_options) if ingress_options else Ingress
     return ingress.bind(
         scorers["pickscore"],
         scorers["clipscore"],

@@ -312,7 +312,7 @@ class Ingress:
     def _traces(self, generation_id: str, owner: str) -> TraceWriter:
         if self.store.get(generation_id, owner) is None:
             raise HTTPException(404, detail=f"generation {generation_id} not found")
-        return TraceWriter(self.trace_store, generation_id)
+        return TraceWriter(self.trace_store, generation_id, artifacts=self.artifacts)
 
     @app.get("/api/generations/{generation_id}/traces")
     async def traces(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:

@@ -239,7 +239,7 @@ def _print_summary(status, settings: PipelineSettings) -> None:
         shown = "user image" if scene.get("user_provided") else (f"{score:.1f}" if score is not None else "-")
         print(f"  scene {scene['scene_number']} ({scene['duration']} s): {shown}  {scene.get('reference_image_url', '')}")
     if settings.traces.keep:
-        print(f"traces: {Path(settings.traces.root) / status.generation_id}")
+        print(f"traces: {str(settings.traces.root).rstrip('/')}/{status.generation_id}")
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -85,7 +85,7 @@ def offline_app(ray_cluster, app_args):
 
     # Two ingress replicas, as in serve_config.offline.yaml: every HTTP test runs on the shared
     # job store with leases.
-    serve.run(build(app_args, ingress_replicas=2), name="sceneref", route_prefix="/", blocking=False)
+    serve.run(build(app_args, {"num_replicas": 2}), name="sceneref", route_prefix="/", blocking=False)
     wait_healthy(ray_cluster["http"])
     return ray_cluster["http"]
 
