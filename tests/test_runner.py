@@ -80,6 +80,19 @@ def request(**overrides) -> GenerationRequest:
     return GenerationRequest(prompt=STORY, target_duration=15, **overrides)
 
 
+def claim(store: JobStore, gid: str):
+    """The job's lease, as a runner holds it while it executes the job."""
+    lease = store.claim("test-runner", 30, generation_id=gid)
+    assert lease is not None
+    return lease
+
+
+def resumed(store: JobStore, gid: str):
+    """A failed job put back in the queue by its owner, then claimed: how a user resumes it."""
+    assert store.requeue(gid, "alice")
+    return claim(store, gid)
+
+
 def new_id() -> str:
     return f"gen-{uuid.uuid4().hex[:12]}"
 
@@ -415,7 +428,7 @@ async def run_until_scene_three_fails(server, tmp_path, store: JobStore, setting
         if event.stage == "scene_completed" and event.scene == 2:
             server.add_faults("edits", *[Fault("400", message="content policy (fake)")] * 4)
 
-    return await execute_job(store, gid, make_services(settings), settings, on_event=inject)
+    return await execute_job(store, claim(store, gid), make_services(settings), settings, on_event=inject)
 
 
 async def test_all_variations_failing_fails_the_job_and_keeps_finished_scenes(server, tmp_path):
@@ -453,7 +466,7 @@ async def test_resume_generates_only_the_missing_scenes(server, tmp_path):
     server.reset()  # faults cleared, a fresh record of requests
     events: list[ProgressEvent] = []
     services = make_services(settings)
-    scenes = await execute_job(store, gid, services, settings, on_event=events.append)
+    scenes = await execute_job(store, resumed(store, gid), services, settings, on_event=events.append)
 
     assert scenes is not None and [s.scene_number for s in scenes] == [1, 2, 3, 4]
     assert scenes[:2] == before  # the checkpointed scenes, not regenerated
@@ -497,7 +510,7 @@ async def test_a_resumed_job_that_completes_has_no_stale_error(server, tmp_path)
     gid = new_id()
     await run_until_scene_three_fails(server, tmp_path, store, settings, gid)
     server.reset()
-    await execute_job(store, gid, make_services(settings), settings)
+    await execute_job(store, resumed(store, gid), make_services(settings), settings)
     record = store.get(gid)
     store.close()
     assert record.status == "completed"
@@ -513,7 +526,7 @@ async def test_resumed_progress_does_not_go_backwards(server, tmp_path):
     assert reached >= 62  # two of four scenes were selected
     server.reset()
     events: list[ProgressEvent] = []
-    await execute_job(store, gid, make_services(settings), settings, on_event=events.append)
+    await execute_job(store, resumed(store, gid), make_services(settings), settings, on_event=events.append)
     store.close()
     assert min(e.progress for e in events) >= reached
 
@@ -539,7 +552,7 @@ async def test_scorer_failure_fails_the_generation_without_a_score(server, tmp_p
     store = JobStore(f"sqlite:///{tmp_path}/db.sqlite")
     gid = new_id()
     store.create(gid, "alice", request().model_dump(), offline=False)
-    result = await execute_job(store, gid, make_services(settings, PixelScoring(fail=True)), settings)
+    result = await execute_job(store, claim(store, gid), make_services(settings, PixelScoring(fail=True)), settings)
 
     assert result is None
     record = store.get(gid)
