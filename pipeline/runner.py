@@ -170,7 +170,12 @@ async def run_generation(
     already in the artifact store (the job's persisted upload), used as it is, never re-stored. `storyboard` and `completed`
     come from a checkpoint when resuming. Raises GenerationError with a user-facing reason.
     """
-    traces = TraceWriter(services.traces if services.traces is not None else settings.traces.root, generation_id)
+    traces = TraceWriter(
+        services.traces if services.traces is not None else settings.traces.root,
+        generation_id,
+        artifacts=services.artifacts,  # trace images name the stored artifact: stored once, not twice
+        s3=settings.s3,
+    )
     retries = settings.llm.invalid_output_retries
 
     reached = 0  # progress never goes backwards, also when a resumed job re-enters early stages
@@ -309,7 +314,7 @@ async def _generate_scene(
             failures[k] = transient(exc)
             return VariationResult(variation=k, error=f"{type(exc).__name__}: {exc}"), None
         key = await _blocking(services.artifacts.put, f"{generation_id}/scene_{n}/variation_{k}.png", data)
-        await _blocking(traces.image, n, k, data)
+        await _blocking(traces.image, n, k, data, artifact_key=key)
         return VariationResult(variation=k, image_key=key, provider_metadata=image.metadata), data
 
     outcomes = await _all_or_nothing(variation(k) for k in range(1, count + 1))

@@ -376,3 +376,15 @@ async def test_a_cancelled_generation_ends_only_after_its_write_in_progress_has_
     with pytest.raises(asyncio.CancelledError):
         await task
     assert any((tmp_path / "artifacts" / "gen-w" / "scene_1").glob("variation_*.png"))
+
+
+async def test_trace_images_name_the_stored_artifacts_instead_of_copying_them(tmp_path):
+    scenes = await run_generation(
+        "gen-once", request(), services_for(tmp_path, GatedChat([])), settings_for(tmp_path, keep=True), storyboard=BOARD
+    )
+    for scene in scenes:
+        for v in scene.variations:
+            trace = tmp_path / "traces" / "gen-once" / f"scene_{scene.scene_number}" / f"image_{v.variation}.png"
+            artifact = tmp_path / "artifacts" / v.image_key
+            assert trace.read_bytes() == artifact.read_bytes()
+            assert trace.stat().st_ino == artifact.stat().st_ino  # one file, two names
