@@ -167,10 +167,14 @@ async def run_generation(
     """Run (or resume) one generation and return its scenes in order.
 
     `reference_image` (PNG bytes) becomes scene 1 unchanged; `reference_key` names such an image
-    already in the artifact store (the job's persisted upload), used as it is, never re-stored. `storyboard` and `completed`
-    come from a checkpoint when resuming. Raises GenerationError with a user-facing reason.
+    already in the artifact store (the job's persisted upload), used as it is, never re-stored.
+    `storyboard` and `completed` come from a checkpoint when resuming. Raises GenerationError
+    with a user-facing reason (and `retryable`), or the first unexpected error of any of its
+    concurrent steps; a cancellation of the calling task propagates as CancelledError, after
+    every child has stopped and every write in progress has landed.
     """
-    traces = TraceWriter(
+    traces = await _blocking(  # opening an S3 trace store checks its bucket: a round trip
+        TraceWriter,
         services.traces if services.traces is not None else settings.traces.root,
         generation_id,
         artifacts=services.artifacts,  # trace images name the stored artifact: stored once, not twice
