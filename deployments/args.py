@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.adapters import HandleRetry
 from deployments.auth import AuthSettings, load_secret
 from deployments.uploads import UploadLimits
 from pipeline.limits import AdmissionLimits
@@ -42,6 +43,9 @@ class AppArgs(BaseModel):
     url_ttl_s: int = Field(3600, gt=0)
     uploads: UploadLimits = UploadLimits()
     jobs: JobSettings = JobSettings()
+    handle_retry: HandleRetry = Field(
+        HandleRetry(), description="retries of calls whose replica went away (a dead actor, no live replica yet)"
+    )
     limits: AdmissionLimits = AdmissionLimits()
     retention: RetentionSettings = RetentionSettings()
 

@@ -114,9 +114,9 @@ class Ingress:
         weights = self.settings.scoring.weights.as_dict()
         handles = {"pickscore": pickscore, "clipscore": clipscore, "vqascore": vqascore, "aesthetic": aesthetic}
         self.services = Services(
-            chat=HandleChat(agents),
-            images=HandleImages(generator),
-            scoring=HandleScoring({n: h for n, h in handles.items() if weights[n] > 0}),
+            chat=HandleChat(agents, args.handle_retry),
+            images=HandleImages(generator, args.handle_retry),
+            scoring=HandleScoring({n: h for n, h in handles.items() if weights[n] > 0}, args.handle_retry),
             artifacts=self.artifacts,
             traces=self.trace_store,
         )

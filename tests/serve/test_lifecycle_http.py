@@ -18,6 +18,8 @@ pytestmark = pytest.mark.serve
 
 LONG = {"prompt": "A lighthouse keeper's long day, from dawn to the night storm", "target_duration": 30,
         "advanced_image_num_variations": 2, "advanced_image_max_enhancement_iterations": 1}
+LONGEST = {"prompt": "A lighthouse keeper's long day, from dawn to the night storm", "target_duration": 60,
+           "advanced_image_num_variations": 4, "advanced_image_max_enhancement_iterations": 2}
 SHORT = {"prompt": "A cozy winter cabin getaway with hot chocolate", "target_duration": 9,
          "advanced_image_num_variations": 2, "advanced_image_max_enhancement_iterations": 1}
 
@@ -35,7 +37,7 @@ def wait_status(base: str, generation_id: str, headers: dict, wanted: set[str], 
 def test_cancel_by_the_owner_then_resume(offline_app, app_args):
     headers = auth("ivan")
     store = JobStore(app_args.database_url)
-    generation_id = httpx.post(f"{offline_app}/api/generate", json=LONG, headers=headers, timeout=30).json()["generation_id"]
+    generation_id = httpx.post(f"{offline_app}/api/generate", json=LONGEST, headers=headers, timeout=30).json()["generation_id"]
     deadline = time.monotonic() + 120
     while not store.scenes(generation_id) and time.monotonic() < deadline:
         time.sleep(0.2)
