@@ -116,8 +116,8 @@ def _content_length(scope: Scope) -> int | None:
 async def _refuse(send: Send, limit: int, why: str) -> None:
     body = json.dumps(
         {
-            "error": "request body too large",
-            "detail": f"the limit is {limit} bytes ({limit / 2**20:.1f} MiB) including the form fields; {why}",
+            "error": "request body too large: the image is over the upload limit",
+            "detail": f"image: the upload limit is {limit} bytes ({limit / 2**20:.1f} MiB) including the form fields; {why}",
         }
     ).encode()
     await send(
