@@ -34,6 +34,11 @@ class AppArgs(BaseModel):
     pipeline: PipelineSettings = PipelineSettings()
     auth: AuthSettings = AuthSettings()
     database_url: str = Field("sqlite:///output/sceneref.db", description="job store; any SQLAlchemy URL")
+    database_url_env: str = Field(
+        "SCENEREF_DATABASE_URL",
+        description="when this environment variable is set where the replica runs, its URL wins over "
+        "database_url (keeps a password out of the config; a Kubernetes Secret sets it)",
+    )
     offline_models_dir: str | None = Field(
         None, description="offline demo: build tiny scorer models here on first use and load them"
     )
@@ -48,6 +53,9 @@ class AppArgs(BaseModel):
     )
     limits: AdmissionLimits = AdmissionLimits()
     retention: RetentionSettings = RetentionSettings()
+
+    def job_store_url(self) -> str:
+        return os.environ.get(self.database_url_env) or self.database_url
 
     def url_secret(self) -> str:
         if os.environ.get(self.url_secret_env):

@@ -108,7 +108,7 @@ class Ingress:
         app.state.authenticate = bearer_principal(Authenticator(args.auth))
         app.state.upload_body_limit = UploadBodyLimit.body_limit(args.uploads.max_bytes)
         self.url_secret = args.url_secret()
-        self.store = JobStore(args.database_url)
+        self.store = JobStore(args.job_store_url())
         self.artifacts = open_store(self.settings.artifacts_dir, self.settings.s3)
         self.trace_store = open_store(self.settings.traces.root, self.settings.s3)
         weights = self.settings.scoring.weights.as_dict()

@@ -1,0 +1,43 @@
+"""The shipped Serve configs validate as the builder's typed args, and keep the shape issue 7
+asks for: several ingress replicas sharing jobs, cluster stores in production."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from deployments.args import AppArgs
+from pipeline.objectstore import is_url
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str) -> tuple[AppArgs, dict]:
+    config = yaml.safe_load((ROOT / name).read_text())
+    [app] = config["applications"]
+    return AppArgs.model_validate(app["args"]), {d["name"]: d for d in app["deployments"]}
+
+
+def test_production_config_runs_replicas_on_shared_stores():
+    args, deployments = load("serve_config.yaml")
+    assert args.database_url.startswith("postgresql+psycopg://")
+    assert is_url(args.pipeline.artifacts_dir) and str(args.pipeline.artifacts_dir).startswith("s3://")
+    assert is_url(args.pipeline.traces.root) and str(args.pipeline.traces.root).startswith("s3://")
+    ingress = deployments["Ingress"]
+    assert "num_replicas" not in ingress and ingress["autoscaling_config"]["min_replicas"] >= 2
+    assert ingress["graceful_shutdown_timeout_s"] >= 10
+
+
+def test_offline_config_exercises_two_ingress_replicas():
+    args, deployments = load("serve_config.offline.yaml")
+    assert deployments["Ingress"]["num_replicas"] == 2
+    assert args.database_url.startswith("sqlite:///") and not is_url(args.pipeline.artifacts_dir)
+
+
+def test_database_url_from_the_environment_wins(monkeypatch):
+    args, _ = load("serve_config.yaml")
+    monkeypatch.setenv(args.database_url_env, "postgresql+psycopg://u:secret@db/x")
+    assert args.job_store_url() == "postgresql+psycopg://u:secret@db/x"
+    monkeypatch.delenv(args.database_url_env)
+    assert args.job_store_url() == args.database_url
