@@ -158,7 +158,8 @@ class HandleScoring:
     async def score(self, images: list[bytes], prompts: list[str]) -> list[dict[str, ScorerResult]]:
         names = list(self.handles)
         if self.by_reference:
-            payloads = [self.put(image) for image in images]
+            # Serialising into the object store copies the bytes: off the event loop.
+            payloads = await asyncio.to_thread(lambda: [self.put(image) for image in images])
             self.sent.put += sum(len(image) for image in images)
         else:
             payloads = list(images)
