@@ -93,6 +93,7 @@ jobs_table = Table(
     Column("lease_token", Integer, nullable=False, default=0, server_default="0"),
     Column("cancel_requested", Boolean, nullable=False, default=False, server_default=false()),
     Column("finished_at", DateTime(timezone=True), nullable=True, index=True),
+    Column("traces_removed_at", DateTime(timezone=True), nullable=True),
     CheckConstraint(
         "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')", name="ck_jobs_status"
     ),
@@ -150,6 +151,7 @@ class JobRecord(BaseModel):
     lease_token: int = 0
     cancel_requested: bool = False
     finished_at: datetime | None = None
+    traces_removed_at: datetime | None = None
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest.model_validate(self.request)
@@ -466,7 +468,8 @@ class JobStore:
                 .where(c.generation_id == generation_id, c.owner == owner, c.status.in_(("failed", "cancelled")))
                 .values(
                     status="queued", stage="queued", error=None, cancel_requested=False,
-                    lease_holder=None, lease_expires_at=None, finished_at=None, updated_at=_now(),
+                    lease_holder=None, lease_expires_at=None, finished_at=None, traces_removed_at=None,
+                    updated_at=_now(),
                 )
             ).rowcount == 1
 
@@ -507,6 +510,24 @@ class JobStore:
         )
         with self.engine.connect() as conn:
             return [row.generation_id for row in conn.execute(query)]
+
+    def traces_expired(self, *, finished_before: datetime, limit: int) -> list[str]:
+        """Finished jobs whose trace files are still there and due for removal, oldest first."""
+        c = jobs_table.c
+        query = (
+            select(c.generation_id)
+            .where(c.status.in_(FINISHED), c.finished_at < finished_before, c.traces_removed_at.is_(None))
+            .order_by(c.finished_at, c.generation_id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [row.generation_id for row in conn.execute(query)]
+
+    def mark_traces_removed(self, generation_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(jobs_table).where(jobs_table.c.generation_id == generation_id).values(traces_removed_at=_now())
+            )
 
     def delete(self, generation_id: str) -> bool:
         """Remove the job row and its scenes (artifacts and traces are the caller's)."""
@@ -567,7 +588,7 @@ class JobStore:
 
 def _record(row: Any) -> JobRecord:
     data = dict(row)
-    for name in ("created_at", "updated_at", "lease_expires_at", "finished_at"):
+    for name in ("created_at", "updated_at", "lease_expires_at", "finished_at", "traces_removed_at"):
         data[name] = _aware(data[name])
     return JobRecord.model_validate(data)
 

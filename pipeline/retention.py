@@ -1,6 +1,7 @@
 """Retention: nothing a generation stores lives forever. A finished generation (completed,
-failed or cancelled) keeps its images, trace files and job row for `generations_s`; then all
-three are removed together, so a status never points at deleted images.
+failed or cancelled) keeps its trace files for `traces_s` (failed jobs' traces included: with
+`traces.keep: false` a *completed* job's traces go at completion already), and its images and
+job row for `generations_s`; those two go together, so a status never points at deleted images.
 
 Every step is idempotent (deleting a missing prefix or row is a no-op), so several ingress
 replicas may run the sweep at the same time on the same stores.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger("sceneref.retention")
 
@@ -19,17 +20,29 @@ log = logging.getLogger("sceneref.retention")
 class RetentionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    traces_s: float = Field(7 * 24 * 3600.0, gt=0, description="how long a finished generation's trace files are kept")
     generations_s: float = Field(
-        30 * 24 * 3600.0, gt=0, description="how long a finished generation's images, traces and row are kept"
+        30 * 24 * 3600.0, gt=0, description="how long a finished generation's images and job row are kept"
     )
     interval_s: float = Field(3600.0, gt=0, description="how often each ingress replica sweeps")
     batch: int = Field(100, ge=1, description="generations removed per sweep step")
 
+    @model_validator(mode="after")
+    def _traces_go_first(self) -> "RetentionSettings":
+        # Trace images may be pointers to the artifacts (docs/storage.md): they must not outlive them.
+        if self.traces_s > self.generations_s:
+            raise ValueError("retention.traces_s must not be longer than retention.generations_s")
+        return self
+
 
 def sweep(store, artifacts, traces, settings: RetentionSettings, now: datetime | None = None) -> list[str]:
-    """Remove every generation that finished more than `generations_s` ago; return their ids.
-    Objects first, the row last: a sweep interrupted half-way is finished by the next one."""
+    """Remove the trace files of generations that finished more than `traces_s` ago, then
+    every generation that finished more than `generations_s` ago; return the latter's ids.
+    Objects first, the row (or its mark) last: a sweep interrupted half-way is finished by the
+    next one."""
     now = now or datetime.now(timezone.utc)
+    if traces is not None:
+        _sweep_traces(store, traces, now - timedelta(seconds=settings.traces_s), settings.batch)
     cutoff = now - timedelta(seconds=settings.generations_s)
     removed: list[str] = []
     while True:
@@ -45,3 +58,15 @@ def sweep(store, artifacts, traces, settings: RetentionSettings, now: datetime |
         log.info("retention removed %d generations finished before %s", len(ids), cutoff.isoformat())
         if len(ids) < settings.batch:
             return removed
+
+
+def _sweep_traces(store, traces, cutoff: datetime, batch: int) -> None:
+    while True:
+        ids = store.traces_expired(finished_before=cutoff, limit=batch)
+        for generation_id in ids:
+            traces.delete_prefix(f"{generation_id}/")
+            store.mark_traces_removed(generation_id)
+        if ids:
+            log.info("retention removed the traces of %d generations finished before %s", len(ids), cutoff.isoformat())
+        if len(ids) < batch:
+            return

@@ -72,7 +72,7 @@ def test_fresh_database_migrates_to_the_code_schema(url):
     JobStore(url).close()
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert migrations.current(conn) == migrations.head() == "0002"
+        assert migrations.current(conn) == migrations.head() == "0003"
         assert set(inspect(conn).get_table_names()) == {"jobs", "scenes", "alembic_version"}
     engine.dispose()
     assert _diff(url) == []
@@ -113,5 +113,5 @@ def test_many_processes_open_a_new_database_at_once(url):
     context = multiprocessing.get_context("spawn")
     with context.Pool(4) as pool:
         results = pool.map(open_store, [url] * 4)
-    assert results == ["0002"] * 4
+    assert results == ["0003"] * 4
     assert _diff(url) == []

@@ -35,7 +35,7 @@ def test_sweep_removes_only_expired_finished_generations(stores):
     store, artifacts, traces = stores
     for generation_id, finish in [("done", "completed"), ("broken", "failed"), ("stopped", "cancelled"), ("queued", None)]:
         make(store, artifacts, traces, generation_id, finish)
-    settings = RetentionSettings(generations_s=3600)
+    settings = RetentionSettings(traces_s=3600, generations_s=3600)
 
     assert sweep(store, artifacts, traces, settings) == []  # nothing is old enough yet
     later = datetime.now(timezone.utc) + timedelta(hours=2)
@@ -47,6 +47,27 @@ def test_sweep_removes_only_expired_finished_generations(stores):
     assert store.get("queued") is not None  # unfinished work is never expired
     assert artifacts.exists("queued/scene_1/variation_1.png")
     assert sweep(store, artifacts, traces, settings, now=later) == []  # idempotent
+
+
+def test_traces_go_before_images_and_rows(stores):
+    store, artifacts, traces = stores
+    make(store, artifacts, traces, "failed-job", "failed")
+    settings = RetentionSettings(traces_s=3600, generations_s=7200)
+    in_between = datetime.now(timezone.utc) + timedelta(seconds=5400)
+    assert sweep(store, artifacts, traces, settings, now=in_between) == []
+    assert traces.list("failed-job/") == []  # the failed job's traces are gone ...
+    assert artifacts.exists("failed-job/scene_1/variation_1.png")  # ... its images and row stay
+    record = store.get("failed-job")
+    assert record is not None and record.traces_removed_at is not None
+    assert store.traces_expired(finished_before=in_between, limit=10) == []  # removed once
+    later = datetime.now(timezone.utc) + timedelta(seconds=7300)
+    assert sweep(store, artifacts, traces, settings, now=later) == ["failed-job"]
+    assert store.get("failed-job") is None and artifacts.list("failed-job/") == []
+
+
+def test_traces_may_not_outlive_images():
+    with pytest.raises(ValueError, match="traces_s"):
+        RetentionSettings(traces_s=10, generations_s=5)
 
 
 def test_sweep_works_in_batches(stores):
