@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from pipeline.artifacts import LocalObjectStore
+from pipeline.objectstore import open_store
 from pipeline.jobs import JobStore
 from pipeline.retention import RetentionSettings, sweep
 from pipeline.schemas import GenerationRequest
@@ -15,10 +16,15 @@ from pipeline.schemas import GenerationRequest
 REQUEST = GenerationRequest(prompt="A lighthouse keeper's morning", target_duration=9).model_dump(mode="json")
 
 
-@pytest.fixture
-def stores(tmp_path):
+@pytest.fixture(params=["local", "s3"])
+def stores(request, tmp_path):
+    """Local directories, or S3 prefixes on the session's SeaweedFS server."""
     store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
-    yield store, LocalObjectStore(tmp_path / "artifacts"), LocalObjectStore(tmp_path / "traces")
+    if request.param == "local":
+        yield store, LocalObjectStore(tmp_path / "artifacts"), LocalObjectStore(tmp_path / "traces")
+    else:
+        where = request.getfixturevalue("s3_location")
+        yield store, open_store(f"{where.url}/artifacts", where.settings), open_store(f"{where.url}/traces", where.settings)
     store.close()
 
 
