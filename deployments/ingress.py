@@ -136,6 +136,7 @@ class Ingress:
         room; sleep until a submission or a finished job wakes it, or `poll_s` passes."""
         jobs = self.args.jobs
         while True:
+            self.wake.clear()  # before claiming: a submission during the claim wakes the next round
             try:
                 while len(self.tasks) < jobs.max_running_per_replica:
                     lease = await asyncio.to_thread(self.store.claim, self.holder, jobs.lease_s)
@@ -144,7 +145,6 @@ class Ingress:
                     self._start(lease)
             except Exception:  # the database is down or locked: try again next tick
                 log.exception("claiming jobs failed; retrying in %.1f s", jobs.poll_s)
-            self.wake.clear()
             try:
                 await asyncio.wait_for(self.wake.wait(), jobs.poll_s * random.uniform(0.8, 1.2))
             except asyncio.TimeoutError:
