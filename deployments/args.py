@@ -46,6 +46,11 @@ class AppArgs(BaseModel):
         "SCENEREF_URL_SECRET", description="key for signed image URLs; falls back to the HS256 JWT secret"
     )
     url_ttl_s: int = Field(3600, gt=0)
+    public_base_url: str | None = Field(
+        None,
+        description="the service's public URL (https://sceneref.example.com): the base of every link the API "
+        "returns (status_url, reference_image_url); the request's Host header is never trusted for them",
+    )
     uploads: UploadLimits = UploadLimits()
     jobs: JobSettings = JobSettings()
     handle_retry: HandleRetry = Field(
