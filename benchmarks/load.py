@@ -51,7 +51,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tree: Path, work: Path, port: int, overrides: dict) -> Path:
+def write_config(tree: Path, work: Path, port: int, overrides: dict, ingress_replicas: int | None = None) -> Path:
     import yaml
 
     config = yaml.safe_load((tree / "serve_config.offline.yaml").read_text())
@@ -65,6 +65,10 @@ def write_config(tree: Path, work: Path, port: int, overrides: dict) -> Path:
     pipeline["artifacts_dir"] = str(work / "artifacts")
     for key, value in overrides.items():
         args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value
+    if ingress_replicas:
+        for entry in app["deployments"]:
+            if entry["name"] == "Ingress":
+                entry["num_replicas"] = ingress_replicas
     path = work / "serve_config.load.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -198,6 +202,7 @@ def main() -> None:
     parser.add_argument("--body", choices=list(BODIES), default="small", help="what each generation asks for")
     parser.add_argument("--limit-s", type=float, default=900, help="stop polling after this long")
     parser.add_argument("--args", type=json.loads, default={}, help="JSON merged into the app's args (e.g. limits)")
+    parser.add_argument("--ingress-replicas", type=int, help="override the config's Ingress num_replicas")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "output/bench-load")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
@@ -208,7 +213,7 @@ def main() -> None:
     subprocess.run([str(BIN / "sceneref"), "offline-models", "--dir", str(ROOT / "output/offline-models")],
                    check=True, stdout=subprocess.DEVNULL)
     port = free_port()
-    config = write_config(tree, work, port, args.args)
+    config = write_config(tree, work, port, args.args, args.ingress_replicas)
     env = {**os.environ, **ENV, "RAY_ADDRESS": "local", "PYTHONPATH": str(tree)}
     log = (work / "serve.log").open("w")
     process = subprocess.Popen([str(BIN / "serve"), "run", str(config)], cwd=tree, env=env, stdout=log,

@@ -11,12 +11,14 @@ replica on any node serves any generation.
 # No `from __future__ import annotations` here: FastAPI, through @serve.ingress, must see the
 # route parameters' real types (a string `Request` becomes a required field).
 import asyncio
+import functools
 import logging
 import mimetypes
 import os
 import random
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -88,6 +90,7 @@ def _principal(request: Request, credentials: HTTPAuthorizationCredentials | Non
 
 
 FINISHED = ("completed", "failed", "cancelled")
+CANCEL_WATCH_S = 2.0  # how often a replica looks for cancel requests of the jobs it runs (one query)
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -124,10 +127,14 @@ class Ingress:
         self.holder = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasks: dict[str, asyncio.Task] = {}
         self.wake = asyncio.Event()
+        # Request-path reads and writes get threads of their own, so a status or a submission
+        # never queues behind the running jobs' trace, artifact and lease work.
+        self.api_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sceneref-api")
         loop = asyncio.get_event_loop()
         self.loops = [loop.create_task(self._retention_loop())]
         if args.jobs.run_jobs:
             self.loops.append(loop.create_task(self._claim_loop()))
+            self.loops.append(loop.create_task(self._cancel_watch()))
 
     # --- running jobs -----------------------------------------------------------------
 
@@ -150,11 +157,33 @@ class Ingress:
             except asyncio.TimeoutError:
                 pass
 
+    async def _api(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.api_pool, functools.partial(fn, *args, **kwargs))
+
+    async def _cancel_watch(self) -> None:
+        """Stop the jobs of this replica whose owner asked to cancel them on another replica:
+        one query for all of them every CANCEL_WATCH_S (each job's own lease keeper only looks
+        at its renewals)."""
+        while True:
+            await asyncio.sleep(CANCEL_WATCH_S)
+            if not self.tasks:
+                continue
+            try:
+                for generation_id in await asyncio.to_thread(self.store.cancel_requested_among, list(self.tasks)):
+                    task = self.tasks.get(generation_id)
+                    if task is not None:
+                        task.cancel()
+            except Exception:
+                log.exception("looking for cancel requests failed")
+
     def _start(self, lease) -> None:
         generation_id = lease.generation_id
         log.info("%s runs generation %s (lease %d)", self.holder, generation_id, lease.token)
         task = asyncio.get_running_loop().create_task(
-            execute_job(self.store, lease, self.services, self.settings, lease_s=self.args.jobs.lease_s)
+            execute_job(
+                self.store, lease, self.services, self.settings, lease_s=self.args.jobs.lease_s,
+                cancel_poll_s=self.args.jobs.lease_s / 3,  # _cancel_watch looks more often, for all jobs at once
+            )
         )
         self.tasks[generation_id] = task
 
@@ -190,19 +219,19 @@ class Ingress:
     # --- routes -----------------------------------------------------------------------
 
     async def _submit(self, request: GenerationRequest, principal: Principal, http: Request, upload=None) -> dict:
-        refusal = await asyncio.to_thread(check_admission, self.store, principal.subject, self.args.limits)
+        refusal = await self._api(check_admission, self.store, principal.subject, self.args.limits)
         if refusal is not None:
             raise HTTPException(refusal.status_code, detail=refusal.reason, headers={"Retry-After": str(refusal.retry_after_s)})
         generation_id = uuid.uuid4().hex
         reference_key = None
         if upload is not None:  # persisted before the job exists: whoever runs it finds the image
-            reference_key = await asyncio.to_thread(
+            reference_key = await self._api(
                 self.artifacts.put, f"{generation_id}/scene_1/user_reference.png", upload.png, "image/png"
             )
             if upload.original is not None:
                 kind = (upload.original_format or "bin").lower()
-                await asyncio.to_thread(self.artifacts.put, f"{generation_id}/upload/original.{kind}", upload.original)
-        await asyncio.to_thread(
+                await self._api(self.artifacts.put, f"{generation_id}/upload/original.{kind}", upload.original)
+        await self._api(
             self.store.create, generation_id, principal.subject, request.model_dump(mode="json"),
             offline=self.offline, reference_key=reference_key,
         )
@@ -258,7 +287,7 @@ class Ingress:
 
     @app.get("/api/status/{generation_id}", name="status")
     async def status(self, generation_id: str, http: Request, principal: Principal = Depends(_principal)) -> dict:
-        record, scenes = await asyncio.to_thread(self._read_status, generation_id, principal.subject)
+        record, scenes = await self._api(self._read_status, generation_id, principal.subject)
         if record is None:  # also for another user's id, so ids cannot be probed
             raise HTTPException(404, detail=f"generation {generation_id} not found")
         base = str(http.base_url).rstrip("/")
@@ -272,27 +301,27 @@ class Ingress:
     async def cancel(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
         """Ask the job to stop: it ends `cancelled` at its next step, wherever it runs; finished
         scenes are kept."""
-        record = await asyncio.to_thread(self.store.get, generation_id, principal.subject)
+        record = await self._api(self.store.get, generation_id, principal.subject)
         if record is None:
             raise HTTPException(404, detail=f"generation {generation_id} not found")
         if record.status in FINISHED:
             raise HTTPException(409, detail=f"generation {generation_id} is already {record.status}")
-        await asyncio.to_thread(self.store.request_cancel, generation_id, principal.subject)
+        await self._api(self.store.request_cancel, generation_id, principal.subject)
         task = self.tasks.get(generation_id)
         if task is not None:  # running here: stop now rather than at the next lease renewal
             task.cancel()
-        record = await asyncio.to_thread(self.store.get, generation_id, principal.subject)
+        record = await self._api(self.store.get, generation_id, principal.subject)
         return {"generation_id": generation_id, "status": record.status, "cancel_requested": True}
 
     @app.post("/api/generations/{generation_id}/resume", status_code=202)
     async def resume(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
         """Run a failed or cancelled generation again from its next unfinished scene."""
-        record = await asyncio.to_thread(self.store.get, generation_id, principal.subject)
+        record = await self._api(self.store.get, generation_id, principal.subject)
         if record is None:
             raise HTTPException(404, detail=f"generation {generation_id} not found")
         if record.status not in ("failed", "cancelled"):
             raise HTTPException(409, detail=f"generation {generation_id} is {record.status}: only failed or cancelled ones resume")
-        if not await asyncio.to_thread(self.store.requeue, generation_id, principal.subject):
+        if not await self._api(self.store.requeue, generation_id, principal.subject):
             raise HTTPException(409, detail=f"generation {generation_id} cannot be resumed now")
         self.wake.set()
         return {"generation_id": generation_id, "status": "queued"}
@@ -301,7 +330,7 @@ class Ingress:
     async def artifact(self, key: str, expires: str = "", sig: str = "") -> Response:
         try:
             verify_signed(f"/api/artifacts/{key}", expires, sig, self.url_secret)
-            data = await asyncio.to_thread(self.artifacts.get, key)
+            data = await self._api(self.artifacts.get, key)
         except SignatureError as exc:
             raise HTTPException(403, detail=f"artifact link: {exc}") from None
         except (ArtifactNotFound, ValueError):
@@ -319,7 +348,7 @@ class Ingress:
         def listing() -> list[str]:
             return self._traces(generation_id, principal.subject).list_files()
 
-        files = await asyncio.to_thread(listing)
+        files = await self._api(listing)
         if not files:
             raise HTTPException(404, detail="no trace files: they are removed on completion unless traces.keep is set")
         return {"generation_id": generation_id, "files": files}
@@ -330,7 +359,7 @@ class Ingress:
             return self._traces(generation_id, principal.subject).read_file(name)
 
         try:
-            data = await asyncio.to_thread(read)
+            data = await self._api(read)
         except (ArtifactNotFound, ValueError, FileNotFoundError):
             raise HTTPException(404, detail=f"trace file {name} not found") from None
         media = mimetypes.guess_type(name)[0] or "text/plain"

@@ -457,6 +457,16 @@ class JobStore:
             ).scalar()
         return bool(flag)
 
+    def cancel_requested_among(self, generation_ids: Sequence[str]) -> set[str]:
+        """Which of these jobs their owners asked to cancel: one query for all the jobs a
+        replica runs, instead of one per job."""
+        if not generation_ids:
+            return set()
+        c = jobs_table.c
+        query = select(c.generation_id).where(c.generation_id.in_(list(generation_ids)), c.cancel_requested.is_(True))
+        with self.engine.connect() as conn:
+            return {row.generation_id for row in conn.execute(query)}
+
     def requeue(self, generation_id: str, owner: str) -> bool:
         """Put a failed or cancelled job back in the queue (error and cancel flag cleared), so
         the next runner resumes it at its next scene. False if it is not this owner's or not

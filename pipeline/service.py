@@ -34,7 +34,9 @@ log = logging.getLogger("sceneref.service")
 # Waits between attempts of a write that must land (checkpoint, final status) on a transient
 # database error; about 4 s in all, well inside any sensible lease.
 RETRY_DELAYS_S = (0.1, 0.3, 1.0, 2.5)
-# Upper bound between two looks at the job's cancel flag.
+# Upper bound between two looks at the job's cancel flag when the caller gives none. Each look is
+# a query per running job: a replica running dozens of jobs passes a longer one (the ingress
+# looks at every renewal, lease_s / 3, and cancels jobs it runs itself at once).
 CANCEL_POLL_S = 2.0
 
 
@@ -75,6 +77,7 @@ async def execute_job(
     *,
     lease_s: float = 30.0,
     on_event: Callable[[ProgressEvent], None] | None = None,
+    cancel_poll_s: float = CANCEL_POLL_S,
 ) -> list[SceneResult] | None:
     """Run or resume the job held by `lease` and record how it ended.
 
@@ -116,7 +119,7 @@ async def execute_job(
             on_scene=job.scene,
         )
     )
-    keeper = _LeaseKeeper(store, lease, lease_s, run)
+    keeper = _LeaseKeeper(store, lease, lease_s, run, cancel_poll_s)
     keeper_task = asyncio.ensure_future(keeper.run())
     try:
         try:
@@ -215,14 +218,15 @@ class _LeaseKeeper:
     """Renews the lease every lease_s / 3 and watches the cancel flag; stops the run (by
     cancelling it) when the lease is lost or the owner asked to cancel."""
 
-    def __init__(self, store: JobStore, lease: Lease, lease_s: float, run: asyncio.Future):
+    def __init__(self, store: JobStore, lease: Lease, lease_s: float, run: asyncio.Future, cancel_poll_s: float):
         self.store, self.lease, self.lease_s, self.run_future = store, lease, lease_s, run
+        self.cancel_poll_s = cancel_poll_s
         self.reason: str | None = None  # "lost" | "cancel"
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         every = self.lease_s / 3
-        tick = min(every, CANCEL_POLL_S)
+        tick = min(every, self.cancel_poll_s)
         next_renewal = loop.time() + every
         while not self.run_future.done():
             await asyncio.sleep(tick)

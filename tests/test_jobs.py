@@ -369,3 +369,14 @@ def test_reference_key_is_stored(store):
     assert store.get("gen-1").reference_key == "gen-1/scene_1/user_reference.png"
     store.create("gen-2", "alice", REQUEST, offline=False)
     assert store.get("gen-2").reference_key is None
+
+
+def test_cancel_requests_of_many_jobs_in_one_query(store):
+    for generation_id in ("a", "b", "c"):
+        store.create(generation_id, "alice", REQUEST, offline=True)
+    leases = [store.claim("runner", 30, generation_id=g) for g in ("a", "b", "c")]
+    assert all(leases)
+    assert store.cancel_requested_among(["a", "b", "c"]) == set()
+    assert store.request_cancel("b", "alice")
+    assert store.cancel_requested_among(["a", "b", "c"]) == {"b"}
+    assert store.cancel_requested_among([]) == set()
