@@ -63,6 +63,12 @@ class AuthSettings(BaseModel):
     audience: str | None = None
     issuer: str | None = None
     leeway_s: int = Field(30, ge=0, le=300)
+    max_lifetime_s: int = Field(
+        24 * 3600,
+        gt=0,
+        description="longest accepted token lifetime (exp - iat, and exp - now): a token that "
+        "never expires (exp 10^30) is a stolen credential that can never be revoked by waiting",
+    )
     jwks_cache_s: int = Field(300, gt=0)
     jwks_timeout_s: float = Field(10.0, gt=0)
 
@@ -131,6 +137,10 @@ class Authenticator:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
             raise AuthError("malformed token") from None
+        except jwt.InvalidTokenError as exc:
+            # PyJWT checks `crit` while reading the header, with an error that is not a
+            # DecodeError: without this it escaped as a 500 before any signature was checked.
+            raise AuthError(f"malformed token header: {exc}") from None
         alg = header.get("alg")
         if alg not in self.algorithms:
             raise AuthError(f"token algorithm {alg!r} is not accepted (expected one of {self.algorithms})")
@@ -145,7 +155,9 @@ class Authenticator:
                 audience=settings.audience,
                 issuer=settings.issuer,
                 leeway=settings.leeway_s,
-                options={"require": required, "verify_aud": settings.audience is not None},
+                # Always verified: with no audience configured, PyJWT refuses any token that
+                # names one (a token for another service is not a token for this one).
+                options={"require": required, "verify_aud": True},
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token has expired") from None
@@ -163,10 +175,22 @@ class Authenticator:
             raise AuthError("malformed token") from None
         except (jwt.InvalidTokenError, jwt.InvalidKeyError) as exc:
             raise AuthError(f"invalid token: {exc}") from None
+        self._check_lifetime(claims)
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject.strip():
             raise AuthError("token subject ('sub') is empty")
         return Principal(subject=subject, claims=claims)
+
+    def _check_lifetime(self, claims: dict[str, Any]) -> None:
+        """`exp` far in the future makes a leaked token valid for ever; cap it both against
+        `iat` (what the issuer granted) and against now (a token without `iat`)."""
+        limit = self.settings.max_lifetime_s
+        exp = claims["exp"]  # PyJWT has checked it is a number
+        iat = claims.get("iat")
+        if isinstance(iat, (int, float)) and exp - iat > limit:
+            raise AuthError(f"token lifetime (exp - iat) exceeds the maximum of {limit} s")
+        if exp - time.time() > limit + self.settings.leeway_s:
+            raise AuthError(f"token lifetime (exp - now) exceeds the maximum of {limit} s")
 
     def _key_for(self, token: str, header: dict[str, Any], alg: str) -> Any:
         if self._secret is not None:

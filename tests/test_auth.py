@@ -123,6 +123,43 @@ def test_malformed_and_oversized(hs_auth):
     refused(hs_auth, "a" * 10000, "too long")
 
 
+@pytest.mark.parametrize("crit", [["x"], "x", [1], [["nested"]], {"a": 1}, ["exp"]])
+def test_crit_header_is_401_not_500(hs_auth, crit):
+    """PyJWT refuses an unknown or malformed `crit` while reading the header, with an error the
+    header check did not catch (a 500 before any signature was checked)."""
+    token = f"{b64({'alg': 'HS256', 'crit': crit})}.{b64(claims(aud='sceneref', iss='https://idp.test'))}.AAAA"
+    refused(hs_auth, token, "crit")
+    signed = jwt.encode(claims(aud="sceneref", iss="https://idp.test"), SECRET, algorithm="HS256", headers={"crit": ["x"]})
+    refused(hs_auth, signed, "crit")
+
+
+def test_lifetime_is_capped(monkeypatch):
+    monkeypatch.setenv(ENV, SECRET)
+    auth = Authenticator(AuthSettings(mode="hs256", secret_env=ENV, max_lifetime_s=3600))
+    now = int(time.time())
+    assert auth.verify(jwt.encode({"sub": "a", "iat": now, "exp": now + 3600}, SECRET, algorithm="HS256"))
+    # exp - iat beyond the cap, even though the token is not expired yet
+    refused(auth, jwt.encode({"sub": "a", "iat": now - 3000, "exp": now + 1000}, SECRET, algorithm="HS256"), "lifetime")
+    # no iat: exp - now beyond the cap (an exp of 10^30 never expires otherwise)
+    refused(auth, jwt.encode({"sub": "a", "exp": 10**30}, SECRET, algorithm="HS256"), "lifetime")
+    refused(auth, jwt.encode({"sub": "a", "exp": now + 7200}, SECRET, algorithm="HS256"), "lifetime")
+    refused(auth, jwt.encode({"sub": "a", "iat": now, "exp": 10**30}, SECRET, algorithm="HS256"), "lifetime")
+    assert AuthSettings().max_lifetime_s == 24 * 3600
+    with pytest.raises(ValueError):
+        AuthSettings(max_lifetime_s=0)
+
+
+def test_audience_in_token_refused_when_none_configured(monkeypatch):
+    """A token minted for another service must not be accepted just because this one has no
+    audience configured."""
+    monkeypatch.setenv(ENV, SECRET)
+    auth = Authenticator(AuthSettings(mode="hs256", secret_env=ENV))
+    now = int(time.time())
+    assert auth.verify(jwt.encode({"sub": "a", "exp": now + 60}, SECRET, algorithm="HS256")).subject == "a"
+    refused(auth, jwt.encode({"sub": "a", "exp": now + 60, "aud": "other-api"}, SECRET, algorithm="HS256"), "audience")
+    refused(auth, jwt.encode({"sub": "a", "exp": now + 60, "aud": ["x", "y"]}, SECRET, algorithm="HS256"), "audience")
+
+
 def test_secret_required_at_startup(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     with pytest.raises(AuthConfigError, match=ENV):
