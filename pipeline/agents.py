@@ -45,6 +45,16 @@ Reply with only a JSON object:
 "cinematography": 0-100, "brand_alignment": 0-100}, "critique": "...", "improvements": ["..."]}"""
 
 
+def failed_agent(record: IterationRecord) -> str | None:
+    """Which agent ended this iteration with an error: "cinematographer" (agent 1 wrote no
+    prompt, so the record has none), "prompt_engineer" (agent 1's prompt is there, its review
+    failed), or None for a reviewed iteration. Derived from the record itself, so the trace
+    writer and any later reader agree without a second field to keep in sync."""
+    if not record.error:
+        return None
+    return "prompt_engineer" if record.enhanced_prompt else "cinematographer"
+
+
 def overall_score(scores: DimensionScores, weights: DimensionWeights) -> float:
     """Weighted average of the five dimensions (weights normalised to sum to one)."""
     w = weights.as_dict()
@@ -86,9 +96,13 @@ async def enhance_scene(
                 schema=CinematographerOutput,
                 retries=retries,
             )
+            if not rewrite.enhanced_prompt.strip():  # a blank rewrite is no rewrite (see failed_agent)
+                raise InvalidOutputError("cinematographer", 1, ["enhanced_prompt is blank"])
         except (InvalidOutputError, ProviderError) as exc:
             stop_reason = f"agent 1 failed at iteration {i}: {exc}"
-            iterations.append(IterationRecord(iteration=i, enhanced_prompt=latest_prompt or scene.prompt, error=str(exc)))
+            # No prompt: agent 1 wrote none this iteration. Carrying the previous one here would
+            # make the trace show it as a new rewrite (and blame agent 2 for the error).
+            iterations.append(IterationRecord(iteration=i, enhanced_prompt="", error=str(exc)))
             break
         latest_prompt = rewrite.enhanced_prompt.strip()
 

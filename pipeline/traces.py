@@ -13,8 +13,10 @@ docs/traces.md.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+from pipeline.agents import failed_agent
 from pipeline.objectstore import ArtifactNotFound, LocalObjectStore, ObjectStore, as_store, check_key, open_store, share
 from pipeline.schemas import EnhancementResult, IterationRecord, SceneResult, VariationResult
 
@@ -23,6 +25,8 @@ from pipeline.schemas import EnhancementResult, IterationRecord, SceneResult, Va
 # `image_{k}.png` with the artifact's bytes. Local trace trees use hard links instead, so the
 # files on disk keep exactly the guide's names.
 LINK_SUFFIX = ".link"
+# The agents' files of one scene (`01_agent1_iteration_1.txt`, `02_agent2_iteration_1.txt`, ...).
+_AGENT_FILE = re.compile(r"\d{2,}_agent[12]_iteration_\d+\.txt")
 
 
 class TraceStore:
@@ -108,10 +112,18 @@ class TraceWriter(TraceStore):
         self._write(scene_number, "00_original_prompt.txt", prompt + "\n")
 
     def enhancement(self, scene_number: int, result: EnhancementResult) -> None:
+        """The scene's agent files, summary and final prompt, written as one set: the scene's
+        agent files of an earlier run (a resumed job enhancing the scene again, perhaps in fewer
+        iterations) are removed first, so no file of a higher iteration stays behind as if this
+        run had written it. An iteration where agent 1 failed is a failure in agent 1's file and
+        has no agent-2 file (agent 2 never ran); one where agent 2 failed has agent 1's prompt in
+        its file and the error in agent 2's."""
+        self._remove_agent_files(scene_number)
         for record in result.iterations:
             i = record.iteration
+            failed = failed_agent(record)
             self._write(scene_number, f"{2 * i - 1:02d}_agent1_iteration_{i}.txt", _agent1_text(record))
-            if record.scores is not None or record.error:
+            if failed != "cinematographer" and (record.scores is not None or record.error):
                 self._write(scene_number, f"{2 * i:02d}_agent2_iteration_{i}.txt", _agent2_text(record))
         self._write(scene_number, "final_enhanced_prompt.txt", result.final_prompt + "\n")
         summary = {
@@ -125,17 +137,24 @@ class TraceWriter(TraceStore):
             "iterations": [
                 {
                     "iteration": r.iteration,
-                    "enhanced_prompt": r.enhanced_prompt,
+                    "enhanced_prompt": r.enhanced_prompt or None,  # None: agent 1 wrote none
                     "scores": _scores(r.scores, r.overall),
                     "critique": r.critique,
                     "improvements": r.improvements,
                     "error": r.error,
+                    "failed_agent": failed_agent(r),
                     "timestamp": r.timestamp,
                 }
                 for r in result.iterations
             ],
         }
         self._write(scene_number, "prompt_trace_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+
+    def _remove_agent_files(self, scene_number: int) -> None:
+        prefix = f"{self.generation_id}/scene_{scene_number}"
+        for key in self.store.list(prefix):
+            if _AGENT_FILE.fullmatch(key[len(prefix) + 1 :]):
+                self.store.delete_prefix(key)  # a whole key: exactly that object, on both backends
 
     def image(
         self, scene_number: int, variation: int, data: bytes, *, artifact_key: str | None = None, artifacts=None
@@ -208,6 +227,14 @@ def _scores(scores, overall) -> dict | None:
 
 
 def _agent1_text(record: IterationRecord) -> str:
+    if failed_agent(record) == "cinematographer":
+        return (
+            f"Cinematographer - iteration {record.iteration}\n\n"
+            f"FAILED: {record.error}\n\n"
+            "No prompt was written in this iteration and the Prompt Engineer did not run. The final\n"
+            "prompt comes from the earlier iterations, or is the original prompt when there were\n"
+            "none (see final_enhanced_prompt.txt and prompt_trace_summary.json).\n"
+        )
     return f"Cinematographer - iteration {record.iteration}\n\n{record.enhanced_prompt}\n"
 
 

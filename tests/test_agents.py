@@ -97,3 +97,36 @@ async def test_custom_approval_score():
     settings = EnhancementSettings(approval_score=50)
     result = await enhance_scene(chat, SCENE, STORY, max_iterations=4, settings=settings, retries=0)
     assert result.approved and result.total_iterations == 1
+
+
+async def test_agent1_failure_is_recorded_as_agent1s_with_no_prompt():
+    """A failed rewrite produced no prompt: the record must not carry the previous iteration's
+    prompt as if agent 1 had written it again (the trace files would show it as new)."""
+    from pipeline.agents import failed_agent
+
+    chat = ScriptedChat([rewrite(1), review(70, 70, 70, 70, 70), "{not json"])
+    result = await enhance_scene(chat, SCENE, STORY, max_iterations=4, settings=EnhancementSettings(), retries=0)
+    first, failed = result.iterations
+    assert failed.iteration == 2 and failed.enhanced_prompt == "" and failed.error
+    assert failed_agent(failed) == "cinematographer" and failed_agent(first) is None
+    assert "agent 1 failed at iteration 2" in result.stop_reason
+    assert result.final_prompt.startswith("rewrite number 1") and result.total_iterations == 2
+
+
+async def test_agent2_failure_keeps_agent1s_prompt():
+    from pipeline.agents import failed_agent
+
+    chat = ScriptedChat([rewrite(1), "nope"])
+    result = await enhance_scene(chat, SCENE, STORY, max_iterations=2, settings=EnhancementSettings(), retries=0)
+    (record,) = result.iterations
+    assert record.enhanced_prompt.startswith("rewrite number 1") and failed_agent(record) == "prompt_engineer"
+
+
+async def test_blank_rewrite_is_an_agent1_failure():
+    from pipeline.agents import failed_agent
+
+    chat = ScriptedChat([json.dumps({"enhanced_prompt": " " * 12})])
+    result = await enhance_scene(chat, SCENE, STORY, max_iterations=2, settings=EnhancementSettings(), retries=0)
+    (record,) = result.iterations
+    assert failed_agent(record) == "cinematographer" and "blank" in record.error
+    assert result.final_prompt == SCENE.prompt and len(chat.calls) == 1

@@ -260,3 +260,72 @@ async def test_offline_generation_on_s3_is_read_back_from_the_store(s3_location)
     settings.traces.keep = False
     await run_generation("gen-s3-b", request, services, settings)
     assert traces.list("gen-s3-b") == [] and len(artifacts.list("gen-s3-b")) == 4 * 4
+
+
+async def test_failed_agent1_iteration_is_written_as_an_agent1_failure(stores):
+    """Agent 1 fails at iteration 2: its file says so (not iteration 1's prompt passed off as a
+    new one), and no agent-2 file claims a review that never ran."""
+    from tests.test_agents import SCENE, STORY, ScriptedChat, review, rewrite
+    from pipeline.agents import enhance_scene
+    from pipeline.settings import EnhancementSettings
+
+    chat = ScriptedChat([rewrite(1), review(70, 70, 70, 70, 70), "{not json", "still not json"])
+    result = await enhance_scene(chat, SCENE, STORY, max_iterations=4, settings=EnhancementSettings(), retries=1)
+    artifacts, traces = stores
+    writer = TraceWriter(traces, "gen-fail1", artifacts=artifacts)
+    writer.enhancement(2, result)
+
+    names = writer.files()
+    assert "scene_2/03_agent1_iteration_2.txt" in names
+    assert "scene_2/04_agent2_iteration_2.txt" not in names
+    agent1 = writer.read("scene_2/03_agent1_iteration_2.txt").decode()
+    assert "FAILED" in agent1 and "2 attempt" in agent1
+    assert "rewrite number 1" not in agent1  # iteration 1's prompt is not shown as a new one
+    agent2_first = writer.read("scene_2/02_agent2_iteration_1.txt").decode()
+    assert "ERROR" not in agent2_first
+    summary = json.loads(writer.read("scene_2/prompt_trace_summary.json"))
+    failed = summary["iterations"][-1]
+    assert failed["iteration"] == 2 and failed["failed_agent"] == "cinematographer"
+    assert failed["enhanced_prompt"] is None and "2 attempt" in failed["error"]
+    assert summary["iterations"][0]["failed_agent"] is None
+    assert summary["final_prompt"].startswith("rewrite number 1")
+
+
+async def test_failed_agent2_iteration_is_written_in_the_agent2_file(stores):
+    from tests.test_agents import SCENE, STORY, ScriptedChat, rewrite
+    from pipeline.agents import enhance_scene
+    from pipeline.settings import EnhancementSettings
+
+    chat = ScriptedChat([rewrite(1), "nope"])
+    result = await enhance_scene(chat, SCENE, STORY, max_iterations=2, settings=EnhancementSettings(), retries=0)
+    artifacts, traces = stores
+    writer = TraceWriter(traces, "gen-fail2", artifacts=artifacts)
+    writer.enhancement(2, result)
+    assert "rewrite number 1" in writer.read("scene_2/01_agent1_iteration_1.txt").decode()
+    assert "ERROR" in writer.read("scene_2/02_agent2_iteration_1.txt").decode()
+    summary = json.loads(writer.read("scene_2/prompt_trace_summary.json"))
+    assert summary["iterations"][0]["failed_agent"] == "prompt_engineer"
+
+
+def test_rewritten_enhancement_leaves_no_stale_agent_files(stores):
+    """A resumed job enhances a scene again, maybe in fewer iterations: the earlier run's files
+    of higher iterations must not stay behind as if they belonged to this run."""
+    artifacts, traces = stores
+    writer = TraceWriter(traces, "gen-resume", artifacts=artifacts)
+    writer.original_prompt(1, "scene 1 prompt")
+    writer.enhancement(1, enhancement("scene 1 prompt"))  # two iterations
+    writer.original_prompt(2, "scene 2 prompt")
+    writer.enhancement(2, enhancement("scene 2 prompt"))
+    one = enhancement("scene 1 prompt again")
+    one = one.model_copy(update={"iterations": one.iterations[:1], "total_iterations": 1})
+    writer.enhancement(1, one)
+
+    assert [n for n in writer.files() if n.startswith("scene_1/")] == [
+        "scene_1/00_original_prompt.txt",
+        "scene_1/01_agent1_iteration_1.txt",
+        "scene_1/02_agent2_iteration_1.txt",
+        "scene_1/final_enhanced_prompt.txt",
+        "scene_1/prompt_trace_summary.json",
+    ]
+    assert "scene 1 prompt again" in writer.read("scene_1/01_agent1_iteration_1.txt").decode()
+    assert "scene_2/04_agent2_iteration_2.txt" in writer.files()  # another scene's files stay
