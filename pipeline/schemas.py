@@ -5,6 +5,7 @@ Bounds follow the earlier system's public defaults (DESIGN.md), so its clients k
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -18,10 +19,36 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-class GenerationRequest(BaseModel):
-    """What a user asks for. Unknown fields are ignored so older clients keep working."""
+def visible_text(text: str) -> str:
+    """`text` as it shows on screen, whitespace collapsed: without controls, format characters
+    (zero-width spaces and joiners), surrogates and unassigned code points, and without
+    combining marks that have no visible character to sit on. Ten zero-width spaces are ten
+    characters to a length check and nothing to the image model."""
+    kept: list[str] = []
+    for char in " ".join(text.split()):
+        category = unicodedata.category(char)
+        if category[0] == "C":
+            continue
+        if category[0] == "M" and (not kept or kept[-1] == " "):
+            continue
+        kept.append(char)
+    return " ".join("".join(kept).split())
 
-    model_config = ConfigDict(extra="ignore")
+
+def _invisible_controls(text: str) -> set[str]:
+    """Control characters other than whitespace (NUL cannot even be stored in PostgreSQL text),
+    and surrogates (no UTF-8 encoding). Format characters such as ZWJ/ZWNJ are kept: emoji
+    sequences and several scripts need them."""
+    return {char for char in text if unicodedata.category(char) in ("Cc", "Cs") and not char.isspace()}
+
+
+class GenerationRequest(BaseModel):
+    """What a user asks for. Unknown fields are refused with their name (`extra="forbid"`): the
+    guide's fields are all declared, so no client of the guide loses anything, while a
+    misspelt option is no longer silently replaced by its default and megabytes of junk fields
+    are not accepted into the job store."""
+
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=PROMPT_MIN, max_length=PROMPT_MAX)
     target_duration: int = Field(15, ge=DURATION_MIN, le=DURATION_MAX, description="seconds")
@@ -35,6 +62,12 @@ class GenerationRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _strip_prompt(cls, value: str) -> str:
+        controls = _invisible_controls(value)
+        if controls:
+            names = ", ".join(sorted(f"U+{ord(c):04X}" for c in controls))
+            raise ValueError(f"prompt must not contain control characters ({names})")
+        if len(visible_text(value)) < PROMPT_MIN:
+            raise ValueError(f"prompt must have at least {PROMPT_MIN} visible characters")
         stripped = " ".join(value.split())
         if len(stripped) < PROMPT_MIN:
             raise ValueError(f"prompt must have at least {PROMPT_MIN} non-blank characters")
@@ -151,6 +184,8 @@ class AdvancedImageSettings(BaseModel):
 
 
 class StoryboardPlan(BaseModel):
+    # The guide's example has the flag here as well as at the top level of the status.
+    advanced_image_generation_used: bool = True
     advanced_image_settings: AdvancedImageSettings
     scenes: list[dict]
 
