@@ -160,6 +160,7 @@ async def run_generation(
     reference_key: str | None = None,
     storyboard: list[ScenePlan] | None = None,
     completed: list[SceneResult] = (),
+    start_progress: int = 0,
     on_event: Callback = None,
     on_plan: Callback = None,
     on_scene: Callback = None,
@@ -168,7 +169,10 @@ async def run_generation(
 
     `reference_image` (PNG bytes) becomes scene 1 unchanged; `reference_key` names such an image
     already in the artifact store (the job's persisted upload), used as it is, never re-stored.
-    `storyboard` and `completed` come from a checkpoint when resuming. Raises GenerationError
+    `storyboard` and `completed` come from a checkpoint when resuming, and `start_progress` is
+    the progress the job already shows: no event reports less, so a resumed job's progress never
+    goes backwards, even when no scene of it was finished (its planning and enhancement steps
+    would otherwise report 5-25 again). Raises GenerationError
     with a user-facing reason (and `retryable`), or the first unexpected error of any of its
     concurrent steps; a cancellation of the calling task propagates as CancelledError, after
     every child has stopped and every write in progress has landed.
@@ -182,7 +186,9 @@ async def run_generation(
     )
     retries = settings.llm.invalid_output_retries
 
-    reached = 0  # progress never goes backwards, also when a resumed job re-enters early stages
+    # Progress never goes backwards: not below what the job showed before this run, nor below
+    # what this run reported, also when a resumed job re-enters early stages.
+    reached = max(0, min(100, int(start_progress)))
 
     async def emit(stage: str, progress: int, message: str, scene: int | None = None) -> None:
         nonlocal reached
@@ -199,7 +205,7 @@ async def run_generation(
         await _call(on_plan, storyboard)
     results: dict[int, SceneResult] = {s.scene_number: s for s in completed}
     if results:
-        reached = _ENHANCED + (100 - _ENHANCED) * len(results) // len(storyboard)
+        reached = max(reached, _ENHANCED + (100 - _ENHANCED) * len(results) // len(storyboard))
     await emit("planning", _PLANNED, f"storyboard has {len(storyboard)} scenes")
 
     if (reference_image is not None or reference_key is not None) and 1 not in results:

@@ -114,6 +114,7 @@ async def execute_job(
             reference_key=record.reference_key,
             storyboard=record.storyboard,
             completed=completed,
+            start_progress=record.progress,  # what the status already shows: never less
             on_event=event,
             on_plan=job.plan,
             on_scene=job.scene,

@@ -531,6 +531,46 @@ async def test_resumed_progress_does_not_go_backwards(server, tmp_path):
     assert min(e.progress for e in events) >= reached
 
 
+async def test_resumed_progress_without_a_finished_scene_does_not_go_backwards(server, tmp_path):
+    """Scene 1 fails, so no scene is checkpointed: the resumed run used to start again at the
+    planning step's 5 although the job row showed the enhancement's 25."""
+    settings = make_settings(server, tmp_path)
+    store = JobStore(f"sqlite:///{tmp_path}/db.sqlite")
+    gid = new_id()
+    store.create(gid, "alice", request().model_dump(), offline=False)
+    server.add_faults("generations", *[Fault("400", message="content policy (fake)")] * 4)
+    assert await execute_job(store, claim(store, gid), make_services(settings), settings) is None
+    assert store.get(gid).status == "failed" and store.scenes(gid) == []
+
+    server.reset()
+    lease = resumed(store, gid)
+    store.update(gid, progress=25, lease=lease)  # what the first run's last progress write left
+    written: list[int] = []
+    update = store.update
+
+    def recording_update(*args, **kwargs):
+        if kwargs.get("progress") is not None:
+            written.append(kwargs["progress"])
+        return update(*args, **kwargs)
+
+    store.update = recording_update
+    events: list[ProgressEvent] = []
+    scenes = await execute_job(store, lease, make_services(settings), settings, on_event=events.append)
+    record = store.get(gid)
+    store.close()
+    assert scenes is not None and record.status == "completed" and record.progress == 100
+    assert min(e.progress for e in events) >= 25
+    assert written and min(written) >= 25
+
+
+async def test_run_generation_starts_at_the_progress_it_is_given(server, tmp_path):
+    settings = make_settings(server, tmp_path)
+    events: list[ProgressEvent] = []
+    await run_generation(new_id(), request(), make_services(settings), settings, start_progress=40, on_event=events.append)
+    progress = [e.progress for e in events]
+    assert progress[0] == 40 and progress == sorted(progress) and progress[-1] == 100
+
+
 async def test_malformed_llm_json_is_retried(server, tmp_path, caplog):
     settings = make_settings(server, tmp_path)
     # The storyboard call is the first chat request and is alone: both faults hit it.
