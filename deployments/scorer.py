@@ -16,62 +16,170 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
+import time
 from pathlib import Path
 
 import ray
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 import scorers
 
 
 class BatchConfig(BaseModel):
+    """A scorer deployment's `user_config`: applied by `reconfigure`, so `serve deploy` changes
+    it without reloading the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
     max_batch_size: int = Field(16, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
+    health_check_cache_s: float = Field(
+        5.0, ge=0, le=300,
+        description="a forward pass that succeeded this recently proves the model healthy; only an idle or "
+        "failing replica runs the health probe",
+    )
 
 
 MAX_PENDING_BATCHES = 8  # Serve batches that may wait for the model; the coalescer merges them
 
 
+def scorer_deployment_options(batching: BatchConfig | dict | None = None) -> dict:
+    """Serve options of a scorer deployment that follow from its batch settings.
+
+    `max_ongoing_requests` must let MAX_PENDING_BATCHES full Serve batches wait while the model
+    runs, or the coalescer never sees enough requests to fill a pass; it is derived here rather
+    than written by hand beside `max_batch_size` in a config. `user_config` carries the
+    validated batch settings to `reconfigure`.
+    """
+    config = BatchConfig.model_validate(batching or {})
+    return {"max_ongoing_requests": MAX_PENDING_BATCHES * config.max_batch_size, "user_config": config.model_dump()}
+
+
+class ItemError(RuntimeError):
+    """One input that its forward pass could not score, even on its own. It stands in the
+    result list in place of that input's output, so the other inputs of the same Serve batch
+    (often other jobs' requests) keep their scores; `score` raises it to that caller only."""
+
+
 class Coalescer:
     """One forward pass at a time over all waiting requests, up to `max_items`; a group
-    (one Serve batch) is never split, so each caller gets its results back whole."""
+    (one Serve batch) is never split, so each caller gets its results back whole.
 
-    def __init__(self, forward, max_items: int):
-        self.forward, self.max_items = forward, max_items
+    A merged pass that raises is retried in smaller pieces, so one bad input never fails
+    other callers: each group alone, then, in a group that still fails, each item alone.
+    An item that fails alone gets an `ItemError` in its slot that names it (its position in
+    its group and `describe(item)`). A group whose caller has gone (its future cancelled)
+    is dropped before any pass, first or retried: nobody would read its result.
+    """
+
+    def __init__(self, forward, max_items: int, describe=repr):
+        self.forward, self.max_items, self.describe = forward, max_items, describe
         self.pending: list[tuple[list, asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
 
     async def submit(self, items: list) -> list:
+        """The outputs of `items`, in order; a failed item's slot holds its `ItemError`."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((items, future))
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._drain())
         return await future
 
+    def _next_groups(self) -> list[tuple[list, asyncio.Future]]:
+        self.pending = [(items, future) for items, future in self.pending if not future.done()]
+        if not self.pending:
+            return []
+        groups = [self.pending.pop(0)]
+        while self.pending and sum(len(g) for g, _ in groups) + len(self.pending[0][0]) <= self.max_items:
+            groups.append(self.pending.pop(0))
+        return groups
+
     async def _drain(self) -> None:
-        while self.pending:
-            groups = [self.pending.pop(0)]
-            while self.pending and sum(len(g) for g, _ in groups) + len(self.pending[0][0]) <= self.max_items:
-                groups.append(self.pending.pop(0))
+        while groups := self._next_groups():
             try:
                 outputs = await self.forward([item for items, _ in groups for item in items])
             except Exception as exc:
-                for _, future in groups:
+                if len(groups) == 1:
+                    await self._isolate_items(*groups[0], exc)
+                else:
+                    for items, future in groups:
+                        await self._run_group(items, future)
+            else:
+                start = 0
+                for items, future in groups:
                     if not future.done():
-                        future.set_exception(exc)
-                continue
-            start = 0
-            for items, future in groups:
-                if not future.done():
-                    future.set_result(outputs[start : start + len(items)])
-                start += len(items)
+                        future.set_result(outputs[start : start + len(items)])
+                    start += len(items)
             # Let the Serve batches that were waiting for a free slot join before the next pass.
             await asyncio.sleep(0.002)
 
+    async def _run_group(self, items: list, future: asyncio.Future) -> None:
+        if future.done():  # cancelled while an earlier piece ran
+            return
+        try:
+            outputs = await self.forward(items)
+        except Exception as exc:
+            await self._isolate_items(items, future, exc)
+        else:
+            if not future.done():
+                future.set_result(outputs)
 
-@serve.deployment(max_ongoing_requests=128, health_check_period_s=10)  # >= 16 x MAX_PENDING_BATCHES
+    async def _isolate_items(self, items: list, future: asyncio.Future, group_error: Exception) -> None:
+        outputs: list = []
+        for index, item in enumerate(items):
+            if future.done():
+                return
+            if len(items) == 1:
+                error = group_error  # it already failed on its own
+            else:
+                try:
+                    outputs.extend(await self.forward([item]))
+                    continue
+                except Exception as exc:
+                    error = exc
+            failed = ItemError(
+                f"item {index + 1} of {len(items)} in its batch, {self.describe(item)}: "
+                f"{type(error).__name__}: {error}"
+            )
+            failed.__cause__ = error
+            outputs.append(failed)
+        if not future.done():
+            future.set_result(outputs)
+
+
+def describe_request(request: tuple[bytes, str]) -> str:
+    """How an error names one scoring input: its size and, when its header reads, its format
+    and pixel size (the header only; the image is not decoded here)."""
+    data = request[0]
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return f"image of {len(data)} bytes ({image.format} {image.width}x{image.height} px)"
+    except Exception:
+        return f"image of {len(data)} bytes (not a readable image)"
+
+
+def probe_image() -> Image.Image:
+    """A small gradient for the health probe: flat images can hide broken preprocessing."""
+    image = Image.new("RGB", (48, 32))
+    image.putdata([(x * 5, y * 8, (x + y) * 3) for y in range(32) for x in range(48)])
+    return image
+
+
+class UnhealthyModel(RuntimeError):
+    """The replica's model no longer gives usable scores; Serve replaces the replica."""
+
+
+DEFAULT_BATCH = BatchConfig()
+
+
+@serve.deployment(
+    # Derived, not written by hand: see scorer_deployment_options.
+    max_ongoing_requests=scorer_deployment_options(DEFAULT_BATCH)["max_ongoing_requests"],
+    health_check_period_s=10,
+)
 class ScorerDeployment:
     def __init__(self, name: str, options: dict | None = None, offline_models_dir: str | None = None):
         options = dict(options or {})
@@ -82,16 +190,24 @@ class ScorerDeployment:
         self.name = name
         self.model = scorers.load_scorer(name, **options)  # once per replica
         self.batch_sizes: list[int] = []  # recent forward-pass sizes, for tests and the benchmark
-        self.coalescer = Coalescer(self._forward, max_items=16)
+        self.coalescer = Coalescer(self._forward, max_items=DEFAULT_BATCH.max_batch_size, describe=describe_request)
+        self.health_check_cache_s = DEFAULT_BATCH.health_check_cache_s
+        self.healthy_at = -math.inf  # monotonic time of the last forward pass with usable scores
+        self.probes = 0  # health probes run, for tests
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig.model_validate(user_config or {})
         self.score_batch.set_max_batch_size(config.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.coalescer.max_items = config.max_batch_size
+        self.health_check_cache_s = config.health_check_cache_s
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_PENDING_BATCHES)
-    async def score_batch(self, requests: list[tuple[bytes, str]]) -> list[dict]:
+    @serve.batch(
+        max_batch_size=DEFAULT_BATCH.max_batch_size,
+        batch_wait_timeout_s=DEFAULT_BATCH.batch_wait_timeout_s,
+        max_concurrent_batches=MAX_PENDING_BATCHES,
+    )
+    async def score_batch(self, requests: list[tuple[bytes, str]]) -> list[dict | ItemError]:
         return await self.coalescer.submit(requests)
 
     async def _forward(self, requests: list[tuple[bytes, str]]) -> list[dict]:
@@ -99,7 +215,15 @@ class ScorerDeployment:
         # Decoding and the forward pass are CPU/GPU work: off the event loop, so new requests
         # keep arriving meanwhile.
         outputs = await asyncio.to_thread(self._score, requests)
+        self._check_finite(outputs)
+        self.healthy_at = time.monotonic()
         return [{"raw": o.raw, "score": o.score, "truncated": o.truncated} for o in outputs]
+
+    def _check_finite(self, outputs) -> None:
+        """NaN or inf is never a score: it comes from broken weights or a failing device, and
+        passing it on would rank images by noise."""
+        if not all(math.isfinite(o.raw) and math.isfinite(o.score) for o in outputs):
+            raise UnhealthyModel(f"{self.name} gave a non-finite score: its weights or device are broken")
 
     def _score(self, requests: list[tuple[bytes, str]]):
         images = [Image.open(io.BytesIO(data)).convert("RGB") for data, _ in requests]
@@ -109,14 +233,33 @@ class ScorerDeployment:
         """`image` is PNG bytes. The ingress puts each image into the object store once and
         passes the same ObjectRef to all four scorers as a top-level argument, which Ray resolves
         to the bytes before this runs (a node fetches the object once for all its replicas).
-        Where Serve does not resolve it (local testing mode), the reference is awaited here."""
+        Where Serve does not resolve it (local testing mode), the reference is awaited here.
+
+        An input the model cannot score raises here, to its own caller only (`ItemError`)."""
         if isinstance(image, ray.ObjectRef):
             image = await image
-        return await self.score_batch((image, prompt))
+        result = await self.score_batch((image, prompt))
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def recent_batch_sizes(self) -> list[int]:
         return list(self.batch_sizes)
 
-    def check_health(self) -> None:
-        if self.model is None:
-            raise RuntimeError(f"{self.name} model is not loaded")
+    async def check_health(self) -> None:
+        """Serve calls this every `health_check_period_s`; raising makes Serve replace the
+        replica. A forward pass that gave usable scores within `health_check_cache_s` is proof
+        enough, so a busy replica pays nothing; otherwise one small image and prompt go through
+        the real model, and an error or a non-finite score fails the check."""
+        if time.monotonic() - self.healthy_at < self.health_check_cache_s:
+            return
+        self.probes += 1
+        try:
+            outputs = await asyncio.to_thread(self.model.score, [probe_image()], ["a health check image"])
+            self._check_finite(outputs)
+        except Exception as exc:
+            raise UnhealthyModel(f"{self.name} health probe failed: {type(exc).__name__}: {exc}") from exc
+        self.healthy_at = time.monotonic()
+
+    def health_probes(self) -> int:
+        return self.probes

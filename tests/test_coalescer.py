@@ -1,10 +1,11 @@
-"""The scorer deployments' coalescer: one forward pass at a time over all waiting groups."""
+"""The scorer deployments' coalescer: one forward pass at a time over all waiting groups, and
+failures that stay with the input that caused them."""
 
 import asyncio
 
 import pytest
 
-from deployments.scorer import Coalescer
+from deployments.scorer import Coalescer, ItemError
 
 
 async def test_groups_waiting_during_a_pass_are_merged_up_to_the_limit():
@@ -29,7 +30,7 @@ async def test_groups_waiting_during_a_pass_are_merged_up_to_the_limit():
     assert passes == [[1], [2, 3, 4, 5, 6], [7]]
 
 
-async def test_a_group_is_never_split_and_errors_reach_every_caller_of_the_pass():
+async def test_a_group_is_never_split_and_the_worker_survives_a_failed_pass():
     async def forward(items):
         if 99 in items:
             raise ValueError("bad image")
@@ -37,6 +38,89 @@ async def test_a_group_is_never_split_and_errors_reach_every_caller_of_the_pass(
 
     coalescer = Coalescer(forward, max_items=2)
     assert await coalescer.submit([1, 2, 3]) == [1, 2, 3]  # a group larger than the limit runs whole
-    with pytest.raises(ValueError, match="bad image"):
-        await coalescer.submit([99])
+    [failed] = await coalescer.submit([99])
+    assert isinstance(failed, ItemError) and "bad image" in str(failed)
     assert await coalescer.submit([4]) == [4]  # the worker survives a failed pass
+
+
+async def test_a_bad_item_fails_only_its_own_caller_and_the_error_names_it():
+    """Three callers' groups merged into one pass; one group holds a bad item among good ones.
+    Before: the merged pass raised and every caller got the error. Now the other groups are
+    rerun on their own and succeed, and only the bad item's slot carries an error naming it."""
+    passes = []
+    release = asyncio.Event()
+
+    async def forward(items):
+        passes.append(list(items))
+        if len(passes) == 1:
+            await release.wait()
+        if "bad" in items:
+            raise ValueError("cannot identify image file")
+        return [f"score:{item}" for item in items]
+
+    coalescer = Coalescer(forward, max_items=16, describe=lambda item: f"image {item!r} (8x8 px)")
+    busy = asyncio.create_task(coalescer.submit(["warm"]))
+    await asyncio.sleep(0.01)
+    groups = (["a1", "a2"], ["b1", "bad", "b3"], ["c1"])
+    waiting = [asyncio.create_task(coalescer.submit(list(group))) for group in groups]
+    await asyncio.sleep(0.01)
+    release.set()
+    await busy
+    a, b, c = await asyncio.gather(*waiting)
+    assert a == ["score:a1", "score:a2"] and c == ["score:c1"]
+    assert b[0] == "score:b1" and b[2] == "score:b3"
+    assert isinstance(b[1], ItemError)
+    message = str(b[1])
+    assert "item 2 of 3" in message and "image 'bad' (8x8 px)" in message and "cannot identify image file" in message
+    assert isinstance(b[1].__cause__, ValueError)
+    assert ["a1", "a2", "b1", "bad", "b3", "c1"] in passes  # they were merged first
+
+
+async def test_groups_of_cancelled_callers_are_not_computed():
+    """A caller that went away while its group waited for the model costs no forward pass.
+    Before: its group was merged into the next pass anyway."""
+    passes = []
+    release = asyncio.Event()
+
+    async def forward(items):
+        passes.append(list(items))
+        if len(passes) == 1:
+            await release.wait()
+        return items
+
+    coalescer = Coalescer(forward, max_items=16)
+    busy = asyncio.create_task(coalescer.submit([0]))
+    await asyncio.sleep(0.01)
+    gone = asyncio.create_task(coalescer.submit([1, 2]))
+    kept = asyncio.create_task(coalescer.submit([3]))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    assert await kept == [3] and await busy == [0]
+    assert gone.cancelled()
+    assert passes == [[0], [3]]
+
+
+async def test_cancelled_groups_are_not_rerun_after_a_failed_pass():
+    passes = []
+
+    async def forward(items):
+        passes.append(list(items))
+        if "bad" in items:
+            # The caller of ["x"] goes away while the merged pass runs.
+            victim.cancel()
+            await asyncio.sleep(0)
+            raise ValueError("broken")
+        return items
+
+    coalescer = Coalescer(forward, max_items=16)
+    first = asyncio.create_task(coalescer.submit(["first"]))
+    victim = asyncio.create_task(coalescer.submit(["x"]))
+    bad = asyncio.create_task(coalescer.submit(["bad"]))
+    assert await first == ["first"]
+    [error] = await bad
+    assert isinstance(error, ItemError)
+    assert victim.cancelled()
+    assert passes[0] == ["first", "x", "bad"]  # merged, then rerun group by group:
+    assert ["x"] not in passes  # the cancelled caller's group was not rerun alone
