@@ -33,6 +33,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -77,7 +78,9 @@ jobs_table = Table(
     "jobs",
     metadata,
     Column("generation_id", String(64), primary_key=True),
-    Column("owner", String(255), nullable=False, index=True),
+    # The token's `sub`, which a JWT does not bound: TEXT, indexed by hash on PostgreSQL, whose
+    # btree entries may not exceed about 2.7 kB (every owner query is an equality). Migration 0004.
+    Column("owner", Text, nullable=False),
     Column("status", String(16), nullable=False, index=True),
     Column("progress", Integer, nullable=False, default=0),
     Column("stage", String(64), nullable=False, default="queued"),
@@ -98,6 +101,7 @@ jobs_table = Table(
         "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')", name="ck_jobs_status"
     ),
     CheckConstraint("progress >= 0 AND progress <= 100", name="ck_jobs_progress"),
+    Index("ix_jobs_owner", "owner", postgresql_using="hash"),
 )
 
 scenes_table = Table(

@@ -6,6 +6,7 @@ opening one new database at once all succeed."""
 from __future__ import annotations
 
 import multiprocessing
+import secrets
 from datetime import datetime, timezone
 
 import pytest
@@ -72,7 +73,7 @@ def test_fresh_database_migrates_to_the_code_schema(url):
     JobStore(url).close()
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert migrations.current(conn) == migrations.head() == "0003"
+        assert migrations.current(conn) == migrations.head() == "0004"
         assert set(inspect(conn).get_table_names()) == {"jobs", "scenes", "alembic_version"}
     engine.dispose()
     assert _diff(url) == []
@@ -113,5 +114,48 @@ def test_many_processes_open_a_new_database_at_once(url):
     context = multiprocessing.get_context("spawn")
     with context.Pool(4) as pool:
         results = pool.map(open_store, [url] * 4)
-    assert results == ["0003"] * 4
+    assert results == ["0004"] * 4
+    assert _diff(url) == []
+
+
+def test_0003_database_upgrades_in_place_to_owner_ids_of_any_length(url):
+    """0004 widens `owner` from VARCHAR(255) to TEXT (with an index PostgreSQL accepts for any
+    length) on a live database: its jobs and scenes stay, and a long owner then fits."""
+    from alembic import command
+    from sqlalchemy import MetaData as Reflected
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        cfg = migrations.config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    tables = Reflected()
+    tables.reflect(engine)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(insert(tables.tables["jobs"]).values(
+            generation_id="old-1", owner="alice", status="completed", progress=100, stage="completed",
+            request={"prompt": "x"}, storyboard=None, error=None, offline=False, created_at=now, updated_at=now,
+            lease_token=3, cancel_requested=False, finished_at=now,
+        ))
+        conn.execute(insert(tables.tables["scenes"]).values(
+            generation_id="old-1", scene_number=1, result=SCENE, completed_at=now
+        ))
+    engine.dispose()
+
+    store = JobStore(url)
+    try:
+        record = store.get("old-1", owner="alice")
+        assert (record.status, record.progress, record.lease_token) == ("completed", 100, 3)
+        assert [s.reference_image_key for s in store.scenes("old-1")] == [SCENE["reference_image_key"]]
+        owner = "sub-" + secrets.token_hex(6000)  # random: no compression shrinks it under a btree limit
+        store.create("new-1", owner, {"prompt": "y"}, offline=False)
+        assert store.get("new-1", owner=owner).owner == owner and store.count_active(owner) == 1
+    finally:
+        store.close()
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert migrations.current(conn) == "0004"
+        assert "owner" in {c for index in inspect(conn).get_indexes("jobs") for c in index["column_names"]}
+    engine.dispose()
     assert _diff(url) == []

@@ -69,6 +69,21 @@ def test_create_get_and_owner_scoping(store):
     assert store.get("missing") is None
 
 
+def test_owner_ids_of_any_length_a_token_allows(store):
+    """A JWT `sub` has no length limit: 300 characters overflowed the old VARCHAR(255) on
+    PostgreSQL, and 20,000 random characters are more than a btree index entry may hold."""
+    import secrets
+
+    since = datetime.now(timezone.utc) - timedelta(minutes=1)
+    for n, owner in enumerate(["o" * 300, secrets.token_hex(10_000)]):
+        gid = f"gen-long-{n}"
+        store.create(gid, owner, REQUEST, offline=False)
+        assert store.get(gid, owner=owner).owner == owner
+        assert store.get(gid, owner=owner[:-1] + "x") is None
+        assert store.count_active(owner) == 1 and store.count_submitted_since(owner, since) == 1
+        assert store.request_cancel(gid, owner) and store.cancel_requested(gid)
+
+
 def test_duplicate_id_is_refused(store):
     store.create("gen-1", "alice", REQUEST, offline=False)
     with pytest.raises(Exception):
