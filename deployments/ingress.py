@@ -34,6 +34,9 @@ from deployments.args import AppArgs
 from deployments.auth import Authenticator, Principal, bearer_principal
 from deployments.signing import SignatureError, sign_url, verify_signed
 from deployments.bodylimit import UploadBodyLimit
+from deployments.contract import (
+    AUTHED, JsonBodyLimit, check_generation_id, check_trace_name, link, responses, validation_error_body,
+)
 from deployments.uploads import UploadError, prepare_upload
 from pipeline.objectstore import ArtifactNotFound, ObjectStoreError, open_store
 from pipeline.jobs import JobStore, to_status
@@ -50,13 +53,9 @@ app = FastAPI(title="sceneref", version="0.1.0", description="Reference images f
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field as `field: message` (plus FastAPI's usual `detail` list)."""
-    errors = [
-        {"field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path")), "message": e["msg"]}
-        for e in exc.errors()
-    ]
-    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return JSONResponse(status_code=422, content={"error": f"invalid request: {summary}", "detail": errors})
+    """422 naming each bad field as `field: message`, in the body the OpenAPI document declares
+    (`deployments.contract.ValidationErrorBody`)."""
+    return JSONResponse(status_code=422, content=validation_error_body(exc.errors()))
 
 
 UPLOAD_PATHS = ("/api/generate-with-image",)
@@ -64,6 +63,7 @@ UPLOAD_PATHS = ("/api/generate-with-image",)
 # from the replica's args (below), hence read per request.
 app.add_middleware(UploadBodyLimit, paths=UPLOAD_PATHS, limit=lambda: app.state.upload_body_limit)
 app.state.upload_body_limit = UploadBodyLimit.body_limit(20 * 1024 * 1024)
+app.add_middleware(JsonBodyLimit, paths=("/api/generate",))  # 413 past 64 KiB, before parsing
 
 @app.exception_handler(OperationalError)
 async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
@@ -239,7 +239,7 @@ class Ingress:
         return {
             "generation_id": generation_id,
             "status": "queued",
-            "status_url": str(http.url_for("status", generation_id=generation_id)),
+            "status_url": link(self.args.public_base_url, http.scope.get("root_path", ""), f"/api/status/{generation_id}"),
         }
 
     @app.get("/api/health")
@@ -247,11 +247,11 @@ class Ingress:
         """No I/O: answers at once however busy the replica is."""
         return {"status": "ok", "running_generations": len(self.tasks), "offline": self.offline}
 
-    @app.post("/api/generate", status_code=202)
+    @app.post("/api/generate", status_code=202, responses=responses(*AUTHED, 413, 429))
     async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(_principal)) -> dict:
         return await self._submit(body, principal, http)
 
-    @app.post("/api/generate-with-image", status_code=202)
+    @app.post("/api/generate-with-image", status_code=202, responses=responses(*AUTHED, 413, 415, 429))
     async def generate_with_image(
         self,
         http: Request,
@@ -285,22 +285,24 @@ class Ingress:
         record = self.store.get(generation_id, owner)
         return (record, self.store.scenes(generation_id)) if record is not None else (None, [])
 
-    @app.get("/api/status/{generation_id}", name="status")
+    @app.get("/api/status/{generation_id}", name="status", responses=responses(*AUTHED, 404))
     async def status(self, generation_id: str, http: Request, principal: Principal = Depends(_principal)) -> dict:
+        check_generation_id(generation_id)
         record, scenes = await self._api(self._read_status, generation_id, principal.subject)
         if record is None:  # also for another user's id, so ids cannot be probed
             raise HTTPException(404, detail=f"generation {generation_id} not found")
-        base = str(http.base_url).rstrip("/")
+        root = http.scope.get("root_path", "")
 
         def url_for(key: str) -> str:
-            return base + sign_url(f"/api/artifacts/{key}", self.url_secret, ttl_s=self.args.url_ttl_s)
+            return link(self.args.public_base_url, root, "") + sign_url(f"/api/artifacts/{key}", self.url_secret, ttl_s=self.args.url_ttl_s)
 
         return to_status(record, scenes, url_for).model_dump(mode="json")
 
-    @app.delete("/api/generations/{generation_id}", status_code=202)
+    @app.delete("/api/generations/{generation_id}", status_code=202, responses=responses(*AUTHED, 404, 409))
     async def cancel(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
         """Ask the job to stop: it ends `cancelled` at its next step, wherever it runs; finished
         scenes are kept."""
+        check_generation_id(generation_id)
         record = await self._api(self.store.get, generation_id, principal.subject)
         if record is None:
             raise HTTPException(404, detail=f"generation {generation_id} not found")
@@ -313,9 +315,10 @@ class Ingress:
         record = await self._api(self.store.get, generation_id, principal.subject)
         return {"generation_id": generation_id, "status": record.status, "cancel_requested": True}
 
-    @app.post("/api/generations/{generation_id}/resume", status_code=202)
+    @app.post("/api/generations/{generation_id}/resume", status_code=202, responses=responses(*AUTHED, 404, 409))
     async def resume(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
         """Run a failed or cancelled generation again from its next unfinished scene."""
+        check_generation_id(generation_id)
         record = await self._api(self.store.get, generation_id, principal.subject)
         if record is None:
             raise HTTPException(404, detail=f"generation {generation_id} not found")
@@ -326,7 +329,8 @@ class Ingress:
         self.wake.set()
         return {"generation_id": generation_id, "status": "queued"}
 
-    @app.get("/api/artifacts/{key:path}")
+    @app.get("/api/artifacts/{key:path}", response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "the image"}, **responses(403, 404, 422)})
     async def artifact(self, key: str, expires: str = "", sig: str = "") -> Response:
         try:
             verify_signed(f"/api/artifacts/{key}", expires, sig, self.url_secret)
@@ -343,8 +347,9 @@ class Ingress:
             raise HTTPException(404, detail=f"generation {generation_id} not found")
         return TraceWriter(self.trace_store, generation_id, artifacts=self.artifacts)
 
-    @app.get("/api/generations/{generation_id}/traces")
+    @app.get("/api/generations/{generation_id}/traces", responses=responses(*AUTHED, 404))
     async def traces(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
+        check_generation_id(generation_id)
         def listing() -> list[str]:
             return self._traces(generation_id, principal.subject).list_files()
 
@@ -353,8 +358,11 @@ class Ingress:
             raise HTTPException(404, detail="no trace files: they are removed on completion unless traces.keep is set")
         return {"generation_id": generation_id, "files": files}
 
-    @app.get("/api/generations/{generation_id}/traces/{name:path}")
+    @app.get("/api/generations/{generation_id}/traces/{name:path}", responses=responses(*AUTHED, 400, 404),
+             response_class=Response)
     async def trace_file(self, generation_id: str, name: str, principal: Principal = Depends(_principal)) -> Response:
+        check_generation_id(generation_id)
+        check_trace_name(name)
         def read() -> bytes:
             return self._traces(generation_id, principal.subject).read_file(name)
 

@@ -89,3 +89,77 @@ def test_status_plan_carries_advanced_flag(tmp_path):
     assert list(plan) == ["advanced_image_generation_used", "advanced_image_settings", "scenes"]
     assert plan["scenes"][0]["reference_image_url"] == "/api/artifacts/gen-1/scene_1/variation_1.png"
     store.close()
+
+
+# --- the edge of the HTTP API (deployments.contract), without Ray ---------------------------
+
+
+def test_json_body_limit_refuses_large_bodies_and_passes_small_ones():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deployments.contract import JsonBodyLimit
+
+    app = FastAPI()
+    app.add_middleware(JsonBodyLimit, paths=("/api/generate",), limit=1000)
+
+    @app.post("/api/generate")
+    def generate(body: dict) -> dict:
+        return {"keys": sorted(body)}
+
+    @app.post("/other")
+    def other(body: dict) -> dict:
+        return {"n": len(body)}
+
+    client = TestClient(app)
+    assert client.post("/api/generate", json={"prompt": "a" * 100}).json() == {"keys": ["prompt"]}
+    big = client.post("/api/generate", json={"prompt": "a" * 2000})
+    assert big.status_code == 413 and "1000 bytes" in big.json()["detail"]
+
+    def chunks():  # no Content-Length: counted while it streams
+        yield b'{"prompt": "'
+        for _ in range(20):
+            yield b"a" * 100
+        yield b'"}'
+
+    streamed = client.post("/api/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    assert client.post("/other", json={"x": "a" * 5000}).json() == {"n": 1}  # other paths untouched
+
+
+def test_names_from_the_url_are_checked():
+    from fastapi import HTTPException
+
+    from deployments.contract import check_generation_id, check_trace_name
+
+    check_generation_id("3fe8cfdd609f42dd9f8d0c33a4f1c433")
+    for bad in ["a\x00b", "x" * 65, "", "../etc", "a b"]:
+        with pytest.raises(HTTPException) as info:
+            check_generation_id(bad)
+        assert info.value.status_code == 404
+    check_trace_name("scene_1/01_agent1_iteration_1.txt")
+    check_trace_name("scene_1/" + "x" * 255)
+    for bad in ["a\x00b.txt", "scene_1/" + "x" * 256, "a/" * 600, "\x7f"]:
+        with pytest.raises(HTTPException) as info:
+            check_trace_name(bad)
+        assert info.value.status_code == 400
+
+
+def test_links_use_the_configured_base_or_stay_relative():
+    from deployments.contract import link
+
+    assert link("https://sceneref.example.com/", "", "/api/status/1") == "https://sceneref.example.com/api/status/1"
+    assert link("https://sceneref.example.com", "/v1", "/api/status/1") == "https://sceneref.example.com/v1/api/status/1"
+    assert link(None, "", "/api/status/1") == "/api/status/1"
+    assert link(None, "/cluster/", "/api/status/1") == "/cluster/api/status/1"
+
+
+def test_validation_error_body_matches_its_declared_schema():
+    from deployments.contract import ValidationErrorBody, validation_error_body
+
+    body = validation_error_body([
+        {"loc": ("body", "prompt"), "msg": "too short", "type": "x"},
+        {"loc": ("body",), "msg": "Field required", "type": "missing"},
+    ])
+    assert ValidationErrorBody.model_validate(body).model_dump() == body
+    assert body["error"] == "invalid request: prompt: too short; body: Field required"

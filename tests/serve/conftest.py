@@ -50,7 +50,7 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def app_args(tmp_path_factory, tiny_models):
+def app_args(tmp_path_factory, tiny_models, ray_cluster):
     from deployments.args import AppArgs
 
     out = tmp_path_factory.mktemp("serve-out")
@@ -69,6 +69,8 @@ def app_args(tmp_path_factory, tiny_models):
             "jobs": {"lease_s": 4, "poll_s": 0.5},
             "limits": {"max_active_per_user": 3, "max_submitted_per_window": 50, "max_unfinished": 100},
             "auth": {"mode": "hs256", "audience": AUDIENCE},
+            # Links in answers come from here, never from the request's Host header.
+            "public_base_url": ray_cluster["http"],
         }
     )
 

@@ -234,3 +234,70 @@ def test_tampered_or_expired_image_links_are_refused(offline_app):
     assert httpx.get(url.split("?")[0], timeout=10).status_code == 403
     expired = url.split("expires=")[0] + "expires=1&" + url.split("&")[-1]
     assert httpx.get(expired, timeout=10).status_code == 403
+
+
+# --- the API keeps its contract (issue 8) ---------------------------------------------------
+
+
+def test_crit_header_is_401(offline_app):
+    forged = _forge({"alg": "HS256", "crit": ["x"]}, {"sub": "a", "exp": int(time.time()) + 60, "aud": AUDIENCE}, b"sig")
+    reply = httpx.get(f"{offline_app}/api/status/abc", headers={"Authorization": f"Bearer {forged}"}, timeout=10)
+    assert reply.status_code == 401, reply.text
+
+
+def test_bad_trace_names_are_4xx(offline_app):
+    headers = auth("trudy")
+    reply = httpx.post(f"{offline_app}/api/generate", json=QUICK_START[2], headers=headers, timeout=30)
+    generation_id = reply.json()["generation_id"]
+    wait_done(offline_app, generation_id, headers)
+    base = f"{offline_app}/api/generations/{generation_id}/traces"
+    for name, expected in [("scene_1/a%00b.txt", 400), ("scene_1/" + "x" * 300, 400), ("x" * 5000, 400),
+                           ("scene_1/" + "x" * 200, 404)]:
+        answer = httpx.get(f"{base}/{name}", headers=headers, timeout=10)
+        assert answer.status_code == expected, (name[:20], answer.status_code, answer.text[:200])
+        assert "detail" in answer.json()
+    for bad_id in ["a%00b", "x" * 5000]:
+        assert httpx.get(f"{offline_app}/api/status/{bad_id}", headers=headers, timeout=10).status_code == 404
+        assert httpx.get(f"{offline_app}/api/generations/{bad_id}/traces", headers=headers, timeout=10).status_code == 404
+
+
+def test_links_never_come_from_the_host_header(offline_app, app_args):
+    headers = {**auth("hosty"), "Host": "evil.example", "X-Forwarded-Host": "evil.example"}
+    reply = httpx.post(f"{offline_app}/api/generate", json=QUICK_START[2], headers=headers, timeout=30)
+    assert reply.status_code == 202, reply.text
+    status_url = reply.json()["status_url"]
+    assert "evil" not in status_url
+    assert status_url == f"{app_args.public_base_url}/api/status/{reply.json()['generation_id']}"
+    status = wait_done(offline_app, reply.json()["generation_id"], auth("hosty"))
+    again = httpx.get(f"{offline_app}/api/status/{status['generation_id']}", headers=headers, timeout=10).json()
+    for scene in again["storyboard_plan"]["scenes"]:
+        assert scene["reference_image_url"].startswith(f"{app_args.public_base_url}/api/artifacts/")
+
+
+def test_json_body_is_capped_and_unknown_fields_refused(offline_app):
+    body = {**QUICK_START[0], "junk": "x" * 100_000}
+    reply = httpx.post(f"{offline_app}/api/generate", json=body, headers=auth(), timeout=30)
+    assert reply.status_code == 413, reply.text[:200]
+    reply = httpx.post(f"{offline_app}/api/generate", json={**QUICK_START[0], "colour": "red"}, headers=auth(), timeout=30)
+    assert reply.status_code == 422 and "colour" in reply.json()["error"]
+    assert reply.json()["detail"] == [{"field": "colour", "message": "Extra inputs are not permitted"}]
+
+
+@pytest.mark.parametrize("prompt", ["\u200b" * 10, "\x00" * 10])
+def test_prompt_without_visible_text_is_422(offline_app, prompt):
+    reply = httpx.post(f"{offline_app}/api/generate", json={"prompt": prompt}, headers=auth(), timeout=30)
+    assert reply.status_code == 422 and "prompt" in reply.json()["error"]
+
+
+def test_openapi_declares_what_the_server_sends(offline_app):
+    document = httpx.get(f"{offline_app}/openapi.json", timeout=10).json()
+    paths = document["paths"]
+    declared = {code for path in paths.values() for operation in path.values() for code in operation["responses"]}
+    assert declared >= {"400", "401", "403", "404", "409", "413", "415", "422", "429", "503"}
+    assert set(paths["/api/generate"]["post"]["responses"]) >= {"202", "401", "413", "422", "429", "503"}
+    assert set(paths["/api/generate-with-image"]["post"]["responses"]) >= {"202", "401", "413", "415", "422", "429", "503"}
+    schema = paths["/api/generate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    name = schema["$ref"].rsplit("/", 1)[1]
+    body = document["components"]["schemas"][name]
+    assert set(body["properties"]) == {"error", "detail"}
+    assert "HTTPValidationError" not in document["components"]["schemas"]
