@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -107,19 +108,103 @@ class DimensionWeights(_Settings):
         return {name: getattr(self, name) for name in DIMENSIONS}
 
 
+def _path_to_str(value):
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+ModelSource = Annotated[str, BeforeValidator(_path_to_str)]
+OpenClipModel = Annotated[str | dict, BeforeValidator(_path_to_str)]
+DTYPES = ("auto", "fp32", "float32", "float", "fp16", "float16", "half", "bf16", "bfloat16")
+
+
+class _ScorerOptions(_Settings):
+    """Options of one scorer, the keyword arguments of `scorers.load_scorer(name, **options)`.
+
+    Typed, and unknown keys refused naming the field, so a misspelt option fails when the config
+    is read instead of being ignored or failing inside a replica later. Defaults are the
+    scorers' own (a test keeps them equal); only the options a config sets are passed on, so
+    the offline models' paths are not overridden by defaults. `device` and `dtype` here
+    override ScoringSettings' for this scorer alone.
+    """
+
+    device: str | None = Field(None, description="this scorer's device; default: scoring.device")
+    dtype: str | None = Field(None, description="this scorer's dtype; default: scoring.dtype")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}: use one of {', '.join(DTYPES)}")
+        return value
+
+
+class _OpenClipOptions(_ScorerOptions):
+    @model_validator(mode="after")
+    def _trained_weights(self):
+        """`pretrained: null` builds an untrained open_clip model, whose scores are noise: refuse
+        it here, before any replica starts, unless the config asks for it in so many words."""
+        bundled = isinstance(self.model, str) and self.model.startswith(("hf-hub:", "local-dir:"))
+        if self.pretrained is None and not bundled and not self.allow_random_weights:
+            raise ValueError(
+                "pretrained is null, so the model would have random weights and meaningless scores: "
+                "give a pretrained tag or a checkpoint file, or set allow_random_weights: true"
+            )
+        return self
+
+
+class PickScoreOptions(_ScorerOptions):
+    model: ModelSource = Field("yuvalkirstain/PickScore_v1", description="Hugging Face id or local folder")
+    processor: ModelSource = Field("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="Hugging Face id or local folder")
+    reference: float = Field(20.0, description="the raw score that maps to 50")
+
+
+class ClipScoreOptions(_OpenClipOptions):
+    model: OpenClipModel = Field("ViT-B-32-quickgelu", description="open_clip architecture, config file/dict, hf-hub: or local-dir:")
+    pretrained: ModelSource | None = Field("openai", description="open_clip pretrained tag or checkpoint file")
+    allow_random_weights: bool = Field(False, description="allow pretrained: null (random weights, meaningless scores)")
+
+
+class VQAScoreOptions(_ScorerOptions):
+    model: ModelSource = Field("Qwen/Qwen2.5-VL-3B-Instruct", description="Hugging Face id or local folder")
+    processor: ModelSource | None = Field(None, description="default: the model's own")
+    question: str = Field('Does this figure show "{}"? Please answer yes or no.', description="{} is the prompt")
+    answer: str = Field("Yes", min_length=1, description="one token of the model's tokenizer")
+
+    @field_validator("question")
+    @classmethod
+    def _one_slot(cls, value: str) -> str:
+        if value.count("{}") != 1 or value.replace("{}", "").count("{") or value.replace("{}", "").count("}"):
+            raise ValueError("question needs exactly one {} (where the prompt goes) and no other braces")
+        return value
+
+
+class AestheticOptions(_OpenClipOptions):
+    model: OpenClipModel = Field("ViT-L-14-quickgelu", description="open_clip architecture, config file/dict, hf-hub: or local-dir:")
+    pretrained: ModelSource | None = Field("openai", description="open_clip pretrained tag or checkpoint file")
+    head: ModelSource = Field("sac+logos+ava1-l14-linearMSE.pth", description="the LAION MLP head file")
+    allow_random_weights: bool = Field(False, description="allow pretrained: null (random weights, meaningless scores)")
+
+
 class ScoringSettings(_Settings):
-    """Per-scorer dicts are the options of `scorers.load_scorer(name, **options)`."""
+    """The four scorers' options, typed (see _ScorerOptions), plus the device and dtype they share."""
 
     weights: ScorerWeights = ScorerWeights()
     device: str = "auto"
     dtype: str = "auto"
-    pickscore: dict = Field(default_factory=dict)
-    clipscore: dict = Field(default_factory=dict)
-    vqascore: dict = Field(default_factory=dict)
-    aesthetic: dict = Field(default_factory=dict)
+    pickscore: PickScoreOptions = PickScoreOptions()
+    clipscore: ClipScoreOptions = ClipScoreOptions()
+    vqascore: VQAScoreOptions = VQAScoreOptions()
+    aesthetic: AestheticOptions = AestheticOptions()
+
+    _known_dtype = field_validator("dtype")(_ScorerOptions._known_dtype.__func__)
 
     def options_for(self, name: str) -> dict:
-        return {"device": self.device, "dtype": self.dtype, **getattr(self, name)}
+        """load_scorer options: the ones the config sets, over the shared device and dtype."""
+        options = getattr(self, name).model_dump(exclude_unset=True)
+        for key in ("device", "dtype"):
+            if options.get(key) is None:
+                options[key] = getattr(self, key)
+        return options
 
 
 def _location(value):

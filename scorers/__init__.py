@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ModelNotFoundError, ScoreOutput, Scorer
+from .base import ModelNotFoundError, RandomWeightsError, ScoreOutput, Scorer
 from .images import ImageError, open_image, to_rgb
 
 SCORER_NAMES = ("pickscore", "clipscore", "vqascore", "aesthetic")
@@ -21,9 +21,11 @@ def load_scorer(name: str, **options: Any) -> Scorer:
     """Load a scorer by name with its options (model ids or local paths, device, dtype; see each class).
 
     pickscore: model, processor, reference, device, dtype       (scorers.pickscore.PickScore)
-    clipscore: model, pretrained, device, dtype                  (scorers.clipscore.ClipScore)
-    vqascore:  model, processor, question, answer, device, dtype (scorers.vqascore.VQAScore)
-    aesthetic: model, pretrained, head, device, dtype            (scorers.aesthetic.Aesthetic)
+    clipscore: model, pretrained, allow_random_weights, device, dtype        (scorers.clipscore.ClipScore)
+    vqascore:  model, processor, question, answer, device, dtype             (scorers.vqascore.VQAScore)
+    aesthetic: model, pretrained, head, allow_random_weights, device, dtype  (scorers.aesthetic.Aesthetic)
+
+    The open_clip scorers refuse pretrained=None (random weights) unless allow_random_weights=True.
     """
     if name == "pickscore":
         from .pickscore import PickScore as cls
@@ -39,5 +41,5 @@ def load_scorer(name: str, **options: Any) -> Scorer:
 
 
 __all__ = [
-    "SCORER_NAMES", "ImageError", "ModelNotFoundError", "ScoreOutput", "Scorer", "load_scorer", "open_image", "to_rgb",
+    "SCORER_NAMES", "ImageError", "ModelNotFoundError", "RandomWeightsError", "ScoreOutput", "Scorer", "load_scorer", "open_image", "to_rgb",
 ]

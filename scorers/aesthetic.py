@@ -87,11 +87,12 @@ class Aesthetic(Scorer):
         head: str | os.PathLike = DEFAULT_HEAD,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
+        allow_random_weights: bool = False,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.head = load_head(head, self.device)
-        self.clip = load_open_clip(model, pretrained, self.device, self.dtype)
+        self.clip = load_open_clip(model, pretrained, self.device, self.dtype, allow_random_weights)
         embed_dim = self.clip.model.visual.output_dim
         if embed_dim != self.head.input_size:
             raise ValueError(f"aesthetic head takes {self.head.input_size}-d embeddings, the CLIP model gives {embed_dim}")

@@ -36,6 +36,11 @@ class ModelNotFoundError(RuntimeError):
     """Weights or configs that could not be found locally (and not downloaded)."""
 
 
+class RandomWeightsError(ModelNotFoundError):
+    """No trained weights were named, so the model would be built with random ones and every score would be
+    noise presented as a measurement."""
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto" is the first CUDA device when there is one, else the CPU."""
     if isinstance(device, str) and device == "auto":

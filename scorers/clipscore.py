@@ -40,10 +40,11 @@ class ClipScore(Scorer):
         pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
+        allow_random_weights: bool = False,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.clip = load_open_clip(model, pretrained, self.device, self.dtype)
+        self.clip = load_open_clip(model, pretrained, self.device, self.dtype, allow_random_weights)
 
     def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
         texts = [PREFIX + prompt for prompt in prompts]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import open_clip
 import torch
 
-from .base import ModelNotFoundError
+from .base import ModelNotFoundError, RandomWeightsError
 from .hub import hf_home, offline
 
 _PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -36,14 +36,26 @@ def load_open_clip(
     pretrained: str | os.PathLike | None,
     device: torch.device,
     dtype: torch.dtype,
+    allow_random_weights: bool = False,
 ) -> OpenClip:
     """Build an open_clip model with its preprocessing and tokenizer.
 
     model: a built-in architecture name ("ViT-B-32-quickgelu"), "hf-hub:org/repo", "local-dir:/path",
     a path to a JSON file in open_clip's model-config format, or such a config as a dict.
     pretrained: a tag of open_clip's pretrained table ("openai"), or a checkpoint file; ignored for hf-hub/local-dir.
+    With pretrained=None open_clip builds random weights without complaint, and every score would be noise
+    presented as a measurement: refused unless allow_random_weights=True says it is wanted (benchmarks of speed).
     """
     name = _register(model)
+    if pretrained is None and not name.startswith(("hf-hub:", "local-dir:")):
+        if not allow_random_weights:
+            raise RandomWeightsError(
+                f"open_clip model {name!r} with pretrained=None would have random weights and give meaningless "
+                "scores. Give pretrained= a pretrained tag or a checkpoint file, or set allow_random_weights=True "
+                "(allow_random_weights: true in the config) if random weights are what you want."
+            )
+        warnings.warn(f"open_clip model {name!r} is built with random weights (allow_random_weights=True): "
+                      "its scores mean nothing", UserWarning, stacklevel=3)
     if not name.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(name) is None:
         raise ModelNotFoundError(
             f"unknown open_clip architecture {name!r}: give a built-in name (open_clip.list_models()), "

@@ -124,3 +124,21 @@ async def test_cancelled_groups_are_not_rerun_after_a_failed_pass():
     assert victim.cancelled()
     assert passes[0] == ["first", "x", "bad"]  # merged, then rerun group by group:
     assert ["x"] not in passes  # the cancelled caller's group was not rerun alone
+
+
+def test_scorer_deployment_options_follow_from_the_batch_size():
+    """max_ongoing_requests lets MAX_PENDING_BATCHES full Serve batches wait for the model; it
+    is derived from max_batch_size, and the class default obeys the same rule."""
+    from pydantic import ValidationError
+
+    from deployments.scorer import MAX_PENDING_BATCHES, ScorerDeployment, scorer_deployment_options
+
+    assert MAX_PENDING_BATCHES >= 8
+    for size in (1, 16, 64):
+        options = scorer_deployment_options({"max_batch_size": size, "batch_wait_timeout_s": 0.02})
+        assert options["max_ongoing_requests"] >= 8 * size
+        assert options["user_config"]["max_batch_size"] == size
+    default = scorer_deployment_options()
+    assert ScorerDeployment.max_ongoing_requests == default["max_ongoing_requests"] >= 8 * default["user_config"]["max_batch_size"]
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        scorer_deployment_options({"max_batch_sise": 8})
