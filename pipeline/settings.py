@@ -129,6 +129,10 @@ class _ScorerOptions(_Settings):
 
     device: str | None = Field(None, description="this scorer's device; default: scoring.device")
     dtype: str | None = Field(None, description="this scorer's dtype; default: scoring.dtype")
+    allow_random_weights: bool = Field(
+        False, description="load even where weights would be random (pretrained: null, an incomplete checkpoint): "
+        "scores then mean nothing; for speed benchmarks only",
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -161,7 +165,6 @@ class PickScoreOptions(_ScorerOptions):
 class ClipScoreOptions(_OpenClipOptions):
     model: OpenClipModel = Field("ViT-B-32-quickgelu", description="open_clip architecture, config file/dict, hf-hub: or local-dir:")
     pretrained: ModelSource | None = Field("openai", description="open_clip pretrained tag or checkpoint file")
-    allow_random_weights: bool = Field(False, description="allow pretrained: null (random weights, meaningless scores)")
 
 
 class VQAScoreOptions(_ScorerOptions):
@@ -182,7 +185,6 @@ class AestheticOptions(_OpenClipOptions):
     model: OpenClipModel = Field("ViT-L-14-quickgelu", description="open_clip architecture, config file/dict, hf-hub: or local-dir:")
     pretrained: ModelSource | None = Field("openai", description="open_clip pretrained tag or checkpoint file")
     head: ModelSource = Field("sac+logos+ava1-l14-linearMSE.pth", description="the LAION MLP head file")
-    allow_random_weights: bool = Field(False, description="allow pretrained: null (random weights, meaningless scores)")
 
 
 class ScoringSettings(_Settings):

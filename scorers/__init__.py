@@ -21,11 +21,12 @@ def load_scorer(name: str, **options: Any) -> Scorer:
     """Load a scorer by name with its options (model ids or local paths, device, dtype; see each class).
 
     pickscore: model, processor, reference, device, dtype       (scorers.pickscore.PickScore)
-    clipscore: model, pretrained, allow_random_weights, device, dtype        (scorers.clipscore.ClipScore)
-    vqascore:  model, processor, question, answer, device, dtype             (scorers.vqascore.VQAScore)
-    aesthetic: model, pretrained, head, allow_random_weights, device, dtype  (scorers.aesthetic.Aesthetic)
+    clipscore: model, pretrained, device, dtype                  (scorers.clipscore.ClipScore)
+    vqascore:  model, processor, question, answer, device, dtype (scorers.vqascore.VQAScore)
+    aesthetic: model, pretrained, head, device, dtype            (scorers.aesthetic.Aesthetic)
 
-    The open_clip scorers refuse pretrained=None (random weights) unless allow_random_weights=True.
+    Every scorer also takes allow_random_weights (default False): without it, a model that would have random
+    weights (open_clip pretrained=None, a checkpoint that lacks some weights) raises RandomWeightsError.
     """
     if name == "pickscore":
         from .pickscore import PickScore as cls

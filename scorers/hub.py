@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import transformers
 
-from .base import ModelNotFoundError
+from .base import ModelNotFoundError, RandomWeightsError
 
 _TRUE = {"1", "true", "yes", "on"}
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -52,3 +52,23 @@ def from_pretrained(loader: Callable[..., Any], source: str | os.PathLike, what:
 def pil_image_processor_kwargs() -> dict[str, Any]:
     """Ask for the PIL image processors the references ran on (transformers 5 defaults to torchvision ones)."""
     return {"backend": "pil"} if TRANSFORMERS_5 else {"use_fast": False}
+
+
+def trained_model(loader: Callable[..., Any], source: str | os.PathLike, what: str, allow_random_weights: bool) -> Any:
+    """A transformers model whose every weight came from its checkpoint.
+
+    from_pretrained initialises any weight its checkpoint lacks at random and only logs it (a checkpoint of
+    another architecture, a truncated file), and the scores would be noise presented as measurements: that is
+    refused unless allow_random_weights=True says it is wanted.
+    """
+    model, info = from_pretrained(loader, source, what, "model", output_loading_info=True)
+    missing = sorted(set(info.get("missing_keys") or ()) | {str(k[0]) if isinstance(k, tuple) else str(k)
+                                                           for k in info.get("mismatched_keys") or ()})
+    if missing and not allow_random_weights:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise RandomWeightsError(
+            f"{what} {str(source)!r}: the checkpoint lacks {len(missing)} of the model's weights ({shown}), which would be random "
+            "and make every score meaningless. Give a complete checkpoint for this architecture, or set "
+            "allow_random_weights=True (allow_random_weights: true in the config) if random weights are wanted."
+        )
+    return model

@@ -25,7 +25,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from .base import CLIP_CONTEXT_LENGTH, ScoreOutput, Scorer, features, map_images, resolve_device, resolve_dtype
-from .hub import from_pretrained, pil_image_processor_kwargs
+from .hub import from_pretrained, pil_image_processor_kwargs, trained_model
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -47,11 +47,12 @@ class PickScore(Scorer):
         reference: float = DEFAULT_REFERENCE,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
+        allow_random_weights: bool = False,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.reference = float(reference)
-        self.model = from_pretrained(CLIPModel.from_pretrained, model, "PickScore model", "model")
+        self.model = trained_model(CLIPModel.from_pretrained, model, "PickScore model", allow_random_weights)
         self.model.to(self.device, self.dtype).eval()
         self.tokenizer = from_pretrained(AutoTokenizer.from_pretrained, processor, "PickScore tokenizer", "processor")
         self.image_processor = from_pretrained(

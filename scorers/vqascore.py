@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
 from .base import ScoreOutput, Scorer, resolve_device, resolve_dtype
-from .hub import from_pretrained, pil_image_processor_kwargs
+from .hub import from_pretrained, pil_image_processor_kwargs, trained_model
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 SMALL_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
@@ -47,6 +47,7 @@ class VQAScore(Scorer):
         answer: str = ANSWER,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
+        allow_random_weights: bool = False,
     ):
         self.device = resolve_device(device)
         bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -54,7 +55,7 @@ class VQAScore(Scorer):
         self.dtype = resolve_dtype(dtype, self.device, gpu_auto=torch.bfloat16 if bf16 else torch.float16)
         self.question = question
         processor = processor or model
-        self.model = from_pretrained(AutoModelForImageTextToText.from_pretrained, model, "VQAScore model", "model")
+        self.model = trained_model(AutoModelForImageTextToText.from_pretrained, model, "VQAScore model", allow_random_weights)
         self.model.to(self.device, self.dtype).eval()
         image_processor = from_pretrained(
             AutoImageProcessor.from_pretrained, processor, "VQAScore image processor", "processor",

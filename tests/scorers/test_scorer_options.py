@@ -95,3 +95,30 @@ def test_the_settings_know_the_scorers_dtypes():
     from scorers.base import _DTYPES
 
     assert set(DTYPES) == set(_DTYPES) | {"auto"}
+
+
+def _without_a_norm_weight(folder: Path, target: Path) -> Path:
+    """A copy of a saved transformers model whose checkpoint lacks one layer-norm weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, target)
+    [checkpoint] = target.glob("*.safetensors")
+    state = load_file(checkpoint)
+    dropped = sorted(key for key in state if key.endswith("norm.weight"))[-1]
+    save_file({key: value for key, value in state.items() if key != dropped}, str(checkpoint), metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize("name", ["pickscore", "vqascore"])
+def test_an_incomplete_checkpoint_is_refused_unless_asked_for(name, tiny_options, tmp_path):
+    """Before: from_pretrained filled the missing weight at random with only a log line."""
+    folder = Path(tiny_options[name]["model"])
+    options = {**tiny_options[name], "model": str(_without_a_norm_weight(folder, tmp_path / name))}
+    if name == "vqascore":
+        options["processor"] = str(folder)
+    with pytest.raises(RandomWeightsError, match="lacks 1 of the model.s weights .*allow_random_weights"):
+        load_scorer(name, **options, device="cpu")
+    scorer = load_scorer(name, **options, allow_random_weights=True, device="cpu")
+    assert scorer.model is not None
