@@ -52,7 +52,7 @@ class ValidationErrorBody(BaseModel):
 
 
 _WHY = {
-    400: "a malformed name in the path",
+    400: "a body that cannot be parsed (not UTF-8, a broken form), or a malformed name in the path",
     401: "missing, malformed, expired, badly signed or wrong-audience token (with WWW-Authenticate)",
     403: "an artifact link that is tampered with or expired",
     404: "unknown, or another user's, generation (ids cannot be probed)",

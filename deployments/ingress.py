@@ -247,11 +247,11 @@ class Ingress:
         """No I/O: answers at once however busy the replica is."""
         return {"status": "ok", "running_generations": len(self.tasks), "offline": self.offline}
 
-    @app.post("/api/generate", status_code=202, responses=responses(*AUTHED, 413, 429))
+    @app.post("/api/generate", status_code=202, responses=responses(*AUTHED, 400, 413, 429))
     async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(_principal)) -> dict:
         return await self._submit(body, principal, http)
 
-    @app.post("/api/generate-with-image", status_code=202, responses=responses(*AUTHED, 413, 415, 429))
+    @app.post("/api/generate-with-image", status_code=202, responses=responses(*AUTHED, 400, 413, 415, 429))
     async def generate_with_image(
         self,
         http: Request,
