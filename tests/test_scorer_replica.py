@@ -1,0 +1,80 @@
+"""ScorerDeployment's own logic without Ray: the health probe, its cache, and errors instead of
+made-up numbers. (The same class under Serve: tests/serve/test_scorer_health.py.)"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from deployments.scorer import ItemError, ScorerDeployment, UnhealthyModel
+
+
+def png(size=(64, 36)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 40)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    from scorers.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_models(root)
+    return str(root)
+
+
+def replica(models_dir, cache_s: float) -> ScorerDeployment:
+    scorer = ScorerDeployment.func_or_class("clipscore", {"device": "cpu", "dtype": "fp32"}, models_dir)
+    scorer.health_check_cache_s = cache_s
+    return scorer
+
+
+def break_weights(scorer: ScorerDeployment) -> None:
+    with torch.no_grad():
+        for parameter in scorer.model.clip.model.parameters():
+            parameter.fill_(float("nan"))
+
+
+async def test_the_health_check_runs_the_model_unless_a_pass_just_succeeded(models_dir):
+    scorer = replica(models_dir, cache_s=60)
+    await scorer.check_health()  # nothing ran yet: a real probe
+    assert scorer.probes == 1
+    await scorer.check_health()  # the probe itself counts as a recent success
+    await scorer._forward([(png(), "a cup of coffee")])
+    await scorer.check_health()
+    assert scorer.probes == 1
+
+
+async def test_a_broken_model_fails_the_health_check_and_gives_no_scores(models_dir):
+    """Before: check_health only tested `self.model is None`, and NaN weights gave NaN scores."""
+    scorer = replica(models_dir, cache_s=0)
+    await scorer.check_health()
+    break_weights(scorer)
+    with pytest.raises(UnhealthyModel, match="clipscore health probe failed.*non-finite score"):
+        await scorer.check_health()
+    [result] = await scorer.coalescer.submit([(png(), "a cup of coffee")])
+    assert isinstance(result, ItemError) and "non-finite score" in str(result)
+
+
+async def test_the_cache_does_not_hide_a_model_that_broke_after_it(models_dir):
+    scorer = replica(models_dir, cache_s=60)
+    await scorer._forward([(png(), "a cup of coffee")])
+    break_weights(scorer)
+    with pytest.raises(UnhealthyModel):
+        await scorer._forward([(png(), "a cup of coffee")])
+    await scorer.check_health()  # within the cache: the earlier success still counts...
+    scorer.health_check_cache_s = 0  # ...until it is older than the cache period
+    with pytest.raises(UnhealthyModel):
+        await scorer.check_health()
+
+
+async def test_a_request_error_names_its_image(models_dir):
+    scorer = replica(models_dir, cache_s=5)
+    results = await scorer.coalescer.submit([(png(), "good"), (png((8, 8)), "tiny"), (b"not an image", "junk")])
+    assert isinstance(results[0], dict)
+    assert "item 2 of 3" in str(results[1]) and "PNG 8x8 px" in str(results[1])
+    assert "item 3 of 3" in str(results[2]) and "12 bytes (not a readable image)" in str(results[2])
