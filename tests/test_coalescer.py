@@ -142,3 +142,22 @@ def test_scorer_deployment_options_follow_from_the_batch_size():
     assert ScorerDeployment.max_ongoing_requests == default["max_ongoing_requests"] >= 8 * default["user_config"]["max_batch_size"]
     with pytest.raises(ValidationError, match="max_batch_sise"):
         scorer_deployment_options({"max_batch_sise": 8})
+
+
+def test_shipped_serve_configs_keep_the_scorers_max_ongoing_requests_rule():
+    """A YAML `deployments:` entry overrides the code's options; until the batch settings move
+    into typed app args, each scorer entry must still give >= 8 x its max_batch_size."""
+    from pathlib import Path
+
+    import yaml
+
+    from deployments.scorer import ScorerDeployment, scorer_deployment_options
+
+    scorer_names = {"PickScore", "CLIPScore", "VQAScore", "Aesthetic"}
+    for path in sorted(Path(__file__).resolve().parents[1].glob("serve_config*.yaml")):
+        for app in yaml.safe_load(path.read_text())["applications"]:
+            for entry in app.get("deployments", []):
+                if entry["name"] in scorer_names:
+                    needed = scorer_deployment_options(entry.get("user_config"))["max_ongoing_requests"]
+                    given = entry.get("max_ongoing_requests", ScorerDeployment.max_ongoing_requests)
+                    assert given >= needed, (path.name, entry["name"], given, needed)
