@@ -190,3 +190,38 @@ class JsonBodyLimit:
                         (b"connection", b"close")],
         })
         await send({"type": "http.response.body", "body": payload})
+
+
+# --- success bodies -----------------------------------------------------------------------
+# Declared so the OpenAPI document shows what a client gets back, not just "an object".
+
+
+class Accepted(BaseModel):
+    """202 of a submission. `status_url` is absolute when `public_base_url` is configured, else
+    relative to the server root."""
+
+    generation_id: str
+    status: str
+    status_url: str
+
+
+class CancelRequested(BaseModel):
+    generation_id: str
+    status: str
+    cancel_requested: bool
+
+
+class Requeued(BaseModel):
+    generation_id: str
+    status: str
+
+
+class TraceListing(BaseModel):
+    generation_id: str
+    files: list[str]
+
+
+class Health(BaseModel):
+    status: str
+    running_generations: int
+    offline: bool

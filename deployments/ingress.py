@@ -35,7 +35,7 @@ from deployments.auth import Authenticator, Principal, bearer_principal
 from deployments.signing import SignatureError, sign_url, verify_signed
 from deployments.bodylimit import UploadBodyLimit
 from deployments.contract import (
-    AUTHED, JsonBodyLimit, check_generation_id, check_trace_name, link, responses, validation_error_body,
+    AUTHED, Accepted, CancelRequested, Health, JsonBodyLimit, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses, validation_error_body,
 )
 from deployments.uploads import UploadError, prepare_upload
 from pipeline.objectstore import ArtifactNotFound, ObjectStoreError, open_store
@@ -43,7 +43,7 @@ from pipeline.jobs import JobStore, to_status
 from pipeline.limits import check_admission
 from pipeline.retention import sweep
 from pipeline.runner import Services
-from pipeline.schemas import GenerationRequest
+from pipeline.schemas import GenerationRequest, GenerationStatus
 from pipeline.service import execute_job
 from pipeline.traces import TraceWriter
 
@@ -242,16 +242,16 @@ class Ingress:
             "status_url": link(self.args.public_base_url, http.scope.get("root_path", ""), f"/api/status/{generation_id}"),
         }
 
-    @app.get("/api/health")
+    @app.get("/api/health", response_model=Health)
     async def health(self) -> dict:
         """No I/O: answers at once however busy the replica is."""
         return {"status": "ok", "running_generations": len(self.tasks), "offline": self.offline}
 
-    @app.post("/api/generate", status_code=202, responses=responses(*AUTHED, 400, 413, 429))
+    @app.post("/api/generate", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 429))
     async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(_principal)) -> dict:
         return await self._submit(body, principal, http)
 
-    @app.post("/api/generate-with-image", status_code=202, responses=responses(*AUTHED, 400, 413, 415, 429))
+    @app.post("/api/generate-with-image", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 415, 429))
     async def generate_with_image(
         self,
         http: Request,
@@ -285,7 +285,7 @@ class Ingress:
         record = self.store.get(generation_id, owner)
         return (record, self.store.scenes(generation_id)) if record is not None else (None, [])
 
-    @app.get("/api/status/{generation_id}", name="status", responses=responses(*AUTHED, 404))
+    @app.get("/api/status/{generation_id}", name="status", response_model=GenerationStatus, responses=responses(*AUTHED, 404))
     async def status(self, generation_id: str, http: Request, principal: Principal = Depends(_principal)) -> dict:
         check_generation_id(generation_id)
         record, scenes = await self._api(self._read_status, generation_id, principal.subject)
@@ -298,7 +298,7 @@ class Ingress:
 
         return to_status(record, scenes, url_for).model_dump(mode="json")
 
-    @app.delete("/api/generations/{generation_id}", status_code=202, responses=responses(*AUTHED, 404, 409))
+    @app.delete("/api/generations/{generation_id}", status_code=202, response_model=CancelRequested, responses=responses(*AUTHED, 404, 409))
     async def cancel(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
         """Ask the job to stop: it ends `cancelled` at its next step, wherever it runs; finished
         scenes are kept."""
@@ -315,7 +315,7 @@ class Ingress:
         record = await self._api(self.store.get, generation_id, principal.subject)
         return {"generation_id": generation_id, "status": record.status, "cancel_requested": True}
 
-    @app.post("/api/generations/{generation_id}/resume", status_code=202, responses=responses(*AUTHED, 404, 409))
+    @app.post("/api/generations/{generation_id}/resume", status_code=202, response_model=Requeued, responses=responses(*AUTHED, 404, 409))
     async def resume(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
         """Run a failed or cancelled generation again from its next unfinished scene."""
         check_generation_id(generation_id)
@@ -347,7 +347,7 @@ class Ingress:
             raise HTTPException(404, detail=f"generation {generation_id} not found")
         return TraceWriter(self.trace_store, generation_id, artifacts=self.artifacts)
 
-    @app.get("/api/generations/{generation_id}/traces", responses=responses(*AUTHED, 404))
+    @app.get("/api/generations/{generation_id}/traces", response_model=TraceListing, responses=responses(*AUTHED, 404))
     async def traces(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
         check_generation_id(generation_id)
         def listing() -> list[str]:
@@ -358,8 +358,9 @@ class Ingress:
             raise HTTPException(404, detail="no trace files: they are removed on completion unless traces.keep is set")
         return {"generation_id": generation_id, "files": files}
 
-    @app.get("/api/generations/{generation_id}/traces/{name:path}", responses=responses(*AUTHED, 400, 404),
-             response_class=Response)
+    @app.get("/api/generations/{generation_id}/traces/{name:path}", response_class=Response, responses={
+        200: {"content": {"text/plain": {}, "application/json": {}, "image/png": {}}, "description": "the trace file"},
+        **responses(*AUTHED, 400, 404)})
     async def trace_file(self, generation_id: str, name: str, principal: Principal = Depends(_principal)) -> Response:
         check_generation_id(generation_id)
         check_trace_name(name)
