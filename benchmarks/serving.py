@@ -43,6 +43,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urljoin
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -91,6 +92,7 @@ def write_config(directory: Path, port: int, models: dict[str, dict], batching: 
 
     config = yaml.safe_load((ROOT / "serve_config.offline.yaml").read_text())
     config["http_options"]["port"] = port
+    config["applications"][0]["args"]["public_base_url"] = f"http://127.0.0.1:{port}"
     [app] = config["applications"]
     app["args"].pop("offline_models_dir", None)
     app["args"]["pipeline"]["scoring"].update(models)
@@ -194,7 +196,7 @@ async def run_generations(base: str, headers: dict, count: int, body: dict, poll
         async def one(i: int) -> dict:
             reply = await client.post(f"{base}/api/generate", json={**body, "prompt": f"{PROMPT} (take {i + 1})"}, headers=headers)
             reply.raise_for_status()
-            url = reply.json()["status_url"]
+            url = urljoin(base + "/", reply.json()["status_url"])  # relative when public_base_url is unset
             while True:
                 status = (await client.get(url, headers=headers)).json()
                 if status["status"] in ("completed", "failed"):

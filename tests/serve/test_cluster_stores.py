@@ -33,7 +33,7 @@ def cluster_app(ray_cluster, app_args, tiny_models, postgres_cluster, s3_server,
     postgres_cluster.admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     postgres_cluster.admin(f'CREATE DATABASE "{database}"')
     url = f"s3://{s3_server.bucket}/e2e"
-    config = app_args.model_dump(mode="json")
+    config = app_args.model_dump(mode="json", exclude_unset=True)  # only what the session app sets
     config["database_url"] = postgres_cluster.url(database)
     config["pipeline"]["artifacts_dir"] = f"{url}/artifacts"
     config["pipeline"]["traces"]["root"] = f"{url}/traces"

@@ -29,6 +29,7 @@ def test_serve_run_offline_config(tmp_path):
     config = yaml.safe_load((ROOT / "serve_config.offline.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
+    config["applications"][0]["args"]["public_base_url"] = f"http://127.0.0.1:{port}"  # links name the port we use
     (tmp_path / "serve_config.offline.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, **ENV, "RAY_ADDRESS": "local"}
     log = (tmp_path / "serve.log").open("w")
