@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,14 +22,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.signing import SignatureError, sign_url, verify_signed  # re-exported for the ingress
+# Token minting lives in pipeline.tokens so the CLI can use it without this Serve-layer module;
+# re-exported here for callers that already import it from auth.
+from pipeline.tokens import MIN_SECRET_BYTES, SECRET_HINT, WeakSecretError, check_secret, mint_token
 
-MIN_SECRET_BYTES = 32
 MAX_TOKEN_CHARS = 8192
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 _KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
-_SECRET_HINT = "e.g. export {env}=$(python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+_SECRET_HINT = SECRET_HINT
 
 
 class AuthError(Exception):
@@ -102,9 +103,11 @@ def load_secret(env: str = "SCENEREF_JWT_SECRET") -> str:
 
 
 def _check_secret(secret: str, name: str) -> None:
-    if len(secret.encode()) < MIN_SECRET_BYTES:
-        raise AuthConfigError(f"{name} is shorter than {MIN_SECRET_BYTES} bytes; "
-                              f"use a longer random secret ({_SECRET_HINT.format(env=name)})")
+    """The rule is `pipeline.tokens`' (shared with minting); here a weak secret is a config error."""
+    try:
+        check_secret(secret, name)
+    except WeakSecretError as exc:
+        raise AuthConfigError(str(exc)) from None
 
 
 class Authenticator:
@@ -250,29 +253,6 @@ def bearer_principal(authenticator: Authenticator) -> Callable[..., Principal]:
             raise unauthorized(exc.detail) from None
 
     return principal
-
-
-def mint_token(
-    secret: str,
-    sub: str,
-    *,
-    ttl_s: int = 3600,
-    audience: str | None = None,
-    issuer: str | None = None,
-) -> str:
-    """An HS256 token for development (`sceneref token --sub NAME`)."""
-    _check_secret(secret, "the secret")
-    if not sub:
-        raise ValueError("sub must be non-empty")
-    if ttl_s <= 0:
-        raise ValueError("ttl_s must be positive")
-    now = int(time.time())
-    claims: dict[str, Any] = {"sub": sub, "iat": now, "nbf": now, "exp": now + ttl_s, "jti": secrets.token_hex(8)}
-    if audience:
-        claims["aud"] = audience
-    if issuer:
-        claims["iss"] = issuer
-    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 __all__ = [

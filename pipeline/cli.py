@@ -24,6 +24,7 @@ from pipeline.schemas import GenerationRequest
 from pipeline.scoring import LocalScoring, decode_rgb
 from pipeline.service import execute_job
 from pipeline.settings import SCORER_NAMES, PipelineSettings
+from pipeline.tokens import mint_token
 
 MODELS_DIR_ENV = "SCENEREF_MODELS_DIR"
 LOCAL_OWNER = "local"
@@ -243,8 +244,6 @@ def _print_summary(status, settings: PipelineSettings) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from deployments.auth import mint_token
-
     secret = os.environ.get(args.secret_env)
     if not secret:
         print(f"error: set {args.secret_env} to the service's HS256 secret (32+ bytes)", file=sys.stderr)

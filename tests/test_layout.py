@@ -1,0 +1,62 @@
+"""The layout of DESIGN.md, checked by reading the source: `pipeline/` and `scorers/` are the
+product's plain libraries, so they never import the Serve layer, web servers or test code, and
+the HTTP status shape lives beside the API rather than in the database layer.
+
+Imports are read with `ast` (not grep), so an import inside a function, where a lazy import
+would hide it from a module-level check, counts too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Top-level modules a library package must never import, and why.
+FORBIDDEN = {
+    "ray": "the pipeline and scorers run without Ray",
+    "deployments": "the Serve layer depends on the pipeline, never the reverse",
+    "fastapi": "HTTP belongs to deployments/",
+    "uvicorn": "a web server is a test double or a deployment concern",
+    "starlette": "HTTP belongs to deployments/",
+    "tests": "the product never imports test code",
+}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def _violations(package: str) -> list[str]:
+    return _file_violations(sorted((ROOT / package).rglob("*.py")))
+
+
+def _file_violations(paths: list[Path]) -> list[str]:
+    bad = []
+    for path in paths:
+        for line, module in _imports(path):
+            top = module.split(".")[0]
+            if top in FORBIDDEN:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {module} ({FORBIDDEN[top]})")
+    return bad
+
+
+def test_cli_imports_no_serve_layer():
+    """`sceneref token` mints with pipeline.tokens, not deployments.auth."""
+    assert _file_violations([ROOT / "pipeline" / "cli.py", ROOT / "pipeline" / "tokens.py"]) == []
+    import deployments.auth
+    import pipeline.tokens
+
+    assert deployments.auth.mint_token is pipeline.tokens.mint_token
+
+
+def test_scorers_import_no_serve_layer_web_server_or_tests():
+    assert _violations("scorers") == []
