@@ -29,7 +29,7 @@ from pipeline.offline import OfflineChat, OfflineImages  # noqa: E402
 from pipeline.runner import Services, run_generation  # noqa: E402
 from pipeline.schemas import GenerationRequest  # noqa: E402
 from pipeline.settings import PipelineSettings, TraceSettings  # noqa: E402
-from pipeline.testing import PixelScoring  # noqa: E402
+from tests.doubles import PixelScoring  # noqa: E402
 from pipeline.traces import TraceWriter  # noqa: E402
 
 REQUEST = GenerationRequest(prompt="A launch video for Aurora, a smart desk lamp that adapts to you", target_duration=15)

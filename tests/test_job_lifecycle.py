@@ -20,7 +20,7 @@ from pipeline.runner import GenerationError, Services
 from pipeline.schemas import GenerationRequest
 from pipeline.service import execute_job, run_claimed
 from pipeline.settings import PipelineSettings
-from pipeline.testing import PixelScoring
+from tests.doubles import PixelScoring
 
 REQUEST = GenerationRequest(
     prompt="Artisan coffee that starts your morning right",

@@ -58,5 +58,15 @@ def test_cli_imports_no_serve_layer():
     assert deployments.auth.mint_token is pipeline.tokens.mint_token
 
 
+def test_pipeline_imports_no_serve_layer_web_server_or_tests():
+    assert _violations("pipeline") == []
+
+
 def test_scorers_import_no_serve_layer_web_server_or_tests():
     assert _violations("scorers") == []
+
+
+def test_no_test_doubles_in_the_product_package():
+    """The fake OpenAI server and the pixel scorer are test doubles: they live under tests/."""
+    assert not (ROOT / "pipeline" / "testing.py").exists()
+    assert (ROOT / "tests" / "doubles.py").exists()

@@ -27,7 +27,7 @@ from pipeline.scoring import rank
 from pipeline.service import execute_job
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings
 from pipeline.storyboard import SYSTEM as STORYBOARD_SYSTEM
-from pipeline.testing import FakeOpenAIServer, Fault, PixelScoring, RecordedRequest
+from tests.doubles import FakeOpenAIServer, Fault, PixelScoring, RecordedRequest
 
 KEY_ENV = "SCENEREF_TEST_OPENAI_KEY"
 FAST_RETRY = RetrySettings(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.5)

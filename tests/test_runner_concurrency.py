@@ -24,7 +24,7 @@ from pipeline.providers import GeneratedImage, ProviderError
 from pipeline.runner import GenerationError, ProgressEvent, Services, run_generation
 from pipeline.schemas import GenerationRequest, ScenePlan
 from pipeline.settings import PipelineSettings, TraceSettings
-from pipeline.testing import PixelScoring
+from tests.doubles import PixelScoring
 
 STORY = "A launch video for Aurora, a smart desk lamp that adapts to your circadian rhythm"
 BOARD = [ScenePlan(scene_number=n, duration=5, prompt=f"scene {n}: the Aurora lamp on a desk at dawn") for n in (1, 2, 3)]

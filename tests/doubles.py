@@ -1,6 +1,7 @@
-"""Test doubles: a local OpenAI-compatible HTTP server.
+"""Test doubles, kept under tests/ because the product never uses them: a local OpenAI-compatible
+HTTP server (below) and a pixel-statistics scorer (`PixelScoring`, at the end).
 
-Tests and benchmarks drive the real `openai` client against it, so request shapes, multipart
+Tests and benchmarks drive the real `openai` client against the server, so request shapes, multipart
 uploads, headers, status codes and timeouts are exercised as they are in production. It answers
 with the offline provider logic, records every request, and applies scripted faults.
 
