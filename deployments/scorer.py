@@ -15,7 +15,6 @@ at a time over everything waiting when the model frees, up to `max_batch_size` i
 from __future__ import annotations
 
 import asyncio
-import io
 import math
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 import scorers
+from scorers.images import SCORER_INPUT, open_image, read_header
 
 
 class BatchConfig(BaseModel):
@@ -155,10 +155,10 @@ def describe_request(request: tuple[bytes, str]) -> str:
     and pixel size (the header only; the image is not decoded here)."""
     data = request[0]
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return f"image of {len(data)} bytes ({image.format} {image.width}x{image.height} px)"
+        header = read_header(data)
     except Exception:
         return f"image of {len(data)} bytes (not a readable image)"
+    return f"image of {len(data)} bytes ({header.format} {header.width}x{header.height} px)"
 
 
 def probe_image() -> Image.Image:
@@ -226,7 +226,9 @@ class ScorerDeployment:
             raise UnhealthyModel(f"{self.name} gave a non-finite score: its weights or device are broken")
 
     def _score(self, requests: list[tuple[bytes, str]]):
-        images = [Image.open(io.BytesIO(data)).convert("RGB") for data, _ in requests]
+        # The one image intake: pixel limit from the header, no animation, modes checked; an
+        # ImageError here fails the pass, and the coalescer's isolation names the bad image.
+        images = [open_image(data, SCORER_INPUT) for data, _ in requests]
         return self.model.score(images, [prompt for _, prompt in requests])
 
     async def score(self, image: bytes | ray.ObjectRef, prompt: str) -> dict:

@@ -8,20 +8,37 @@ is decoded), and only then a decode into a plain RGB PNG: at full size for an im
 The re-encoded PNG is what the pipeline stores and sends to image providers: one colour model
 for every upload, EXIF orientation applied, metadata (EXIF, GPS) dropped, and never larger than
 a provider's edit call accepts.
+
+Everything after reading the bytes (type, header, pixel count, animation, mode, decode,
+downscale, colour model) is the one image intake, `scorers.images`, which provider answers and
+scorer inputs go through as well; this module keeps the HTTP side (streaming, status codes) and
+the upload settings.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
+from typing import Literal
 
 import anyio
 from fastapi import UploadFile
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.bodylimit import FORM_ALLOWANCE, UploadBodyLimit
-from pipeline.imageinfo import SNIFF_BYTES, ImageHeaderError, ImageKind, image_size, sniff_image_type
+from scorers.images import (
+    SNIFF_BYTES,
+    ImageError,
+    ImageLimits,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    decode_image,
+    encode_png,
+    fit_within,
+    image_size,
+    sniff_image_type,
+)
+
+ImageKind = Literal["PNG", "JPEG", "WEBP"]
 
 __all__ = [
     "CHUNK_BYTES",
@@ -73,6 +90,18 @@ class UploadLimits(BaseModel):
         description="longest side of the stored reference; a larger upload is downscaled to it "
         "and its original is kept as well",
     )
+
+    def intake(self) -> ImageLimits:
+        """These limits as the shared image intake's: any size of side is accepted (small
+        references are the user's choice; the scorers never see scene 1), larger ones are
+        downscaled to `max_side`."""
+        return ImageLimits(
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+            min_side=None,
+            max_aspect=None,
+            max_side=self.max_side,
+        )
 
 
 @dataclass(frozen=True)
@@ -128,45 +157,28 @@ async def read_upload(file: UploadFile, limits: UploadLimits) -> bytes:
 def normalize_image(data: bytes, limits: UploadLimits) -> PreparedImage:
     """Check and decode an image into what scene 1 uses: an 8-bit RGB PNG with exactly the
     upload's pixels when it fits `limits.max_side`, else a downscaled one (decoded at reduced
-    scale where the format allows) plus the original bytes. CPU-bound: async callers use
-    `prepare_upload` (or a worker thread)."""
-    if not data:
-        raise UploadError(422, "image is empty")
-    if len(data) > limits.max_bytes:
-        raise UploadError(413, f"image is larger than {limits.max_bytes} bytes")
-    kind = _require_type(data[:SNIFF_BYTES])
+    scale where the format allows) plus the original bytes. The checks and the decode are the
+    one image intake's (`scorers.images.decode_image`); this maps its refusals to HTTP answers
+    (413 too many bytes, 415 not PNG/JPEG/WEBP, 422 anything else: pixel bomb, animation,
+    corrupt data). CPU-bound: async callers use `prepare_upload` (or a worker thread)."""
     try:
-        width, height = image_size(data)
-    except ImageHeaderError:
-        raise UploadError(422, f"image is not a decodable {kind}") from None
-    if width * height > limits.max_pixels:
-        raise UploadError(422, f"image has {width}x{height} pixels, more than {limits.max_pixels}")
-    target = fit_within((width, height), limits.max_side)
-    try:
-        # Lazy: reads the header only. `formats` stops PIL from trying any other decoder.
-        image = Image.open(io.BytesIO(data), formats=[kind])
-    except Image.DecompressionBombError:
-        raise UploadError(422, f"image has too many pixels (limit {limits.max_pixels})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise UploadError(422, f"image is not a decodable {kind}") from None
-    with image:
-        try:
-            rgb = _decode(image, target)
-        except Image.DecompressionBombError:
-            raise UploadError(422, f"image has too many pixels (limit {limits.max_pixels})") from None
-        except (OSError, ValueError, SyntaxError, EOFError):
-            raise UploadError(422, f"image is truncated or corrupt ({kind})") from None
-    downscaled = target is not None
-    turned = rgb.size != (target or (width, height))  # EXIF orientation swapped the sides
-    out = io.BytesIO()
-    rgb.save(out, format="PNG")
+        decoded = decode_image(data, limits.intake())
+    except ImageTooLargeError as exc:
+        raise UploadError(413, str(exc)) from None
+    except UnsupportedImageError as exc:
+        raise UploadError(415, str(exc)) from None
+    except ImageError as exc:
+        raise UploadError(422, str(exc) if data else "image is empty") from None
+    rgb, header = decoded.image, decoded.header
+    width, height = header.size
+    turned = rgb.size != (fit_within(header.size, limits.max_side) or header.size)  # EXIF turned it
     return PreparedImage(
-        png=out.getvalue(),
-        original=data if downscaled else None,
-        original_format=kind,
+        png=encode_png(rgb),
+        original=data if decoded.downscaled else None,
+        original_format=header.format,
         size=rgb.size,
         original_size=(height, width) if turned else (width, height),
-        downscaled=downscaled,
+        downscaled=decoded.downscaled,
     )
 
 
@@ -174,55 +186,3 @@ async def prepare_upload(file: UploadFile, limits: UploadLimits) -> PreparedImag
     """`read_upload` then `normalize_image` in a worker thread."""
     data = await read_upload(file, limits)
     return await anyio.to_thread.run_sync(normalize_image, data, limits)
-
-
-def fit_within(size: tuple[int, int], max_side: int) -> tuple[int, int] | None:
-    """The size that fits `max_side` with the aspect ratio kept, or None when `size` fits."""
-    width, height = size
-    longest = max(width, height)
-    if longest <= max_side:
-        return None
-    scale = max_side / longest
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _decode(image: Image.Image, target: tuple[int, int] | None) -> Image.Image:
-    """Pixels as RGB, EXIF orientation applied; downscaled to `target` (in stored orientation)
-    when given. Order matters for memory: a JPEG is decoded at the smallest DCT scale (1/2, 1/4
-    or 1/8) that stays at least `target`, and everything else (colour conversion, the EXIF
-    turn) happens on the small image, so the only full-size buffer is the decoded one."""
-    if target is None:
-        image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
-    if image.format == "JPEG":
-        image.draft(image.mode, target)
-    image.load()
-    source = image if image.mode in _RESAMPLED_AS_IS else _to_rgb(image)
-    # reducing_gap: a cheap integer box reduction first, then Lanczos over the last 3x or more;
-    # no visible difference from Lanczos over the whole range (Pillow's documentation).
-    small = source.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return _to_rgb(ImageOps.exif_transpose(small))
-
-
-# Modes Pillow resamples directly (RGBA and LA with premultiplied alpha); any other mode is
-# converted to RGB first, at full size.
-_RESAMPLED_AS_IS = frozenset({"RGB", "RGBA", "L", "LA"})
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """One colour model for every input: transparency is flattened onto white (dropping alpha
-    alone would expose whatever colour the transparent pixels happen to hold), 16-bit and
-    32-bit greyscale are scaled down rather than clipped to white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode == "I":
-        return image.convert("I").point(lambda value: value * (1 / 257)).convert("L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")

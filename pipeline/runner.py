@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import io
 import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
-
-from PIL import Image
 
 from pipeline.agents import enhance_scene
 from pipeline.artifacts import ArtifactStore
@@ -33,6 +30,7 @@ from pipeline.scoring import ScoringClient, rank, weighted_overall
 from pipeline.settings import PipelineSettings
 from pipeline.storyboard import plan_storyboard
 from pipeline.traces import TraceWriter
+from scorers.images import PROVIDER_ANSWER, to_png
 
 log = logging.getLogger("sceneref.runner")
 
@@ -140,14 +138,11 @@ async def _cancel_all(tasks: list[asyncio.Task]) -> None:
 
 
 def _as_png(data: bytes) -> bytes:
-    """Providers may answer PNG, JPEG or WEBP; keep PNG everywhere. Raises on undecodable data."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        if image.format == "PNG":
-            return data
-        out = io.BytesIO()
-        image.convert("RGB").save(out, format="PNG")
-        return out.getvalue()
+    """Providers may answer PNG, JPEG or WEBP; keep PNG everywhere. Checked and decoded by the
+    one image intake (`scorers.images.to_png` with the provider-answer limits: pixel count from
+    the header before decoding, no animation); a valid PNG is kept byte for byte. Raises
+    ImageError on anything it refuses."""
+    return to_png(data, PROVIDER_ANSWER)
 
 
 async def run_generation(

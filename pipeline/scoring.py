@@ -8,12 +8,12 @@ handles. Either way a scorer that cannot run raises: no made-up scores.
 from __future__ import annotations
 
 import asyncio
-import io
 from typing import Protocol, Sequence
 
 from PIL import Image
 
 from pipeline.schemas import ScorerResult, VariationResult
+from scorers.images import SCORER_INPUT, open_image
 
 
 class ScoringError(RuntimeError):
@@ -53,9 +53,9 @@ def rank(variations: list[VariationResult]) -> list[VariationResult]:
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
+    """Scorer input bytes as 8-bit RGB, through the one image intake (`scorers.images`): the
+    same pixel limit, animation and mode rules as the scorer deployment. Raises ImageError."""
+    return open_image(data, SCORER_INPUT)
 
 
 class LocalScoring:

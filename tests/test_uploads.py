@@ -10,7 +10,7 @@ import pytest
 from fastapi import UploadFile
 from PIL import Image
 
-from pipeline.imageinfo import ImageHeaderError
+from scorers.images import ImageError
 
 from deployments.uploads import (
     CHUNK_BYTES,
@@ -345,5 +345,5 @@ def test_image_size_reads_the_header_only():
     for fmt in ("PNG", "JPEG", "WEBP"):
         assert image_size(encode(Image.new("RGB", (33, 17)), fmt)) == (33, 17)
     for bad in (b"", b"GIF89a", b"\x89PNG\r\n\x1a\n" + b"x" * 20, b"\xff\xd8\xff" + b"\x00" * 100):
-        with pytest.raises(ImageHeaderError):
+        with pytest.raises(ImageError):
             image_size(bad)
