@@ -111,3 +111,47 @@ def test_not_an_image_object():
 
 def test_image_error_is_value_error():
     assert issubclass(ImageError, ValueError)
+
+
+# --- issue 8: one intake for every path -------------------------------------------------
+
+from scorers.images import ImageLimits, UnsupportedImageError, decode_image, read_header  # noqa: E402
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_only_png_jpeg_webp_are_decoded(fmt):
+    """Before: any format Pillow knows was decoded. Providers answer PNG, JPEG or WEBP only,
+    and fewer decoders mean less attack surface."""
+    with pytest.raises(UnsupportedImageError):
+        open_image(encode(Image.new("RGB", (32, 32), "red"), fmt))
+
+
+def test_animated_png_refused():
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    with pytest.raises(ImageError, match="animated PNG \\(2 frames\\)"):
+        open_image(encode(frames[0], save_all=True, append_images=frames[1:]))
+
+
+def test_sixteen_bit_grey_downscaled_keeps_its_levels():
+    array = np.full((64, 96), 32768, dtype=np.uint16)
+    decoded = decode_image(encode(Image.fromarray(array)), ImageLimits(max_side=48))
+    assert decoded.downscaled and decoded.image.size == (48, 32)
+    assert decoded.image.mode == "RGB" and decoded.image.getpixel((5, 5)) == (128, 128, 128)
+
+
+def test_one_bit_downscale_is_greyscale_not_nearest():
+    """A 1-bit checkerboard downscaled 2x becomes mid grey (Lanczos over 8-bit grey), not a
+    nearest-neighbour pick of black or white."""
+    board = Image.fromarray((np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)).convert("1")
+    decoded = decode_image(encode(board), ImageLimits(max_side=32))
+    assert 100 < decoded.image.getpixel((10, 10))[0] < 156
+
+
+def test_header_read_never_decodes():
+    header = read_header(png_header_only(20000, 20000))
+    assert (header.format, header.size) == ("PNG", (20000, 20000))
+
+
+def test_byte_limit_before_anything_else():
+    with pytest.raises(ImageError, match="larger than 10 bytes"):
+        decode_image(b"x" * 11, ImageLimits(max_bytes=10))
