@@ -17,13 +17,14 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from pipeline.jobs import JobStore, to_status
+from pipeline.jobs import JobStore
 from pipeline.objectstore import LocalObjectStore, open_store
 from pipeline.runner import ProgressEvent, Services, _as_png
 from pipeline.schemas import GenerationRequest
 from pipeline.scoring import LocalScoring, decode_rgb
 from pipeline.service import execute_job
 from pipeline.settings import SCORER_NAMES, PipelineSettings
+from pipeline.status import to_status
 from pipeline.tokens import mint_token
 
 MODELS_DIR_ENV = "SCENEREF_MODELS_DIR"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -54,14 +54,12 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from pipeline.schemas import (
-    AdvancedImageSettings,
     GenerationRequest,
-    GenerationStatus,
     SceneResult,
     ScenePlan,
     Status,
-    StoryboardPlan,
 )
+from pipeline.status import to_status  # noqa: F401  (the status shape moved out; kept for old callers)
 
 log = logging.getLogger("sceneref.jobs")
 
@@ -605,52 +603,3 @@ def _record(row: Any) -> JobRecord:
     for name in ("created_at", "updated_at", "lease_expires_at", "finished_at", "traces_removed_at"):
         data[name] = _aware(data[name])
     return JobRecord.model_validate(data)
-
-
-# --- status shape ---------------------------------------------------------------------
-
-
-def to_status(
-    record: JobRecord, scenes: Sequence[SceneResult], url_for: Callable[[str], str]
-) -> GenerationStatus:
-    """The guide's GET /api/status body. `url_for(image_key)` turns an artifact key into a URL
-    the client can fetch (signed, in the service), so this module stays free of HTTP."""
-    request = record.generation_request()
-    done = {scene.scene_number: scene for scene in scenes}
-    planned = {plan.scene_number: plan for plan in record.storyboard or []}
-    entries: list[dict[str, Any]] = []
-    for number in sorted(planned.keys() | done.keys()):
-        plan = planned.get(number)
-        result = done.get(number)
-        entry: dict[str, Any] = {
-            "scene_number": number,
-            "duration": plan.duration if plan else result.duration,  # type: ignore[union-attr]
-            "prompt": plan.prompt if plan else result.original_prompt,  # type: ignore[union-attr]
-            "status": "completed" if result else "pending",
-        }
-        if result:
-            entry.update(
-                enhanced_prompt=result.enhanced_prompt,
-                reference_image_url=url_for(result.reference_image_key),
-                quality_score=result.quality_score,
-                prompt_score=result.prompt_score,
-                below_threshold=result.below_threshold,
-                user_provided=result.user_provided,
-            )
-        entries.append(entry)
-    return GenerationStatus(
-        generation_id=record.generation_id,
-        status=record.status,
-        progress=record.progress,
-        advanced_image_generation_used=True,
-        storyboard_plan=StoryboardPlan(
-            advanced_image_settings=AdvancedImageSettings(
-                quality_threshold=request.advanced_image_quality_threshold,
-                num_variations=request.advanced_image_num_variations,
-                max_enhancement_iterations=request.advanced_image_max_enhancement_iterations,
-            ),
-            scenes=entries,
-        ),
-        error=record.error,
-        offline=record.offline,
-    )

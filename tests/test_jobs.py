@@ -10,8 +10,9 @@ import pytest
 
 from datetime import datetime, timedelta, timezone
 
-from pipeline.jobs import JobNotFound, JobStore, Lease, LeaseLost, to_status
+from pipeline.jobs import JobNotFound, JobStore, Lease, LeaseLost
 from pipeline.schemas import GenerationRequest, GenerationStatus, SceneResult, ScenePlan
+from pipeline.status import to_status
 
 REQUEST = GenerationRequest(
     prompt="A lighthouse keeper climbs the stairs at dawn",

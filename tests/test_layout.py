@@ -70,3 +70,16 @@ def test_no_test_doubles_in_the_product_package():
     """The fake OpenAI server and the pixel scorer are test doubles: they live under tests/."""
     assert not (ROOT / "pipeline" / "testing.py").exists()
     assert (ROOT / "tests" / "doubles.py").exists()
+
+
+def test_status_shape_is_not_defined_in_the_database_layer():
+    """`to_status` builds the HTTP status body; the job store only stores. pipeline.jobs may
+    re-export it for old callers, but it is defined in pipeline.status."""
+    jobs = ast.parse((ROOT / "pipeline" / "jobs.py").read_text())
+    defined = {node.name for node in jobs.body if isinstance(node, ast.FunctionDef)}
+    assert "to_status" not in defined
+    import pipeline.jobs
+    import pipeline.status
+
+    assert pipeline.status.to_status.__module__ == "pipeline.status"
+    assert pipeline.jobs.to_status is pipeline.status.to_status

@@ -19,13 +19,14 @@ from PIL import Image
 
 from pipeline.agents import CINEMATOGRAPHER, PROMPT_ENGINEER
 from pipeline.artifacts import LocalArtifactStore
-from pipeline.jobs import JobStore, to_status
+from pipeline.jobs import JobStore
 from pipeline.openai_clients import OpenAIChat, OpenAIImages
 from pipeline.runner import GenerationError, ProgressEvent, Services, run_generation
 from pipeline.schemas import GenerationRequest, ScorerResult, SceneResult, VariationResult
 from pipeline.scoring import rank
 from pipeline.service import execute_job
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings
+from pipeline.status import to_status
 from pipeline.storyboard import SYSTEM as STORYBOARD_SYSTEM
 from tests.doubles import FakeOpenAIServer, Fault, PixelScoring, RecordedRequest
 

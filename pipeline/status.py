@@ -1,0 +1,66 @@
+"""The HTTP status shape (`GET /api/status/{id}`, also `sceneref generate --json`), built from
+what the job store holds.
+
+It lives beside the API rather than in `pipeline.jobs`, so the database layer only stores and
+loads jobs and scenes, and the shape the clients see is written in one place that both the
+ingress and the CLI use. `pipeline.jobs.to_status` stays as a re-export for old callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pipeline.schemas import AdvancedImageSettings, GenerationStatus, SceneResult, StoryboardPlan
+
+if TYPE_CHECKING:  # pipeline.jobs re-exports to_status, so import it only for type checking
+    from pipeline.jobs import JobRecord
+
+
+def to_status(
+    record: JobRecord, scenes: Sequence[SceneResult], url_for: Callable[[str], str]
+) -> GenerationStatus:
+    """The guide's GET /api/status body. `url_for(image_key)` turns an artifact key into a URL
+    the client can fetch (signed, in the service), so this module stays free of HTTP."""
+    request = record.generation_request()
+    done = {scene.scene_number: scene for scene in scenes}
+    planned = {plan.scene_number: plan for plan in record.storyboard or []}
+    entries: list[dict[str, Any]] = []
+    for number in sorted(planned.keys() | done.keys()):
+        plan = planned.get(number)
+        result = done.get(number)
+        entry: dict[str, Any] = {
+            "scene_number": number,
+            "duration": plan.duration if plan else result.duration,  # type: ignore[union-attr]
+            "prompt": plan.prompt if plan else result.original_prompt,  # type: ignore[union-attr]
+            "status": "completed" if result else "pending",
+        }
+        if result:
+            entry.update(
+                enhanced_prompt=result.enhanced_prompt,
+                reference_image_url=url_for(result.reference_image_key),
+                quality_score=result.quality_score,
+                prompt_score=result.prompt_score,
+                below_threshold=result.below_threshold,
+                user_provided=result.user_provided,
+            )
+        entries.append(entry)
+    return GenerationStatus(
+        generation_id=record.generation_id,
+        status=record.status,
+        progress=record.progress,
+        advanced_image_generation_used=True,
+        storyboard_plan=StoryboardPlan(
+            advanced_image_settings=AdvancedImageSettings(
+                quality_threshold=request.advanced_image_quality_threshold,
+                num_variations=request.advanced_image_num_variations,
+                max_enhancement_iterations=request.advanced_image_max_enhancement_iterations,
+            ),
+            scenes=entries,
+        ),
+        error=record.error,
+        offline=record.offline,
+    )
+
+
+__all__ = ["to_status"]
