@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 
 import openai
-from PIL import Image
+from scorers.images import PROVIDER_ANSWER, to_png
 
 from pipeline.providers import ChatTask, GeneratedImage, ProviderError
 from pipeline.retry import with_retries
 from pipeline.settings import ImageSettings, LLMSettings
 
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def make_client(settings: LLMSettings | ImageSettings, *, role: str) -> openai.AsyncOpenAI:
@@ -72,12 +70,8 @@ def _wants_b64_parameter(model: str) -> bool:
 
 
 def _as_png(data: bytes) -> bytes:
-    if data.startswith(PNG_MAGIC):
-        return data
-    with Image.open(io.BytesIO(data)) as image:
-        out = io.BytesIO()
-        image.convert("RGBA" if "A" in image.getbands() else "RGB").save(out, format="PNG")
-        return out.getvalue()
+    """Through the one image intake (scorers.images): format, pixel limits, RGB PNG."""
+    return to_png(data, PROVIDER_ANSWER)
 
 
 class OpenAIImages:
