@@ -83,3 +83,22 @@ def test_status_shape_is_not_defined_in_the_database_layer():
 
     assert pipeline.status.to_status.__module__ == "pipeline.status"
     assert pipeline.jobs.to_status is pipeline.status.to_status
+
+
+def test_offline_providers_split_by_what_they_are():
+    """Agents (storyboard writer, prompt engineer) and images (renderer) are separate modules;
+    `from pipeline.offline import X` keeps working for the names callers use."""
+    from pipeline.offline import (  # noqa: F401
+        OfflineChat,
+        OfflineImages,
+        infer_task,
+        last_user_payload,
+        offline_reply,
+        render_offline_image,
+    )
+    from pipeline.offline import agents, images
+
+    assert OfflineChat.__module__ == agents.__name__
+    assert OfflineImages.__module__ == images.__name__
+    assert render_offline_image.__module__ == images.__name__
+    assert not (ROOT / "pipeline" / "offline.py").exists()

@@ -1,35 +1,20 @@
-"""The offline provider pair: deterministic agents and a procedural image generator.
+"""Offline chat: a deterministic storyboard writer, Cinematographer and Prompt Engineer.
 
-It serves the no-key demo and the tests, so it must behave like the real thing where the
-pipeline can tell: valid JSON in the agents' convention (the last user message is a JSON object
-of inputs), a critique loop that improves over iterations, and images that visibly depend on the
-prompt, the variation and the reference image. Everything it makes is labelled offline.
+They answer in the agents' convention (the last user message is a JSON object of inputs) with
+valid JSON, and the critique loop improves over iterations the way a real model's should, so
+the pipeline's agent loop, stop rule and traces are exercised without an LLM. Same inputs, same
+answer: the demo and the tests are reproducible.
 """
 
 from __future__ import annotations
 
 import asyncio
-import colorsys
-import functools
-import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
-from pipeline.providers import ChatTask, GeneratedImage, ProviderError
-from pipeline.settings import ImageSettings
-
-OFFLINE_LABEL = "OFFLINE DEMO"
-
-
-def stable_hash(*parts: object) -> int:
-    """A 64-bit hash that, unlike hash(), is the same in every process."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big")
+from pipeline.offline.common import stable_hash
+from pipeline.providers import ChatTask, ProviderError
 
 
 def _pick(options: tuple[str, ...], *key: object) -> str:
@@ -412,107 +397,3 @@ class OfflineChat:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         return json.dumps(offline_reply(task, last_user_payload(messages)))
-
-
-# --- Images -----------------------------------------------------------------------------------
-
-
-def _palette(prompt: str) -> np.ndarray:
-    """Four colours from the prompt: a base hue and three related ones."""
-    seed = stable_hash("palette", prompt)
-    hue = (seed % 360) / 360
-    offsets = (0.0, 0.08 + (seed >> 9) % 20 / 100, 0.5, 0.92)
-    colours = []
-    for index, offset in enumerate(offsets):
-        saturation = 0.45 + ((seed >> (12 + index * 4)) % 10) / 25
-        value = 0.35 + index * 0.18
-        colours.append(colorsys.hsv_to_rgb((hue + offset) % 1.0, min(saturation, 0.95), min(value, 0.98)))
-    return np.array(colours, dtype=np.float32) * 255
-
-
-@functools.lru_cache(maxsize=8)
-def _label_font(height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=max(12, height // 18))
-    except TypeError:  # Pillow without FreeType
-        return ImageFont.load_default()
-
-
-def render_offline_image(
-    prompt: str, *, variation: int, reference: bytes | None, size: tuple[int, int]
-) -> tuple[bytes, int]:
-    """A labelled procedural PNG and its seed. The prompt picks the palette and shapes, the
-    variation re-lays the composition, and a reference is blended in so chained scenes share
-    its colours and layout."""
-    width, height = size
-    seed = stable_hash("image", prompt, variation) % 2**31
-    rng = np.random.default_rng(seed)
-    colours = _palette(prompt)
-
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    u, v = xs / max(width - 1, 1), ys / max(height - 1, 1)
-    angle = rng.uniform(0, np.pi)
-    t = np.clip((np.cos(angle) * (u - 0.5) + np.sin(angle) * (v - 0.5)) + 0.5, 0, 1)[..., None]
-    canvas = colours[0] * (1 - t) + colours[1] * t
-
-    shape_rng = np.random.default_rng(stable_hash("shapes", prompt) % 2**31)
-    for index in range(4 + int(shape_rng.integers(0, 3))):
-        cx, cy = rng.uniform(0.1, 0.9), rng.uniform(0.15, 0.85)
-        radius = shape_rng.uniform(0.08, 0.22)
-        colour = colours[2 + index % 2]
-        dx, dy = (u - cx) * (width / height), v - cy
-        if shape_rng.random() < 0.5:
-            mask = (dx * dx + dy * dy) < radius * radius
-        else:
-            mask = (np.abs(dx) < radius * 1.3) & (np.abs(dy) < radius * 0.7)
-        canvas[mask] = canvas[mask] * 0.25 + colour * 0.75
-    horizon = rng.uniform(0.55, 0.8)
-    canvas[v[..., 0] > horizon] *= 0.7
-
-    if reference is not None:
-        try:
-            with Image.open(io.BytesIO(reference)) as ref:
-                ref_pixels = np.asarray(ref.convert("RGB").resize((width, height)), dtype=np.float32)
-        except Exception as error:
-            raise ProviderError(f"offline images: reference is not a readable image ({error})") from error
-        canvas = canvas * 0.55 + ref_pixels * 0.45
-
-    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
-    font = _label_font(height)
-    left, top, right, bottom = draw.textbbox((0, 0), OFFLINE_LABEL, font=font)
-    pad = max(3, height // 60)
-    box = (pad, height - (bottom - top) - 3 * pad, right - left + 3 * pad, height - pad)
-    draw.rectangle(box, fill=(0, 0, 0))
-    draw.text((box[0] + pad - left, box[1] + pad - top), OFFLINE_LABEL, fill=(255, 255, 255), font=font)
-    out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=1)
-    return out.getvalue(), seed
-
-
-class OfflineImages:
-    """Deterministic ImageProvider: same prompt, variation and reference, same PNG.
-    `latency_s` simulates a remote API for benchmarks."""
-
-    def __init__(self, settings: ImageSettings, latency_s: float = 0.0):
-        self.settings = settings
-        self.latency_s = latency_s
-
-    async def generate(self, prompt: str, *, reference: bytes | None, variation: int) -> GeneratedImage:
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
-        data, seed = await asyncio.to_thread(
-            render_offline_image, prompt, variation=variation, reference=reference, size=self.settings.dimensions
-        )
-        return GeneratedImage(
-            data=data,
-            metadata={
-                "provider": "offline",
-                "model": self.settings.model,
-                "size": self.settings.size,
-                "variation": variation,
-                "seed": seed,
-                "reference_used": reference is not None,
-                "offline": True,
-            },
-        )
