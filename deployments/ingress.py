@@ -39,11 +39,12 @@ from deployments.contract import (
 )
 from deployments.uploads import UploadError, prepare_upload
 from pipeline.objectstore import ArtifactNotFound, ObjectStoreError, open_store
-from pipeline.jobs import JobStore, to_status
+from pipeline.jobs import JobStore
 from pipeline.limits import check_admission
 from pipeline.retention import sweep
 from pipeline.runner import Services
 from pipeline.schemas import GenerationRequest, GenerationStatus
+from pipeline.status import to_status
 from pipeline.service import execute_job
 from pipeline.traces import TraceWriter
 
