@@ -19,9 +19,14 @@ from pydantic import ValidationError
 
 from pipeline.jobs import JobStore
 from pipeline.objectstore import LocalObjectStore, open_store
-from pipeline.runner import ProgressEvent, Services, _as_png
+from pipeline.runner import ProgressEvent, Services
 from pipeline.schemas import GenerationRequest
-from pipeline.scoring import LocalScoring, decode_rgb
+from pipeline.scoring import LocalScoring
+from scorers.images import ImageLimits, to_png
+
+USER_REFERENCE = ImageLimits(
+    max_bytes=20 * 1024 * 1024, max_pixels=40_000_000, min_side=None, max_aspect=None, max_side=2048
+)
 from pipeline.service import execute_job
 from pipeline.settings import SCORER_NAMES, PipelineSettings
 from pipeline.status import to_status
@@ -99,9 +104,9 @@ async def _generate(args: argparse.Namespace) -> int:
     reference = None
     if args.image:
         try:
-            data = Path(args.image).read_bytes()
-            decode_rgb(data)
-            reference = _as_png(data)
+            # The same intake and limits as an HTTP upload (deployments.uploads.UploadLimits'
+            # defaults): checked from the header, larger than 2048 px downscaled.
+            reference = to_png(Path(args.image).read_bytes(), USER_REFERENCE)
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             print(f"error: --image {args.image}: {exc}", file=sys.stderr)
             return 2

@@ -211,3 +211,17 @@ def test_ctrl_c_ends_the_generation_cancelled(models_dir, tmp_path):
     assert (record.status, record.lease_holder, record.cancel_requested) == ("cancelled", None, True)
     assert f"sceneref resume {gid}" in out
     store.close()
+
+
+def test_large_user_image_is_downscaled_like_an_upload(capsys, monkeypatch, models_dir, tmp_path):
+    """The CLI's --image goes through the same intake and limits as an HTTP upload."""
+    big = tmp_path / "wide.png"
+    Image.new("RGB", (4096, 1024), (200, 80, 20)).save(big, format="PNG")
+    code, out, err = run(
+        capsys, monkeypatch, models_dir, "--prompt", PROMPT, "--duration", "9", "--variations", "2",
+        "--iterations", "1", "--output", str(tmp_path / "out"), "--image", str(big), "--json",
+    )
+    assert code == 0, err
+    first = json.loads(out)["storyboard_plan"]["scenes"][0]
+    kept = Image.open(io.BytesIO(path_of(first["reference_image_url"]).read_bytes()))
+    assert kept.size == (2048, 512)
