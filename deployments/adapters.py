@@ -27,7 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.providers import GeneratedImage, ProviderError
-from pipeline.retry import backoff_delay
+from pipeline.retry import Failure, backoff_delay, with_retries
 from pipeline.schemas import ScorerResult
 from pipeline.scoring import ScoringError
 from pipeline.settings import RetrySettings
@@ -84,24 +84,16 @@ def _short(error: BaseException) -> str:
     return f"{name}: {first[:120]}" if first else name
 
 
+def _replica_failure(error: BaseException) -> Failure | None:
+    """Transient only when the replica behind the handle went away; a provider's own error
+    (already retried by the provider) and real bugs are not retried here."""
+    reason = replica_gone(error)
+    return None if reason is None else Failure(True, f"no replica answered: {reason}")
+
+
 async def _until_served(call, retry: RetrySettings, what: str):
     """`call()` again (backoff between tries) while its replica is gone, up to max_attempts."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await call()
-        except Exception as error:
-            reason = replica_gone(error)
-            if reason is None:
-                raise
-            if attempt >= retry.max_attempts:
-                raise ProviderError(
-                    f"{what}: no replica answered after {attempt} attempts ({reason})", retryable=True
-                ) from error
-            delay = backoff_delay(attempt, retry)
-            log.warning("%s: %s; retrying in %.2fs (attempt %d/%d)", what, reason, delay, attempt, retry.max_attempts)
-            await asyncio.sleep(delay)
+    return await with_retries(call, retry, what=what, classify_error=_replica_failure)
 
 
 def _raise_if_error(result: dict) -> dict:

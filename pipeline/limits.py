@@ -65,10 +65,7 @@ def check_admission(store, owner: str, limits: AdmissionLimits, now: datetime | 
 
 def _window_retry(store, owner: str, since: datetime, limits: AdmissionLimits) -> int:
     """Seconds until the oldest submission in the window leaves it (at least 1)."""
-    oldest = getattr(store, "oldest_submitted_since", None)
-    if oldest is None:
-        return limits.retry_after_s
-    first = oldest(owner, since)
+    first = store.oldest_submitted_since(owner, since)
     if first is None:
         return limits.retry_after_s
     return max(1, int((first - since).total_seconds()) + 1)

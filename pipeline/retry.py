@@ -94,8 +94,16 @@ def backoff_delay(attempt: int, retry: RetrySettings, retry_after_s: float | Non
     return min(retry.initial_delay_s * retry.multiplier ** (attempt - 1), retry.max_delay_s)
 
 
-async def with_retries(call: Callable[[], Awaitable[T]], retry: RetrySettings, *, what: str) -> T:
+async def with_retries(
+    call: Callable[[], Awaitable[T]],
+    retry: RetrySettings,
+    *,
+    what: str,
+    classify_error: Callable[[BaseException], Failure | None] | None = None,
+) -> T:
     """Run `call` until it succeeds, retrying transient failures up to `retry.max_attempts`.
+    `classify_error` (default: `classify`, provider errors) says what is transient; the Serve
+    layer passes its own for replicas that went away.
 
     Non-retryable failures (e.g. 400/401/403/404/422) raise ProviderError at once with the
     server's message and status. Exhausted retries raise ProviderError(retryable=True) that
@@ -107,7 +115,7 @@ async def with_retries(call: Callable[[], Awaitable[T]], retry: RetrySettings, *
         try:
             return await call()
         except Exception as error:
-            failure = classify(error)
+            failure = (classify_error or classify)(error)
             if failure is None:
                 raise
             status = f"HTTP {failure.status_code}: " if failure.status_code else ""

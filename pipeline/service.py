@@ -274,10 +274,6 @@ class _LatestWriter:
             except Exception as exc:
                 log.warning("generation %s: progress write failed (%s)", self.generation_id, exc)
 
-    async def flush(self) -> None:
-        if self.task is not None:
-            await self.task
-
     async def stop(self) -> None:
         """Drop pending progress: the final status follows (and fences out a late write)."""
         self.latest = None

@@ -121,7 +121,7 @@ async def test_chat_that_never_finds_a_replica_is_a_short_retryable_provider_err
     with pytest.raises(ProviderError) as info:
         await chat.complete([], task="prompt_engineer")
     assert info.value.retryable is True and len(complete.calls) == 3
-    assert str(info.value).startswith("prompt_engineer agent: no replica answered after 3 attempts (replica died")
+    assert str(info.value).startswith("prompt_engineer agent failed after 3 attempts (no replica answered: replica died")
     assert len(str(info.value)) < 300 and transient(info.value)
 
 
