@@ -183,15 +183,6 @@ def _services(settings: PipelineSettings, *, offline: bool) -> Services | None:
 async def _run(store: JobStore, generation_id: str, owner: str, services: Services, settings, args) -> int:
     """Claim the job and run it here. Ctrl-C asks for cancellation and stops the run: the job
     ends `cancelled` (exit 130), never `running` with nobody behind it."""
-    lease = store.claim(cli_holder(), LEASE_S, generation_id=generation_id)
-    if lease is None:
-        record = store.get(generation_id)
-        print(
-            f"error: generation {generation_id} is {record.status}"
-            + (f", held by {record.lease_holder} until {record.lease_expires_at:%H:%M:%S} UTC" if record.lease_holder else ""),
-            file=sys.stderr,
-        )
-        return 1
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
 
@@ -204,7 +195,17 @@ async def _run(store: JobStore, generation_id: str, owner: str, services: Servic
         task.cancel()
 
     interrupted = False
-    loop.add_signal_handler(signal.SIGINT, interrupt)
+    loop.add_signal_handler(signal.SIGINT, interrupt)  # before the claim: no window without it
+    lease = store.claim(cli_holder(), LEASE_S, generation_id=generation_id)
+    if lease is None:
+        loop.remove_signal_handler(signal.SIGINT)
+        record = store.get(generation_id)
+        print(
+            f"error: generation {generation_id} is {record.status}"
+            + (f", held by {record.lease_holder} until {record.lease_expires_at:%H:%M:%S} UTC" if record.lease_holder else ""),
+            file=sys.stderr,
+        )
+        return 1
     try:
         await execute_job(
             store, lease, services, settings, lease_s=LEASE_S, on_event=None if args.quiet else _print_progress

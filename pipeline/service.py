@@ -94,6 +94,9 @@ async def execute_job(
     except (LeaseLost, JobNotFound) as exc:
         log.warning("generation %s not started: %s", gid, exc)
         return None
+    except asyncio.CancelledError:  # stopped before the run began: never leave it held by nobody
+        await _shielded(_end_interrupted(_Job(store, lease, None, [])))
+        raise
     job = _Job(store, lease, record.storyboard, completed)
     progress = _LatestWriter(store, gid, lease)
 

@@ -213,3 +213,34 @@ async def test_cancelled_from_outside_after_the_owner_asked_ends_cancelled(store
         await task
     record = store.get("gen-1")
     assert (record.status, record.lease_holder) == ("cancelled", None)
+
+
+@pytest.mark.parametrize("owner_asked", [True, False])
+async def test_cancelled_before_the_run_starts_still_ends_or_releases_the_job(store, settings, owner_asked):
+    """The CLI's Ctrl-C (or an ingress shutdown) can land while execute_job is still reading the
+    job: that must not leave it `running`, held by a runner that has gone."""
+    import threading
+
+    store.create("gen-1", "alice", REQUEST, offline=True)
+    lease = store.claim("runner-a", 30)
+    entered, go_on = threading.Event(), threading.Event()
+    real_scenes = store.scenes
+
+    def slow_scenes(gid):
+        entered.set()
+        go_on.wait(5)
+        return real_scenes(gid)
+
+    store.scenes = slow_scenes
+    task = asyncio.ensure_future(execute_job(store, lease, services(settings), settings))
+    await asyncio.to_thread(entered.wait, 5)
+    if owner_asked:
+        store.request_cancel("gen-1", "alice")
+    task.cancel()
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    store.scenes = real_scenes
+    record = store.get("gen-1")
+    assert record.lease_holder is None
+    assert record.status == ("cancelled" if owner_asked else "running")
