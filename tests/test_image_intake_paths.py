@@ -152,8 +152,30 @@ def test_undecodable_provider_answers_are_image_errors():
 
 
 def test_only_the_intake_module_opens_images():
-    """The paths of this slice call scorers.images; none opens image bytes itself."""
-    paths = ["deployments/uploads.py", "deployments/scorer.py", "pipeline/scoring.py", "pipeline/runner.py"]
-    for path in paths:
-        source = (ROOT / path).read_text()
-        assert not re.search(r"Image\.open\(|ImageFile\(", source), path
+    """No product module but scorers/images.py opens image bytes itself. Before: the offline
+    renderer opened the reference with a bare `Image.open`."""
+    product = [p for package in ("pipeline", "scorers", "deployments") for p in (ROOT / package).rglob("*.py")]
+    offenders = [
+        str(p.relative_to(ROOT)) for p in product
+        if p.name != "images.py" or p.parent.name != "scorers"
+        if re.search(r"Image\.open\(|ImageFile\(|imdecode|decode_image\(", p.read_text())
+    ]
+    assert product and offenders == []
+
+
+def test_the_offline_renderer_takes_its_reference_through_the_intake():
+    """A chained scene's reference obeys the provider rules: an animated or bomb-sized reference is
+    a provider error that names the problem, not a frame-1 guess or a full decode."""
+    import asyncio
+
+    from pipeline.offline import OfflineImages
+    from pipeline.providers import ProviderError
+    from pipeline.settings import ImageSettings
+
+    images = OfflineImages(ImageSettings(provider="offline", size="96x64"))
+    with pytest.raises(ProviderError, match="animated"):
+        asyncio.run(images.generate("a cup", reference=animated("PNG"), variation=0))
+    with pytest.raises(ProviderError, match="8000x8000"):
+        asyncio.run(images.generate("a cup", reference=one_bit_png(8000, 8000), variation=0))
+    rgba = encode(Image.new("RGBA", (40, 30), (255, 0, 0, 0)))
+    assert asyncio.run(images.generate("a cup", reference=rgba, variation=0)).data[:8] == b"\x89PNG\r\n\x1a\n"

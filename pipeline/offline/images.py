@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.offline.common import stable_hash
 from pipeline.providers import GeneratedImage, ProviderError
 from pipeline.settings import ImageSettings
+from scorers.images import PROVIDER_ANSWER, ImageError, open_image
 
 OFFLINE_LABEL = "OFFLINE DEMO"
 
@@ -73,11 +74,11 @@ def render_offline_image(
     canvas[v[..., 0] > horizon] *= 0.7
 
     if reference is not None:
-        try:
-            with Image.open(io.BytesIO(reference)) as ref:
-                ref_pixels = np.asarray(ref.convert("RGB").resize((width, height)), dtype=np.float32)
-        except Exception as error:
-            raise ProviderError(f"offline images: reference is not a readable image ({error})") from error
+        try:  # the one image intake, with the rules an image API applies to its inputs
+            ref = open_image(reference, PROVIDER_ANSWER)
+        except ImageError as error:
+            raise ProviderError(f"offline images: reference is not a usable image ({error})") from error
+        ref_pixels = np.asarray(ref.resize((width, height)), dtype=np.float32)
         canvas = canvas * 0.55 + ref_pixels * 0.45
 
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
