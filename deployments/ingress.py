@@ -1,4 +1,6 @@
-"""The HTTP API: a FastAPI app behind `@serve.ingress`, run as several replicas.
+"""The HTTP API: the `Ingress` deployment, run as several replicas. Its handlers carry their
+routes (`deployments.api.route`); each replica builds its own FastAPI app from them
+(`__serve_build_asgi_app__` -> `deployments.api.create_api`).
 
 Nothing that matters lives in a replica: a submission is persisted whole before it is answered
 (the request, the owner, the user's image as an artifact), and every replica runs a claim loop
@@ -20,25 +22,23 @@ import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from sqlalchemy.exc import OperationalError
 
 from deployments.adapters import HandleChat, HandleImages, HandleScoring
+from deployments.api import create_api, principal, route
 from deployments.args import AppArgs
-from deployments.auth import Authenticator, Principal, bearer_principal
-from deployments.signing import SignatureError, sign_url, verify_signed
-from deployments.bodylimit import UploadBodyLimit
+from deployments.auth import Authenticator, Principal
 from deployments.contract import (
-    AUTHED, Accepted, CancelRequested, Health, JsonBodyLimit, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses, validation_error_body,
+    AUTHED, Accepted, CancelRequested, Health, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses,
 )
+from deployments.signing import SignatureError, sign_url, verify_signed
 from deployments.uploads import UploadError, prepare_upload
-from pipeline.objectstore import ArtifactNotFound, ObjectStoreError, open_store
+from pipeline.objectstore import ArtifactNotFound, open_store
 from pipeline.jobs import JobStore
 from pipeline.limits import check_admission
 from pipeline.retention import sweep
@@ -49,45 +49,6 @@ from pipeline.service import execute_job
 from pipeline.traces import TraceWriter
 
 log = logging.getLogger("sceneref.ingress")
-app = FastAPI(title="sceneref", version="0.1.0", description="Reference images for the scenes of a short video.")
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field as `field: message`, in the body the OpenAPI document declares
-    (`deployments.contract.ValidationErrorBody`)."""
-    return JSONResponse(status_code=422, content=validation_error_body(exc.errors()))
-
-
-UPLOAD_PATHS = ("/api/generate-with-image",)
-# Uploads are refused while they stream in, before Starlette spools the body; the limit is set
-# from the replica's args (below), hence read per request.
-app.add_middleware(UploadBodyLimit, paths=UPLOAD_PATHS, limit=lambda: app.state.upload_body_limit)
-app.state.upload_body_limit = UploadBodyLimit.body_limit(20 * 1024 * 1024)
-app.add_middleware(JsonBodyLimit, paths=("/api/generate",))  # 413 past 64 KiB, before parsing
-
-@app.exception_handler(OperationalError)
-async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
-    """The job store is unreachable or locked: a temporary condition, not the client's fault."""
-    log.warning("job store unavailable: %s", exc)
-    return JSONResponse(status_code=503, content={"detail": "the job store is unavailable; try again shortly"},
-                        headers={"Retry-After": "5"})
-
-
-@app.exception_handler(ObjectStoreError)
-async def _object_store_unavailable(request: Request, exc: ObjectStoreError) -> JSONResponse:
-    log.warning("object store unavailable: %s", exc)
-    return JSONResponse(status_code=503, content={"detail": "the object store is unavailable; try again shortly"},
-                        headers={"Retry-After": "5"})
-
-
-_bearer = HTTPBearer(auto_error=False, description="JWT bearer token (see `sceneref token`)")
-
-
-def _principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
-    """Routes are declared at import time, the authenticator only exists once the replica has
-    its args: it lives on `app.state`. A plain function, so a JWKS fetch runs in a thread."""
-    return request.app.state.authenticate(request, credentials)
 
 
 FINISHED = ("completed", "failed", "cancelled")
@@ -95,7 +56,7 @@ CANCEL_WATCH_S = 2.0  # how often a replica looks for cancel requests of the job
 
 
 @serve.deployment(max_ongoing_requests=256)
-@serve.ingress(app)
+@serve.ingress()  # the app is built per replica by __serve_build_asgi_app__ (deployments/api.py)
 class Ingress:
     def __init__(
         self,
@@ -109,8 +70,7 @@ class Ingress:
     ):
         self.args = args
         self.settings = args.pipeline
-        app.state.authenticate = bearer_principal(Authenticator(args.auth))
-        app.state.upload_body_limit = UploadBodyLimit.body_limit(args.uploads.max_bytes)
+        self.authenticator = Authenticator(args.auth)
         self.url_secret = args.url_secret()
         self.store = JobStore(args.job_store_url())
         self.artifacts = open_store(self.settings.artifacts_dir, self.settings.s3)
@@ -136,6 +96,10 @@ class Ingress:
         if args.jobs.run_jobs:
             self.loops.append(loop.create_task(self._claim_loop()))
             self.loops.append(loop.create_task(self._cancel_watch()))
+
+    def __serve_build_asgi_app__(self):
+        """Serve calls this after the constructor: this replica's own app, with its settings."""
+        return create_api(self, authenticator=self.authenticator, upload_limit_bytes=self.args.uploads.max_bytes)
 
     # --- running jobs -----------------------------------------------------------------
 
@@ -243,16 +207,16 @@ class Ingress:
             "status_url": link(self.args.public_base_url, http.scope.get("root_path", ""), f"/api/status/{generation_id}"),
         }
 
-    @app.get("/api/health", response_model=Health)
+    @route("GET", "/api/health", response_model=Health)
     async def health(self) -> dict:
         """No I/O: answers at once however busy the replica is."""
         return {"status": "ok", "running_generations": len(self.tasks), "offline": self.offline}
 
-    @app.post("/api/generate", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 429))
-    async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(_principal)) -> dict:
+    @route("POST", "/api/generate", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 429))
+    async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(principal)) -> dict:
         return await self._submit(body, principal, http)
 
-    @app.post("/api/generate-with-image", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 415, 429))
+    @route("POST", "/api/generate-with-image", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 415, 429))
     async def generate_with_image(
         self,
         http: Request,
@@ -263,7 +227,7 @@ class Ingress:
         advanced_image_num_variations: int = Form(4),
         advanced_image_max_enhancement_iterations: int = Form(4),
         advanced_image_quality_threshold: float = Form(30.0),
-        principal: Principal = Depends(_principal),
+        principal: Principal = Depends(principal),
     ) -> dict:
         try:
             request = GenerationRequest(
@@ -286,8 +250,8 @@ class Ingress:
         record = self.store.get(generation_id, owner)
         return (record, self.store.scenes(generation_id)) if record is not None else (None, [])
 
-    @app.get("/api/status/{generation_id}", name="status", response_model=GenerationStatus, responses=responses(*AUTHED, 404))
-    async def status(self, generation_id: str, http: Request, principal: Principal = Depends(_principal)) -> dict:
+    @route("GET", "/api/status/{generation_id}", name="status", response_model=GenerationStatus, responses=responses(*AUTHED, 404))
+    async def status(self, generation_id: str, http: Request, principal: Principal = Depends(principal)) -> dict:
         check_generation_id(generation_id)
         record, scenes = await self._api(self._read_status, generation_id, principal.subject)
         if record is None:  # also for another user's id, so ids cannot be probed
@@ -299,8 +263,8 @@ class Ingress:
 
         return to_status(record, scenes, url_for).model_dump(mode="json")
 
-    @app.delete("/api/generations/{generation_id}", status_code=202, response_model=CancelRequested, responses=responses(*AUTHED, 404, 409))
-    async def cancel(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
+    @route("DELETE", "/api/generations/{generation_id}", status_code=202, response_model=CancelRequested, responses=responses(*AUTHED, 404, 409))
+    async def cancel(self, generation_id: str, principal: Principal = Depends(principal)) -> dict:
         """Ask the job to stop: it ends `cancelled` at its next step, wherever it runs; finished
         scenes are kept."""
         check_generation_id(generation_id)
@@ -316,8 +280,8 @@ class Ingress:
         record = await self._api(self.store.get, generation_id, principal.subject)
         return {"generation_id": generation_id, "status": record.status, "cancel_requested": True}
 
-    @app.post("/api/generations/{generation_id}/resume", status_code=202, response_model=Requeued, responses=responses(*AUTHED, 404, 409))
-    async def resume(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
+    @route("POST", "/api/generations/{generation_id}/resume", status_code=202, response_model=Requeued, responses=responses(*AUTHED, 404, 409))
+    async def resume(self, generation_id: str, principal: Principal = Depends(principal)) -> dict:
         """Run a failed or cancelled generation again from its next unfinished scene."""
         check_generation_id(generation_id)
         record = await self._api(self.store.get, generation_id, principal.subject)
@@ -330,7 +294,7 @@ class Ingress:
         self.wake.set()
         return {"generation_id": generation_id, "status": "queued"}
 
-    @app.get("/api/artifacts/{key:path}", response_class=Response,
+    @route("GET", "/api/artifacts/{key:path}", response_class=Response,
              responses={200: {"content": {"image/png": {}}, "description": "the image"}, **responses(403, 404, 422)})
     async def artifact(self, key: str, expires: str = "", sig: str = "") -> Response:
         try:
@@ -348,8 +312,8 @@ class Ingress:
             raise HTTPException(404, detail=f"generation {generation_id} not found")
         return TraceWriter(self.trace_store, generation_id, artifacts=self.artifacts)
 
-    @app.get("/api/generations/{generation_id}/traces", response_model=TraceListing, responses=responses(*AUTHED, 404))
-    async def traces(self, generation_id: str, principal: Principal = Depends(_principal)) -> dict:
+    @route("GET", "/api/generations/{generation_id}/traces", response_model=TraceListing, responses=responses(*AUTHED, 404))
+    async def traces(self, generation_id: str, principal: Principal = Depends(principal)) -> dict:
         check_generation_id(generation_id)
         def listing() -> list[str]:
             return self._traces(generation_id, principal.subject).list_files()
@@ -359,10 +323,10 @@ class Ingress:
             raise HTTPException(404, detail="no trace files: they are removed on completion unless traces.keep is set")
         return {"generation_id": generation_id, "files": files}
 
-    @app.get("/api/generations/{generation_id}/traces/{name:path}", response_class=Response, responses={
+    @route("GET", "/api/generations/{generation_id}/traces/{name:path}", response_class=Response, responses={
         200: {"content": {"text/plain": {}, "application/json": {}, "image/png": {}}, "description": "the trace file"},
         **responses(*AUTHED, 400, 404)})
-    async def trace_file(self, generation_id: str, name: str, principal: Principal = Depends(_principal)) -> Response:
+    async def trace_file(self, generation_id: str, name: str, principal: Principal = Depends(principal)) -> Response:
         check_generation_id(generation_id)
         check_trace_name(name)
         def read() -> bytes:

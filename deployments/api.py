@@ -1,0 +1,110 @@
+"""The ingress's FastAPI app, built by a factory for each replica.
+
+The handlers live on the `Ingress` class and say their route with `@route(...)`, which only
+records it; `create_api(server)` builds a new FastAPI app for one replica, with that replica's
+settings (upload limit, authenticator) fixed at construction, and registers the bound handlers.
+Serve calls it through the class's `__serve_build_asgi_app__` after the constructor, so there is
+no module-level app that replicas (or tests) mutate, and two apps in one process never share
+state.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import OperationalError
+
+from deployments.auth import Authenticator, Principal, bearer_principal
+from deployments.bodylimit import UploadBodyLimit
+from deployments.contract import JsonBodyLimit, validation_error_body
+from pipeline.objectstore import ObjectStoreError
+
+log = logging.getLogger("sceneref.ingress")
+
+UPLOAD_PATHS = ("/api/generate-with-image",)
+JSON_PATHS = ("/api/generate",)
+_ROUTE = "__sceneref_route__"
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def route(method: str, path: str, **options: Any) -> Callable:
+    """Mark a handler method with its HTTP route (FastAPI `add_api_route` options); the app that
+    serves it is made later, per replica, by `create_api`."""
+
+    def mark(handler: Callable) -> Callable:
+        setattr(handler, _ROUTE, Route(method, path, options))
+        return handler
+
+    return mark
+
+
+def routes_of(cls: type) -> list[tuple[str, Route]]:
+    """(method name, route) of every marked handler, in definition order, base classes first
+    (Serve serves a subclass of the deployment class)."""
+    found: dict[str, Route] = {}
+    for klass in reversed(cls.__mro__):
+        for name, fn in vars(klass).items():
+            if hasattr(fn, _ROUTE):
+                found[name] = getattr(fn, _ROUTE)
+    return list(found.items())
+
+
+_bearer = HTTPBearer(auto_error=False, description="JWT bearer token (see `sceneref token`)")
+
+
+def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+    """The caller, from the app's own authenticator (`create_api` puts it on `app.state`). A
+    plain function, so FastAPI runs it in its thread pool and a JWKS fetch never blocks the loop."""
+    return request.app.state.authenticate(request, credentials)
+
+
+def create_api(server: Any, *, authenticator: Authenticator, upload_limit_bytes: int) -> FastAPI:
+    """A new FastAPI app for one ingress replica: error bodies that follow the OpenAPI document,
+    503 for an unreachable job or object store, body limits enforced while bodies stream in,
+    and `server`'s marked handlers as its routes."""
+    app = FastAPI(title="sceneref", version="0.1.0", description="Reference images for the scenes of a short video.")
+    app.state.authenticate = bearer_principal(authenticator)
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each bad field as `field: message` (`deployments.contract.ValidationErrorBody`)."""
+        return JSONResponse(status_code=422, content=validation_error_body(exc.errors()))
+
+    async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+        """The job store is unreachable or locked: a temporary condition, not the client's fault."""
+        log.warning("job store unavailable: %s", exc)
+        return JSONResponse(status_code=503, content={"detail": "the job store is unavailable; try again shortly"},
+                            headers={"Retry-After": "5"})
+
+    async def object_store_unavailable(request: Request, exc: ObjectStoreError) -> JSONResponse:
+        log.warning("object store unavailable: %s", exc)
+        return JSONResponse(status_code=503, content={"detail": "the object store is unavailable; try again shortly"},
+                            headers={"Retry-After": "5"})
+
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(OperationalError, database_unavailable)
+    app.add_exception_handler(ObjectStoreError, object_store_unavailable)
+    # Refused while they stream in, before Starlette spools or parses the body.
+    limit = UploadBodyLimit.body_limit(upload_limit_bytes)
+    app.add_middleware(UploadBodyLimit, paths=UPLOAD_PATHS, limit=lambda: limit)
+    app.add_middleware(JsonBodyLimit, paths=JSON_PATHS)  # 413 past 64 KiB, before parsing
+
+    for name, spec in routes_of(type(server)):
+        handler = getattr(server, name)
+        if not inspect.iscoroutinefunction(handler):
+            raise TypeError(f"{name}: route handlers are async (sync ones would run in FastAPI's thread pool)")
+        options = {"name": name, **spec.options}
+        app.add_api_route(spec.path, handler, methods=[spec.method], **options)
+    return app
