@@ -4,7 +4,7 @@ and one 4-scene generation against its critical path.
 The app runs as users run it: `serve run` on a generated copy of `serve_config.offline.yaml`
 (offline providers, a free HTTP port, its own local Ray cluster), with bench-size scorer models
 given explicitly in `args.pipeline.scoring.*` instead of `offline_models_dir`, and each scorer's
-batching in its `deployments` entry's `user_config`:
+batching in its typed `args.scorers.<name>.batch` (from which the deployment options derive):
 
     on:  max_batch_size 16, batch_wait_timeout_s 0.02
     off: max_batch_size 1,  batch_wait_timeout_s 0.0
@@ -96,9 +96,8 @@ def write_config(directory: Path, port: int, models: dict[str, dict], batching: 
     [app] = config["applications"]
     app["args"].pop("offline_models_dir", None)
     app["args"]["pipeline"]["scoring"].update(models)
-    for entry in app["deployments"]:
-        if entry["name"] in SCORERS.values():
-            entry["user_config"] = dict(batching)
+    for name in SCORERS:  # the scorers' Serve options derive from the typed args.scorers
+        app["args"]["scorers"][name]["batch"] = dict(batching)
     path = directory / "serve_config.bench.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -1,6 +1,7 @@
 """Application builder: `serve run serve_config.yaml` calls `build_app` with the config's
-`args`, validated as AppArgs. Deployment options (GPU fractions, batching, autoscaling) come
-from the config's `deployments:` list, keyed by the names bound here."""
+`args`, validated as AppArgs. The scorers' Serve options (batching, CPU/GPU, replicas) are
+derived from the typed `args.scorers`; the other deployments' options come from the config's
+`deployments:` list, keyed by the names bound here."""
 
 # No `from __future__ import annotations` here: Serve validates `args` against the builder's
 # annotation only when it is the AppArgs class itself, not the string "AppArgs".
@@ -12,7 +13,7 @@ from ray.serve import Application
 from deployments.args import AppArgs
 from deployments.ingress import Ingress
 from deployments.providers import ImageGenerator, PromptAgents
-from deployments.scorer import ScorerDeployment
+from deployments.scorer import ScorerDeployment, scorer_deployment_options
 
 SCORER_DEPLOYMENTS = {"pickscore": "PickScore", "clipscore": "CLIPScore", "vqascore": "VQAScore", "aesthetic": "Aesthetic"}
 
@@ -27,10 +28,13 @@ def build(args: AppArgs, ingress_options: dict | None = None) -> Application:
     file; `serve run` sets replicas, resources and autoscaling in the config's `deployments:`."""
     args = args.resolved(Path(os.getcwd()))
     scoring = args.pipeline.scoring
-    scorers = {
-        name: ScorerDeployment.options(name=deployment).bind(name, scoring.options_for(name), args.offline_models_dir)
-        for name, deployment in SCORER_DEPLOYMENTS.items()
-    }
+    scorers = {}
+    for name, deployment in SCORER_DEPLOYMENTS.items():
+        serving = getattr(args.scorers, name)
+        options = scorer_deployment_options(serving)
+        scorers[name] = ScorerDeployment.options(name=deployment, **options).bind(
+            name, scoring.options_for(name), args.offline_models_dir, serving.torch_threads()
+        )
     ingress = Ingress.options(**ingress_options) if ingress_options else Ingress
     return ingress.bind(
         scorers["pickscore"],

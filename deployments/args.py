@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.adapters import HandleRetry
 from deployments.auth import AuthSettings, load_secret
+from deployments.scorer import ScorerServing
 from deployments.uploads import UploadLimits
 from pipeline.limits import AdmissionLimits
 from pipeline.retention import RetentionSettings
@@ -26,6 +27,18 @@ class JobSettings(BaseModel):
     lease_s: float = Field(30.0, ge=3, description="a runner that stops renewing loses its job after this long")
     poll_s: float = Field(2.0, gt=0, description="how often an idle replica looks for claimable jobs")
     max_running_per_replica: int = Field(32, ge=1, description="jobs one ingress replica runs at once")
+
+
+class ScorersServing(BaseModel):
+    """Per scorer, how it is served (batch, CPU/GPU, threads, replicas): one typed place, from
+    which `deployments.app` derives each scorer deployment's Serve options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pickscore: ScorerServing = ScorerServing()
+    clipscore: ScorerServing = ScorerServing()
+    vqascore: ScorerServing = ScorerServing()
+    aesthetic: ScorerServing = ScorerServing()
 
 
 class AppArgs(BaseModel):
@@ -51,6 +64,7 @@ class AppArgs(BaseModel):
         description="the service's public URL (https://sceneref.example.com): the base of every link the API "
         "returns (status_url, reference_image_url); the request's Host header is never trusted for them",
     )
+    scorers: ScorersServing = ScorersServing()
     uploads: UploadLimits = UploadLimits()
     jobs: JobSettings = JobSettings()
     handle_retry: HandleRetry = Field(

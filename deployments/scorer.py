@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 import scorers
@@ -43,19 +44,61 @@ class BatchConfig(BaseModel):
     )
 
 
+class ScorerServing(BaseModel):
+    """How one scorer is served, in the app's typed args (`AppArgs.scorers.<name>`), validated
+    before anything starts. The Serve options follow from it in `scorer_deployment_options`, as
+    Ray's LLM builder derives its deployment options from its typed config; a YAML
+    `deployments:` entry for a scorer is therefore not needed (and would override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch: BatchConfig = BatchConfig()
+    num_cpus: float = Field(1.0, ge=0, description="CPU reserved per replica (decode, resize, tokenise)")
+    num_gpus: float = Field(0.0, ge=0, le=1, description="fraction of one GPU per replica; fractions pack onto one card")
+    threads: int | None = Field(
+        None, ge=1, le=256,
+        description="torch intra-op threads in the replica; default max(1, num_cpus). Set explicitly because "
+        "Ray sets OMP_NUM_THREADS=1 for actors that reserve no CPU",
+    )
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count (or autoscaling_config)")
+    autoscaling_config: dict | None = Field(None, description="Serve's AutoscalingConfig fields")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "ScorerServing":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        if self.autoscaling_config is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig(**self.autoscaling_config)  # Serve's own validation, now, not at deploy
+        return self
+
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.num_cpus))
+
+
 MAX_PENDING_BATCHES = 8  # Serve batches that may wait for the model; the coalescer merges them
 
 
-def scorer_deployment_options(batching: BatchConfig | dict | None = None) -> dict:
-    """Serve options of a scorer deployment that follow from its batch settings.
+def scorer_deployment_options(serving: ScorerServing | dict | None = None) -> dict:
+    """Serve options of a scorer deployment, derived from its typed serving config.
 
     `max_ongoing_requests` must let MAX_PENDING_BATCHES full Serve batches wait while the model
     runs, or the coalescer never sees enough requests to fill a pass; it is derived here rather
     than written by hand beside `max_batch_size` in a config. `user_config` carries the
     validated batch settings to `reconfigure`.
     """
-    config = BatchConfig.model_validate(batching or {})
-    return {"max_ongoing_requests": MAX_PENDING_BATCHES * config.max_batch_size, "user_config": config.model_dump()}
+    serving = ScorerServing.model_validate(serving or {})
+    options = {
+        "max_ongoing_requests": MAX_PENDING_BATCHES * serving.batch.max_batch_size,
+        "user_config": serving.batch.model_dump(),
+        "ray_actor_options": {"num_cpus": serving.num_cpus, "num_gpus": serving.num_gpus},
+    }
+    if serving.autoscaling_config is not None:
+        options["autoscaling_config"] = serving.autoscaling_config
+    elif serving.num_replicas is not None:
+        options["num_replicas"] = serving.num_replicas
+    return options
 
 
 class ItemError(RuntimeError):
@@ -177,11 +220,13 @@ DEFAULT_BATCH = BatchConfig()
 
 @serve.deployment(
     # Derived, not written by hand: see scorer_deployment_options.
-    max_ongoing_requests=scorer_deployment_options(DEFAULT_BATCH)["max_ongoing_requests"],
+    max_ongoing_requests=scorer_deployment_options()["max_ongoing_requests"],
     health_check_period_s=10,
 )
 class ScorerDeployment:
-    def __init__(self, name: str, options: dict | None = None, offline_models_dir: str | None = None):
+    def __init__(self, name: str, options: dict | None = None, offline_models_dir: str | None = None, threads: int = 1):
+        # Ray leaves OMP_NUM_THREADS=1 in actors that reserve no CPU; the config says how many.
+        torch.set_num_threads(threads)
         options = dict(options or {})
         if offline_models_dir:
             from scorers.tiny import build_tiny_models

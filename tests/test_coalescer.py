@@ -126,7 +126,7 @@ async def test_cancelled_groups_are_not_rerun_after_a_failed_pass():
     assert ["x"] not in passes  # the cancelled caller's group was not rerun alone
 
 
-def test_scorer_deployment_options_follow_from_the_batch_size():
+def test_scorer_deployment_options_follow_from_the_typed_serving_config():
     """max_ongoing_requests lets MAX_PENDING_BATCHES full Serve batches wait for the model; it
     is derived from max_batch_size, and the class default obeys the same rule."""
     from pydantic import ValidationError
@@ -135,29 +135,58 @@ def test_scorer_deployment_options_follow_from_the_batch_size():
 
     assert MAX_PENDING_BATCHES >= 8
     for size in (1, 16, 64):
-        options = scorer_deployment_options({"max_batch_size": size, "batch_wait_timeout_s": 0.02})
+        options = scorer_deployment_options({"batch": {"max_batch_size": size, "batch_wait_timeout_s": 0.02}})
         assert options["max_ongoing_requests"] >= 8 * size
         assert options["user_config"]["max_batch_size"] == size
     default = scorer_deployment_options()
     assert ScorerDeployment.max_ongoing_requests == default["max_ongoing_requests"] >= 8 * default["user_config"]["max_batch_size"]
+    gpu = scorer_deployment_options({"num_cpus": 2, "num_gpus": 0.25, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}})
+    assert gpu["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.25} and gpu["autoscaling_config"]["max_replicas"] == 3
+    assert scorer_deployment_options({"num_replicas": 2})["num_replicas"] == 2
     with pytest.raises(ValidationError, match="max_batch_sise"):
-        scorer_deployment_options({"max_batch_sise": 8})
+        scorer_deployment_options({"batch": {"max_batch_sise": 8}})
+    with pytest.raises(ValidationError, match="num_gpu\\b"):
+        scorer_deployment_options({"num_gpu": 1})
+    with pytest.raises(ValidationError, match="not both"):
+        scorer_deployment_options({"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}})
+    with pytest.raises(ValidationError):  # Serve's own rule, checked before anything is deployed
+        scorer_deployment_options({"autoscaling_config": {"min_replicas": 4, "max_replicas": 2}})
 
 
-def test_shipped_serve_configs_keep_the_scorers_max_ongoing_requests_rule():
-    """A YAML `deployments:` entry overrides the code's options; until the batch settings move
-    into typed app args, each scorer entry must still give >= 8 x its max_batch_size."""
+def test_the_app_derives_each_scorers_deployment_options_from_args():
+    """Before: batch sizes and max_ongoing_requests were hand-written per scorer in the YAML's
+    `deployments:` list, with the 8x rule only in a comment."""
+    from deployments.app import SCORER_DEPLOYMENTS, build
+    from deployments.args import AppArgs
+
+    args = AppArgs.model_validate({"scorers": {
+        "vqascore": {"batch": {"max_batch_size": 4}, "num_gpus": 0.5, "threads": 3},
+        "clipscore": {"num_replicas": 2},
+    }})
+    bound = {d._bound_deployment.name: d._bound_deployment for d in build(args)._bound_deployment.init_args[:4]}
+    assert set(bound) == set(SCORER_DEPLOYMENTS.values())
+    vqa = bound["VQAScore"]
+    assert (vqa.max_ongoing_requests, vqa.user_config["max_batch_size"], vqa.ray_actor_options["num_gpus"]) == (32, 4, 0.5)
+    assert vqa.init_args[3] == 3  # torch threads, set in the replica
+    assert bound["CLIPScore"].num_replicas == 2
+    assert bound["PickScore"].max_ongoing_requests == 8 * bound["PickScore"].user_config["max_batch_size"]
+
+
+def test_shipped_serve_configs_leave_the_scorers_to_the_typed_args():
+    """A YAML `deployments:` entry overrides the code's options: the shipped configs have none
+    for the scorers, and their `args.scorers` validate."""
     from pathlib import Path
 
     import yaml
 
-    from deployments.scorer import ScorerDeployment, scorer_deployment_options
+    from deployments.app import SCORER_DEPLOYMENTS
+    from deployments.args import AppArgs
 
-    scorer_names = {"PickScore", "CLIPScore", "VQAScore", "Aesthetic"}
-    for path in sorted(Path(__file__).resolve().parents[1].glob("serve_config*.yaml")):
+    paths = sorted(Path(__file__).resolve().parents[1].glob("serve_config*.yaml"))
+    assert len(paths) >= 2
+    for path in paths:
         for app in yaml.safe_load(path.read_text())["applications"]:
-            for entry in app.get("deployments", []):
-                if entry["name"] in scorer_names:
-                    needed = scorer_deployment_options(entry.get("user_config"))["max_ongoing_requests"]
-                    given = entry.get("max_ongoing_requests", ScorerDeployment.max_ongoing_requests)
-                    assert given >= needed, (path.name, entry["name"], given, needed)
+            named = {entry["name"] for entry in app.get("deployments", [])}
+            assert not named & set(SCORER_DEPLOYMENTS.values()), path.name
+            assert "scorers" in app["args"], path.name
+            AppArgs.model_validate(app["args"])

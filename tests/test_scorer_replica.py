@@ -78,3 +78,20 @@ async def test_a_request_error_names_its_image(models_dir):
     assert isinstance(results[0], dict)
     assert "item 2 of 3" in str(results[1]) and "PNG 8x8 px" in str(results[1])
     assert "item 3 of 3" in str(results[2]) and "12 bytes (not a readable image)" in str(results[2])
+
+
+def test_the_replica_sets_torch_threads_from_its_config(models_dir):
+    """Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPU; the replica sets torch's
+    threads from `args.scorers.<name>.threads` (default max(1, num_cpus)) instead."""
+    import torch
+
+    from deployments.scorer import ScorerDeployment, ScorerServing
+
+    before = torch.get_num_threads()
+    try:
+        ScorerDeployment.func_or_class("clipscore", {"device": "cpu", "dtype": "fp32"}, models_dir, threads=2)
+        assert torch.get_num_threads() == 2
+        assert ScorerServing(num_cpus=3).torch_threads() == 3 and ScorerServing(num_cpus=0).torch_threads() == 1
+        assert ScorerServing(num_cpus=0, threads=4).torch_threads() == 4
+    finally:
+        torch.set_num_threads(before)
