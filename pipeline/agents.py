@@ -5,12 +5,18 @@ rewrite on five dimensions and critiques it; the critique goes back to agent 1. 
 when the overall score reaches the approval score (85) or after `max_iterations`. The overall
 is computed here from the dimension scores (an overall the LLM reports is ignored), and the
 best-scored prompt is kept, not the last one.
+
+Consistency markers (issue 11): a rewrite that drops one of the scene's markers is refused
+before agent 2 sees it. It counts as a failed iteration of agent 1 (recorded with the markers
+it dropped) and the loop goes on, telling agent 1 which markers to restore; a refused rewrite
+is never the final prompt.
 """
 
 from __future__ import annotations
 
 import logging
 
+from pipeline.consistency import missing_markers
 from pipeline.providers import ChatModel, ProviderError
 from pipeline.schemas import (
     CinematographerOutput,
@@ -30,8 +36,10 @@ Rewrite `scene_prompt` (one scene of the story in `story_prompt`) into one detai
 prompt. Specify: camera angle and shot size; lens focal length and depth of field; lighting
 (direction, quality, colour temperature in kelvin); composition (framing, rule of thirds,
 leading lines, negative space); and concrete subject detail (materials, textures, colours,
-props, action). Keep the product and story faithful to the original. When `critique` and
-`improvements` are given, they review your `previous_prompt`: fix every point.
+props, action). Keep the product and story faithful to the original. `markers` are the
+film's consistency markers for this scene (product, characters, setting, style): copy each
+one into your prompt word for word, unchanged; a rewrite that drops or alters one is refused.
+When `critique` and `improvements` are given, they review your `previous_prompt`: fix every point.
 Reply with only a JSON object: {"enhanced_prompt": "..."}"""
 
 PROMPT_ENGINEER = """You are a Prompt Engineer reviewing image-generation prompts for a
@@ -52,6 +60,8 @@ def failed_agent(record: IterationRecord) -> str | None:
     writer and any later reader agree without a second field to keep in sync."""
     if not record.error:
         return None
+    if record.dropped_markers:  # agent 1's rewrite was refused before agent 2 saw it
+        return "cinematographer"
     return "prompt_engineer" if record.enhanced_prompt else "cinematographer"
 
 
@@ -73,7 +83,8 @@ async def enhance_scene(
 ) -> EnhancementResult:
     iterations: list[IterationRecord] = []
     best: IterationRecord | None = None
-    latest_prompt: str | None = None
+    latest_prompt: str | None = None  # the last rewrite that kept every marker
+    previous_prompt: str | None = None  # what agent 1 wrote last, refused or not (it is told why)
     critique: str | None = None
     improvements: list[str] = []
     stop_reason = f"iteration limit {max_iterations} reached"
@@ -87,9 +98,10 @@ async def enhance_scene(
                 inputs={
                     "scene_prompt": scene.prompt,
                     "story_prompt": story_prompt,
+                    "markers": scene.markers,
                     "scene_number": scene.scene_number,
                     "iteration": i,
-                    "previous_prompt": latest_prompt,
+                    "previous_prompt": previous_prompt,
                     "critique": critique,
                     "improvements": improvements,
                 },
@@ -104,7 +116,21 @@ async def enhance_scene(
             # make the trace show it as a new rewrite (and blame agent 2 for the error).
             iterations.append(IterationRecord(iteration=i, enhanced_prompt="", error=str(exc)))
             break
-        latest_prompt = rewrite.enhanced_prompt.strip()
+        candidate = rewrite.enhanced_prompt.strip()
+        dropped = missing_markers(candidate, scene.markers)
+        if dropped:
+            iterations.append(
+                IterationRecord(
+                    iteration=i, enhanced_prompt=candidate, dropped_markers=dropped,
+                    error=f"rewrite refused: it dropped {len(dropped)} consistency marker(s): " + "; ".join(dropped),
+                )
+            )
+            stop_reason = f"iteration limit {max_iterations} reached"
+            previous_prompt = candidate
+            critique = "Your rewrite dropped consistency markers. Copy each one word for word: " + "; ".join(dropped)
+            improvements = [f"Restore verbatim: {marker}" for marker in dropped]
+            continue
+        latest_prompt = previous_prompt = candidate
 
         try:
             review = await ask_json(
@@ -114,6 +140,7 @@ async def enhance_scene(
                 inputs={
                     "scene_prompt": scene.prompt,
                     "story_prompt": story_prompt,
+                    "markers": scene.markers,
                     "enhanced_prompt": latest_prompt,
                     "iteration": i,
                 },
@@ -148,6 +175,9 @@ async def enhance_scene(
         # No rewrite was ever scored: an unscored rewrite still beats the raw scene prompt.
         final_prompt = latest_prompt or scene.prompt
         stop_reason += "; no scored prompt, kept " + ("the last rewrite" if latest_prompt else "the original")
+    refused = sum(1 for r in iterations if r.dropped_markers)
+    if refused:
+        stop_reason += f"; {refused} rewrite(s) refused for dropping consistency markers"
     if best is not None and best is not scored[-1]:
         stop_reason += f"; kept iteration {best.iteration} (best score {best.overall})"
     log.info("scene %d: %s", scene.scene_number, stop_reason)

@@ -26,7 +26,8 @@ from pipeline.agents import enhance_scene
 from pipeline.artifacts import ArtifactStore
 from pipeline.providers import ChatModel, ImageProvider, ProviderError
 from pipeline.schemas import EnhancementResult, GenerationRequest, ScenePlan, SceneResult, VariationResult
-from pipeline.scoring import ScoringClient, rank, weighted_overall
+from pipeline.consistency import scene_text
+from pipeline.scoring import ConsistencyClient, ScoringClient, formula, measure_consistency, rank, selection_overall
 from pipeline.settings import PipelineSettings
 from pipeline.storyboard import plan_storyboard
 from pipeline.traces import TraceWriter
@@ -79,6 +80,19 @@ class Services:
     scoring: ScoringClient
     artifacts: ArtifactStore
     traces: Any = None  # an object store for the trace tree; None: files under settings.traces.root
+    # The image-image consistency model (issue 11); None: consistency is not measured, and then
+    # its selection weight must be 0 (check_services).
+    consistency: ConsistencyClient | None = None
+
+
+def check_services(services: Services, settings: PipelineSettings) -> None:
+    """Refuse a consistency weight above 0 without a consistency client: selection would
+    silently ignore a weight the config asks for. Raises ValueError."""
+    if services.consistency is None and settings.scoring.weights.consistency > 0:
+        raise ValueError(
+            f"scoring.weights.consistency is {settings.scoring.weights.consistency:g} but no consistency scorer "
+            "is configured: give the services a consistency client or set the weight to 0"
+        )
 
 
 Callback = Callable[[Any], Awaitable[None] | None] | None
@@ -172,6 +186,10 @@ async def run_generation(
     concurrent steps; a cancellation of the calling task propagates as CancelledError, after
     every child has stopped and every write in progress has landed.
     """
+    try:
+        check_services(services, settings)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from exc
     traces = await _blocking(  # opening an S3 trace store checks its bucket: a round trip
         TraceWriter,
         services.traces if services.traces is not None else settings.traces.root,
@@ -194,7 +212,15 @@ async def run_generation(
     if storyboard is None:
         await emit("planning", 0, "planning the storyboard")
         try:
-            storyboard = await plan_storyboard(services.chat, request.prompt, request.target_duration, retries=retries)
+            user_png = None
+            if reference_image is not None:
+                user_png = await asyncio.to_thread(_as_png, reference_image)
+            elif reference_key is not None:
+                user_png = await _blocking(services.artifacts.get, reference_key)
+            storyboard = await plan_storyboard(
+                services.chat, request.prompt, request.target_duration, retries=retries, image=user_png,
+                accepts_images=settings.llm.accepts_images, markers=settings.storyboard.markers,
+            )
         except Exception as exc:
             raise GenerationError(f"storyboard planning failed: {exc}", retryable=transient(exc)) from exc
         await _call(on_plan, storyboard)
@@ -209,13 +235,25 @@ async def run_generation(
 
     pending = [scene for scene in storyboard if scene.scene_number not in results]
     enhanced = await _enhance_all(pending, request, services, settings, traces, emit)
+    first_image: bytes | None = None
 
     for scene in pending:
         n, total = scene.scene_number, len(storyboard)
         previous = results.get(n - 1)
         reference = await _blocking(services.artifacts.get, previous.reference_image_key) if previous else None
+        # Consistency references: the previous scene's selected image and scene 1's (the user's).
+        references: list[tuple[int, list[str], bytes]] = []
+        if services.consistency is not None and previous is not None:
+            if previous.scene_number == 1:
+                references.append((1, ["previous", "first"], reference))
+            else:
+                references.append((previous.scene_number, ["previous"], reference))
+                if 1 in results:
+                    if first_image is None:
+                        first_image = await _blocking(services.artifacts.get, results[1].reference_image_key)
+                    references.append((1, ["first"], first_image))
         result = await _generate_scene(
-            generation_id, scene, total, enhanced[n], reference, request, services, settings, traces, emit
+            generation_id, scene, total, enhanced[n], reference, request, services, settings, traces, emit, references
         )
         results[n] = result
         await _call(on_scene, result)
@@ -250,6 +288,7 @@ async def _user_scene(
         user_provided=True,
     )
     await _blocking(traces.original_prompt, 1, scene.prompt)
+    await _blocking(traces.user_scene_summary, scene)
     await _blocking(traces.selected, result, threshold=0)
     return result
 
@@ -271,7 +310,7 @@ async def _enhance_all(pending, request, services, settings, traces, emit) -> di
             settings=settings.enhancement,
             retries=settings.llm.invalid_output_retries,
         )
-        await _blocking(traces.enhancement, scene.scene_number, result)
+        await _blocking(traces.enhancement, scene.scene_number, result, scene=scene)
         finished += 1
         score = f"{result.final_overall:.1f}" if result.final_overall is not None else "unscored"
         await emit(
@@ -297,6 +336,7 @@ async def _generate_scene(
     settings: PipelineSettings,
     traces: TraceWriter,
     emit,
+    references: list[tuple[int, list[str], bytes]] = (),
 ) -> SceneResult:
     n = scene.scene_number
     prompt = enhancement.final_prompt
@@ -332,13 +372,26 @@ async def _generate_scene(
 
     await emit("scoring", progress, f"scene {n}: scoring {len(received)} variations", n)
     weights = settings.scoring.weights.as_dict()
+    selection = settings.scoring.weights.selection()
+    # What the text-image scorers compare with: the scene's own content by default (issue 11).
+    text = scene_text(scene) if settings.scoring.text == "scene" else prompt
+    info = {"text_source": settings.scoring.text, "text": text}
+
+    async def consistency() -> list:
+        if services.consistency is None or not references:
+            return [None] * len(received)
+        return await measure_consistency(services.consistency, [data for _, data in received], list(references))
+
     try:
-        scores = await services.scoring.score([data for _, data in received], [prompt] * len(received))
-        for (v, _), per_scorer in zip(received, scores):
+        scores, measured = await _all_or_nothing(
+            [services.scoring.score([data for _, data in received], [text] * len(received)), consistency()]
+        )
+        for (v, _), per_scorer, kept in zip(received, scores, measured):
             v.scores = per_scorer
-            v.overall = weighted_overall(per_scorer, weights)
+            v.consistency = kept
+            v.overall = selection_overall(per_scorer, selection, kept)
     except Exception as exc:
-        await _blocking(traces.quality_scores, n, prompt, weights, variations)
+        await _blocking(traces.quality_scores, n, prompt, weights, variations, scoring=_scoring_info(info, selection, variations, services, references))
         raise GenerationError(f"scene {n}: scoring failed: {exc}", retryable=transient(exc)) from exc
     best = rank(variations)[0]
     below = best.overall < request.advanced_image_quality_threshold
@@ -355,10 +408,38 @@ async def _generate_scene(
         prompt_score=enhancement.final_overall,
         reference_image_key=best.image_key,
         quality_score=best.overall,
+        consistency_score=best.consistency.score if best.consistency is not None else None,
         below_threshold=below,
         selected_variation=best.variation,
         variations=variations,
     )
-    await _blocking(traces.quality_scores, n, prompt, weights, variations)
-    await _blocking(traces.selected, result, request.advanced_image_quality_threshold)
+    scoring = _scoring_info(info, selection, variations, services, references)
+    await _blocking(traces.quality_scores, n, prompt, weights, variations, scoring=scoring)
+    await _blocking(traces.selected, result, request.advanced_image_quality_threshold, formula=scoring["formula"])
     return result
+
+
+def _scoring_info(info: dict, selection: dict, variations, services: Services, references) -> dict:
+    """What quality_scores.json says about how the variations were scored: the text and where
+    it came from, which scorers had to cut it, the consistency references, and the overall's
+    formula (renormalised when consistency counts)."""
+    truncated = sorted({name for v in variations for name, s in v.scores.items() if s.truncated})
+    weight = selection.get("consistency", 0.0)
+    measured = any(v.consistency is not None for v in variations)
+    renormalised = weight > 0 and measured
+    if services.consistency is None:
+        note = "consistency not measured: no consistency scorer is configured"
+    elif not references:
+        note = "consistency not measured for this scene: it has no reference image (scene 1)"
+    elif renormalised:
+        note = f"consistency counts with weight {weight:g}: overall renormalised by the sum of the weights"
+    else:
+        note = "consistency measured and reported; weight 0: not used in selection"
+    return {
+        **info,
+        "truncated_by": truncated,
+        "consistency_references": [{"scene_number": r[0], "roles": r[1]} for r in references],
+        "renormalised": renormalised,
+        "formula": formula(selection, renormalised),
+        "note": note,
+    }

@@ -78,13 +78,50 @@ class GenerationRequest(BaseModel):
 
 
 class PlannedScene(BaseModel):
-    """One scene as the storyboard LLM writes it."""
+    """One scene as the storyboard LLM writes it: its description, and the ids of the
+    consistency markers it shows ("product", "setting", "style" or a character's name)."""
 
     description: str = Field(min_length=3, max_length=2000)
+    markers: list[str] | None = Field(None, description="marker ids; None: every marker of the sheet")
+
+
+class ProductSheet(BaseModel):
+    """The product as every scene must show it."""
+
+    name: str = Field(min_length=1, max_length=200)
+    shape: str = Field("", max_length=300)
+    colours: str = Field("", max_length=300)
+    materials: str = Field("", max_length=300)
+    logo_placement: str = Field("", max_length=300)
+
+
+class CharacterSheet(BaseModel):
+    """A recurring character's fixed physical description."""
+
+    name: str = Field(min_length=1, max_length=100)
+    age: str = Field("", max_length=100)
+    hair: str = Field("", max_length=200)
+    clothing: str = Field("", max_length=300)
+    other: str = Field("", max_length=300)
+
+
+class ConsistencySheet(BaseModel):
+    """What must look the same in every scene (issue 11). The pipeline turns each entry into
+    one marker sentence (`pipeline.consistency.marker_texts`) that scene prompts carry
+    verbatim. `source` says what it was written from: "prompt", "image" (the LLM saw the
+    user's image) or "prompt-no-vision" (a user image was given but the configured model
+    does not accept images)."""
+
+    product: ProductSheet | None = None
+    characters: list[CharacterSheet] = Field(default_factory=list, max_length=8)
+    setting: str = Field("", max_length=400)
+    style: str = Field("", max_length=400)
+    source: str = "prompt"
 
 
 class StoryboardOutput(BaseModel):
     scenes: list[PlannedScene] = Field(min_length=1)
+    consistency: ConsistencySheet | None = None
 
 
 class CinematographerOutput(BaseModel):
@@ -116,9 +153,16 @@ class PromptReview(BaseModel):
 
 
 class ScenePlan(BaseModel):
+    """One planned scene. `prompt` is `description` followed by the scene's consistency
+    `markers` verbatim (the scene's "original LLM prompt"); `sheet` is the generation's whole
+    consistency sheet, carried by every scene so a checkpointed storyboard keeps it."""
+
     scene_number: int
     duration: int
     prompt: str
+    description: str | None = None
+    markers: list[str] = Field(default_factory=list)
+    sheet: ConsistencySheet | None = None
 
 
 class IterationRecord(BaseModel):
@@ -129,6 +173,7 @@ class IterationRecord(BaseModel):
     critique: str | None = None
     improvements: list[str] = Field(default_factory=list)
     error: str | None = None
+    dropped_markers: list[str] = Field(default_factory=list)
     timestamp: str = Field(default_factory=utcnow)
 
 
@@ -151,10 +196,29 @@ class ScorerResult(BaseModel):
     truncated: bool = False
 
 
+class ReferenceSimilarity(BaseModel):
+    """The consistency model's result for one reference image: `roles` says which reference
+    it is ("previous" scene, "first" scene; both for scene 2)."""
+
+    scene_number: int
+    roles: list[str]
+    raw: float
+    score: float = Field(ge=0, le=100)
+
+
+class ConsistencyScore(BaseModel):
+    """Cross-scene consistency of one variation: the mean over its references."""
+
+    raw: float
+    score: float = Field(ge=0, le=100)
+    references: list[ReferenceSimilarity]
+
+
 class VariationResult(BaseModel):
     variation: int
     image_key: str | None = None
     scores: dict[str, ScorerResult] = Field(default_factory=dict)
+    consistency: ConsistencyScore | None = None
     overall: float | None = None
     rank: int | None = None
     provider_metadata: dict = Field(default_factory=dict)
@@ -170,6 +234,7 @@ class SceneResult(BaseModel):
     reference_image_key: str
     reference_image_url: str | None = None
     quality_score: float | None = None
+    consistency_score: float | None = None
     below_threshold: bool = False
     user_provided: bool = False
     selected_variation: int | None = None
@@ -188,6 +253,9 @@ class StoryboardPlan(BaseModel):
     advanced_image_generation_used: bool = True
     advanced_image_settings: AdvancedImageSettings
     scenes: list[dict]
+    # Additive (issue 11), not in the guide: absent (not null) when the plan has no sheet, so a
+    # plan without one keeps exactly the guide's keys.
+    consistency_sheet: ConsistencySheet | None = Field(None, exclude_if=lambda sheet: sheet is None)
 
 
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]

@@ -1,8 +1,9 @@
-"""Combining the four quality scores, ranking and selection.
+"""Combining the quality scores, ranking and selection.
 
-The pipeline sees scorers only through `ScoringClient`: in one process it is `LocalScoring`
-over models from `scorers.load_scorer`; under Ray Serve it is an adapter over deployment
-handles. Either way a scorer that cannot run raises: no made-up scores.
+The pipeline sees scorers only through `ScoringClient` (the four text-image scorers) and
+`ConsistencyClient` (the image-image consistency model, issue 11): in one process they are
+`LocalScoring` / `LocalConsistency` over models from `scorers.load_scorer`; under Ray Serve,
+adapters over deployment handles. Either way a scorer that cannot run raises: no made-up scores.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Protocol, Sequence
 
 from PIL import Image
 
-from pipeline.schemas import ScorerResult, VariationResult
+from pipeline.schemas import ConsistencyScore, ReferenceSimilarity, ScorerResult, VariationResult
 from scorers.images import SCORER_INPUT, open_image
 
 
@@ -23,6 +24,12 @@ class ScoringError(RuntimeError):
 class ScoringClient(Protocol):
     async def score(self, images: list[bytes], prompts: list[str]) -> list[dict[str, ScorerResult]]:
         """Per image, each scorer's result keyed by scorer name."""
+
+
+class ConsistencyClient(Protocol):
+    async def similarity(self, images: list[bytes], references: list[bytes]) -> list[ScorerResult]:
+        """images[i] compared with references[i], pair by pair: `raw` the model's similarity
+        (cosine), `score` on 0-100. The Serve layer batches pairs like any scorer's requests."""
 
 
 class ScoreModel(Protocol):
@@ -41,6 +48,58 @@ def weighted_overall(scores: dict[str, ScorerResult], weights: dict[str, float])
     if missing:
         raise ScoringError(f"missing scores from {', '.join(missing)}")
     return round(sum(scores[name].score * w for name, w in active.items()) / sum(active.values()), 4)
+
+
+def selection_overall(
+    scores: dict[str, ScorerResult], weights: dict[str, float], consistency: ConsistencyScore | None
+) -> float:
+    """The selection score: `weighted_overall` of the four text-image scores, plus the
+    consistency score with weight `weights["consistency"]` when it is above 0 and the variation
+    has one, everything divided by the sum of the weights used (renormalised). With weight 0,
+    or no consistency score (scene 1 has no reference), it is exactly the four-scorer formula."""
+    text_weights = {name: w for name, w in weights.items() if name != "consistency"}
+    weight = weights.get("consistency", 0.0)
+    if weight <= 0 or consistency is None:
+        return weighted_overall(scores, text_weights)
+    active = {name: w for name, w in text_weights.items() if w > 0}
+    missing = [name for name in active if name not in scores]
+    if missing:
+        raise ScoringError(f"missing scores from {', '.join(missing)}")
+    total = sum(scores[name].score * w for name, w in active.items()) + consistency.score * weight
+    return round(total / (sum(active.values()) + weight), 4)
+
+
+def formula(weights: dict[str, float], renormalised: bool) -> str:
+    """The overall's formula as the trace shows it."""
+    used = {name: w for name, w in weights.items() if w > 0 and (renormalised or name != "consistency")}
+    text = " + ".join(f"{w:g}*{name}" for name, w in used.items())
+    total = sum(used.values())
+    return f"({text}) / {total:g}" if abs(total - 1) > 1e-9 else text
+
+
+async def measure_consistency(
+    client: ConsistencyClient, images: list[bytes], references: list[tuple[int, list[str], bytes]]
+) -> list[ConsistencyScore]:
+    """Each image against each reference (scene number, roles, PNG bytes) in one call; the
+    consistency of an image is the mean over its references of raw and 0-100 score."""
+    pairs = [(i, r) for i in range(len(images)) for r in range(len(references))]
+    results = await client.similarity([images[i] for i, _ in pairs], [references[r][2] for _, r in pairs])
+    if len(results) != len(pairs):
+        raise ScoringError(f"consistency: {len(results)} results for {len(pairs)} pairs")
+    measured = []
+    for i in range(len(images)):
+        found = [
+            ReferenceSimilarity(scene_number=references[r][0], roles=references[r][1], raw=res.raw, score=res.score)
+            for (j, r), res in zip(pairs, results) if j == i
+        ]
+        measured.append(
+            ConsistencyScore(
+                raw=round(sum(f.raw for f in found) / len(found), 6),
+                score=round(sum(f.score for f in found) / len(found), 4),
+                references=found,
+            )
+        )
+    return measured
 
 
 def rank(variations: list[VariationResult]) -> list[VariationResult]:
@@ -76,3 +135,20 @@ class LocalScoring:
             for slot, out in zip(results, outputs):
                 slot[name] = ScorerResult(raw=float(out.raw), score=float(out.score), truncated=bool(out.truncated))
         return results
+
+
+class LocalConsistency:
+    """In-process consistency model (`scorers.load_scorer("consistency")`), scored in a
+    worker thread like LocalScoring."""
+
+    def __init__(self, model: ScoreModel):
+        self.model = model
+
+    async def similarity(self, images: list[bytes], references: list[bytes]) -> list[ScorerResult]:
+        pil = [decode_rgb(data) for data in images]
+        refs = [decode_rgb(data) for data in references]
+        try:
+            outputs = await asyncio.to_thread(self.model.score, pil, refs)
+        except Exception as exc:
+            raise ScoringError(f"scorer 'consistency' failed: {exc}") from exc
+        return [ScorerResult(raw=float(o.raw), score=float(o.score), truncated=False) for o in outputs]

@@ -23,7 +23,8 @@ from pydantic import (
 from pipeline.objectstore import is_url
 from pipeline.schemas import DIMENSIONS
 
-SCORER_NAMES = ("pickscore", "clipscore", "vqascore", "aesthetic")
+SCORER_NAMES = ("pickscore", "clipscore", "vqascore", "aesthetic")  # the text-image scorers
+CONSISTENCY = "consistency"  # the image-image scorer (issue 11): compares with reference images
 
 
 class _Settings(BaseModel):
@@ -51,6 +52,10 @@ class LLMSettings(_Settings):
     timeout_s: float = Field(60.0, gt=0)
     invalid_output_retries: int = Field(2, ge=0, le=10)
     max_concurrency: int = Field(16, ge=1)
+    accepts_images: bool = Field(
+        True, description="the model reads images: the storyboard planner is shown the user's image "
+        "to write the consistency sheet; false: the sheet comes from the prompt and the trace says so",
+    )
     retry: RetrySettings = RetrySettings()
 
     def api_key(self) -> str | None:
@@ -84,6 +89,10 @@ class ScorerWeights(_Settings):
     clipscore: float = Field(0.25, ge=0)
     vqascore: float = Field(0.15, ge=0)
     aesthetic: float = Field(0.10, ge=0)
+    consistency: float = Field(
+        0.0, ge=0, description="cross-scene consistency in selection; 0 keeps the guide's formula exact, "
+        "above 0 the overall is renormalised by the sum of the weights",
+    )
 
     @model_validator(mode="after")
     def _positive_total(self) -> "ScorerWeights":
@@ -92,7 +101,12 @@ class ScorerWeights(_Settings):
         return self
 
     def as_dict(self) -> dict[str, float]:
+        """The four text-image scorers' weights (what ScoringClient computes)."""
         return {name: getattr(self, name) for name in SCORER_NAMES}
+
+    def selection(self) -> dict[str, float]:
+        """All five weights, consistency included."""
+        return {**self.as_dict(), CONSISTENCY: self.consistency}
 
 
 class DimensionWeights(_Settings):
@@ -187,16 +201,28 @@ class AestheticOptions(_OpenClipOptions):
     head: ModelSource = Field("sac+logos+ava1-l14-linearMSE.pth", description="the LAION MLP head file")
 
 
+class ConsistencyOptions(_ScorerOptions):
+    model: ModelSource = Field("facebook/dinov2-base", description="Hugging Face id or local folder (a DINOv2 model)")
+    processor: ModelSource | None = Field(None, description="default: the model's own")
+
+
 class ScoringSettings(_Settings):
-    """The four scorers' options, typed (see _ScorerOptions), plus the device and dtype they share."""
+    """The scorers' options, typed (see _ScorerOptions), plus the device and dtype they share.
+
+    `text` is what the text-image scorers compare each variation with: `scene` (default) is the
+    scene's storyboard prompt, its description and consistency markers, i.e. what the story
+    needs; `enhanced` is the Cinematographer's rewrite, whose camera vocabulary is for the
+    image model and overflows CLIP's 77 tokens (docs/scoring.md)."""
 
     weights: ScorerWeights = ScorerWeights()
+    text: Literal["scene", "enhanced"] = "scene"
     device: str = "auto"
     dtype: str = "auto"
     pickscore: PickScoreOptions = PickScoreOptions()
     clipscore: ClipScoreOptions = ClipScoreOptions()
     vqascore: VQAScoreOptions = VQAScoreOptions()
     aesthetic: AestheticOptions = AestheticOptions()
+    consistency: ConsistencyOptions = ConsistencyOptions()
 
     _known_dtype = field_validator("dtype")(_ScorerOptions._known_dtype.__func__)
 
@@ -290,8 +316,16 @@ class EnhancementSettings(_Settings):
         return weights
 
 
+class StoryboardSettings(_Settings):
+    markers: bool = Field(
+        True, description="scene prompts carry the consistency sheet's markers verbatim and the agents must "
+        "keep them; false plans the sheet but leaves the markers out (for comparisons)",
+    )
+
+
 class PipelineSettings(_Settings):
     llm: LLMSettings = LLMSettings()
+    storyboard: StoryboardSettings = StoryboardSettings()
     images: ImageSettings = ImageSettings()
     scoring: ScoringSettings = ScoringSettings()
     enhancement: EnhancementSettings = EnhancementSettings()
@@ -305,7 +339,7 @@ class PipelineSettings(_Settings):
     def offline(cls, output: Path = Path("output"), **overrides) -> "PipelineSettings":
         """Offline provider pair: no key, no network."""
         base = cls(
-            llm=LLMSettings(provider="offline", model="offline-agents"),
+            llm=LLMSettings(provider="offline", model="offline-agents", accepts_images=False),
             images=ImageSettings(provider="offline", model="offline-procedural", size="512x288"),
             traces=TraceSettings(root=output / "reference_image_traces"),
             artifacts_dir=output / "artifacts",

@@ -35,6 +35,8 @@ def to_status(
             "prompt": plan.prompt if plan else result.original_prompt,  # type: ignore[union-attr]
             "status": "completed" if result else "pending",
         }
+        if plan is not None and plan.markers:
+            entry["consistency_markers"] = plan.markers
         if result:
             entry.update(
                 enhanced_prompt=result.enhanced_prompt,
@@ -44,6 +46,8 @@ def to_status(
                 below_threshold=result.below_threshold,
                 user_provided=result.user_provided,
             )
+            if result.consistency_score is not None:  # additive (issue 11): only where it was measured
+                entry["consistency_score"] = result.consistency_score
         entries.append(entry)
     return GenerationStatus(
         generation_id=record.generation_id,
@@ -57,6 +61,7 @@ def to_status(
                 max_enhancement_iterations=request.advanced_image_max_enhancement_iterations,
             ),
             scenes=entries,
+            consistency_sheet=next((p.sheet for p in record.storyboard or [] if p.sheet is not None), None),
         ),
         error=record.error,
         offline=record.offline,

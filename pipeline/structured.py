@@ -7,6 +7,7 @@ replies are shown back to the model with the validation error, a bounded number 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from typing import Callable, TypeVar
@@ -48,12 +49,20 @@ async def ask_json(
     schema: type[T],
     retries: int,
     check: Callable[[T], None] | None = None,
+    image: bytes | None = None,
 ) -> T:
     """Ask for a JSON object of `schema`; `check` adds rules the schema cannot express and
-    raises ValueError. Raises InvalidOutputError after `retries` corrective re-asks."""
+    raises ValueError. Raises InvalidOutputError after `retries` corrective re-asks. An
+    `image` (PNG) goes with the inputs as an OpenAI-style `image_url` content part; without
+    one the user message stays a plain JSON string."""
+    text_inputs = json.dumps(inputs, ensure_ascii=False)
+    content: str | list = text_inputs
+    if image is not None:
+        url = "data:image/png;base64," + base64.b64encode(image).decode("ascii")
+        content = [{"type": "text", "text": text_inputs}, {"type": "image_url", "image_url": {"url": url}}]
     messages = [
         {"role": "system", "content": system},
-        {"role": "user", "content": json.dumps(inputs, ensure_ascii=False)},
+        {"role": "user", "content": content},
     ]
     errors: list[str] = []
     for attempt in range(1, retries + 2):

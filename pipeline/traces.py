@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.agents import failed_agent
 from pipeline.objectstore import ArtifactNotFound, LocalObjectStore, ObjectStore, as_store, check_key, open_store, share
-from pipeline.schemas import EnhancementResult, IterationRecord, SceneResult, VariationResult
+from pipeline.schemas import EnhancementResult, IterationRecord, ScenePlan, SceneResult, VariationResult
 
 # An image that lives in the artifact store is named in an S3 trace tree by a small pointer
 # object `image_{k}.png.link` instead of a second copy; the read API below shows it as
@@ -111,7 +111,7 @@ class TraceWriter(TraceStore):
     def original_prompt(self, scene_number: int, prompt: str) -> None:
         self._write(scene_number, "00_original_prompt.txt", prompt + "\n")
 
-    def enhancement(self, scene_number: int, result: EnhancementResult) -> None:
+    def enhancement(self, scene_number: int, result: EnhancementResult, *, scene: ScenePlan | None = None) -> None:
         """The scene's agent files, summary and final prompt, written as one set: the scene's
         agent files of an earlier run (a resumed job enhancing the scene again, perhaps in fewer
         iterations) are removed first, so no file of a higher iteration stays behind as if this
@@ -134,6 +134,7 @@ class TraceWriter(TraceStore):
             "total_iterations": result.total_iterations,
             "approved": result.approved,
             "stop_reason": result.stop_reason,
+            **_consistency(scene),
             "iterations": [
                 {
                     "iteration": r.iteration,
@@ -143,12 +144,26 @@ class TraceWriter(TraceStore):
                     "improvements": r.improvements,
                     "error": r.error,
                     "failed_agent": failed_agent(r),
+                    "dropped_markers": r.dropped_markers,
                     "timestamp": r.timestamp,
                 }
                 for r in result.iterations
             ],
         }
         self._write(scene_number, "prompt_trace_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+
+    def user_scene_summary(self, scene: ScenePlan) -> None:
+        """The summary of the user's scene 1: nothing was enhanced, but the consistency sheet
+        (written from the user's image where the model could see it) belongs in every scene."""
+        summary = {
+            "original_prompt": scene.prompt,
+            "final_prompt": None,
+            "user_provided": True,
+            "total_iterations": 0,
+            **_consistency(scene),
+            "iterations": [],
+        }
+        self._write(scene.scene_number, "prompt_trace_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
 
     def _remove_agent_files(self, scene_number: int) -> None:
         prefix = f"{self.generation_id}/scene_{scene_number}"
@@ -175,15 +190,19 @@ class TraceWriter(TraceStore):
         self.store.put(key, data, "image/png")
         return "copy"
 
-    def quality_scores(self, scene_number: int, prompt: str, weights: dict, variations: list[VariationResult]) -> None:
+    def quality_scores(
+        self, scene_number: int, prompt: str, weights: dict, variations: list[VariationResult], *, scoring: dict | None = None
+    ) -> None:
         document = {
             "prompt": prompt,
             "weights": weights,
+            **({"scoring": scoring} if scoring is not None else {}),
             "variations": [
                 {
                     "variation": v.variation,
                     "image": f"image_{v.variation}.png" if v.image_key else None,
                     "scores": {name: s.model_dump() for name, s in v.scores.items()},
+                    "consistency": v.consistency.model_dump() if v.consistency is not None else None,
                     "overall": v.overall,
                     "rank": v.rank,
                     "error": v.error,
@@ -194,7 +213,7 @@ class TraceWriter(TraceStore):
         }
         self._write(scene_number, "quality_scores.json", json.dumps(document, indent=2, ensure_ascii=False))
 
-    def selected(self, scene: SceneResult, threshold: float) -> None:
+    def selected(self, scene: SceneResult, threshold: float, *, formula: str | None = None) -> None:
         if scene.user_provided:
             text = "selected: user-provided reference image (used unchanged, not generated or scored)\n"
         else:
@@ -205,9 +224,14 @@ class TraceWriter(TraceStore):
             ]
             if scene.below_threshold:
                 lines.append("WARNING: best score is below the quality threshold; generation continued")
-            lines.append("ranking (overall = weighted pickscore, clipscore, vqascore, aesthetic):")
+            if scene.consistency_score is not None:
+                lines.append(f"consistency with earlier scenes: {scene.consistency_score:.2f}")
+            how = f"overall = {formula}" if formula else "overall = weighted pickscore, clipscore, vqascore, aesthetic"
+            lines.append(f"ranking ({how}):")
             for v in ranked:
                 parts = ", ".join(f"{name} {s.score:.2f}" for name, s in v.scores.items())
+                if v.consistency is not None:
+                    parts += f", consistency {v.consistency.score:.2f}"
                 lines.append(f"  {v.rank}. image_{v.variation}.png  {v.overall:.2f}  ({parts})")
             for v in scene.variations:
                 if v.error:
@@ -220,6 +244,17 @@ class TraceWriter(TraceStore):
         return self.delete(self.generation_id)
 
 
+def _consistency(scene: ScenePlan | None) -> dict:
+    """The scene's consistency sheet and markers for its summary (issue 11)."""
+    if scene is None:
+        return {}
+    return {
+        "scene_description": scene.description,
+        "consistency_markers": scene.markers,
+        "consistency_sheet": scene.sheet.model_dump() if scene.sheet is not None else None,
+    }
+
+
 def _scores(scores, overall) -> dict | None:
     if scores is None:
         return None
@@ -227,6 +262,13 @@ def _scores(scores, overall) -> dict | None:
 
 
 def _agent1_text(record: IterationRecord) -> str:
+    if record.dropped_markers:
+        dropped = "\n".join(f"  - {marker}" for marker in record.dropped_markers)
+        return (
+            f"Cinematographer - iteration {record.iteration}\n\n{record.enhanced_prompt}\n\n"
+            f"REFUSED: the rewrite dropped consistency markers, which every prompt must carry verbatim:\n"
+            f"{dropped}\n\nThe Prompt Engineer did not review it; agent 1 is asked to restore them.\n"
+        )
     if failed_agent(record) == "cinematographer":
         return (
             f"Cinematographer - iteration {record.iteration}\n\n"

@@ -355,8 +355,16 @@ async def test_user_image_is_scene_one_unchanged_and_chains_into_scene_two(serve
     assert all(r.image == services.artifacts.get(scenes[1].reference_image_key) for r in by_scene[3])
 
     d = settings.traces.root / gid / "scene_1"
-    assert {p.name for p in d.iterdir()} == {"00_original_prompt.txt", "selected_best.txt"}
+    # Nothing enhanced, generated or scored; the summary holds only the consistency sheet (issue 11),
+    # written with the user's image in front of the model (the real client's content parts).
+    assert {p.name for p in d.iterdir()} == {"00_original_prompt.txt", "prompt_trace_summary.json", "selected_best.txt"}
     assert "user-provided" in (d / "selected_best.txt").read_text()
+    summary = json.loads((d / "prompt_trace_summary.json").read_text())
+    assert summary["user_provided"] is True and summary["iterations"] == []
+    assert summary["consistency_sheet"]["source"] == "image"
+    [planner] = [r for r in server.requests_for("chat") if chat_task(r) == "storyboard"]
+    parts = planner.json["messages"][1]["content"]
+    assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
 
 
 async def test_equal_scores_select_the_lowest_variation(server, tmp_path):

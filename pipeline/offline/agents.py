@@ -78,8 +78,54 @@ _MIDDLE_BEATS = (
 )
 
 
+# The offline consistency sheet: a fixed look chosen from the prompt's hash, so the same story
+# always gets the same sheet (a real planner reads the product and people off the prompt).
+_SHAPES = ("a tall slim cylinder with rounded shoulders", "a compact rounded rectangle", "a gently tapered cone")
+_COLOURS = ("matte midnight blue with a copper band", "warm ivory with a sage-green accent", "satin charcoal with a coral stripe")
+_MATERIALS = ("brushed aluminium and frosted glass", "ceramic and pale oak", "recycled paper board and cork")
+_LOGOS = ("a small embossed logo centred on the front", "a debossed logo low on the left side")
+_HOSTS = (
+    ("Maya", "a woman in her early thirties", "shoulder-length curly black hair", "a mustard knit sweater and dark jeans"),
+    ("Leo", "a man in his late twenties", "short cropped brown hair and a trimmed beard", "a navy overshirt over a white tee"),
+    ("Ines", "a woman in her fifties", "a silver bob", "a teal linen shirt with rolled sleeves"),
+)
+_SETTINGS = (
+    "a sunlit Scandinavian apartment with white walls and oak floors",
+    "a small urban cafe with exposed brick and green plants",
+    "a calm studio set with a soft grey backdrop",
+)
+_STYLES = (
+    "clean commercial photography, soft natural light, palette of warm neutrals with one accent colour",
+    "cinematic lifestyle look, gentle film grain, muted teal-and-amber palette",
+)
+# Beats in which a person appears (the host character's marker goes there).
+_PEOPLE_BEATS = ("In use:", "Lifestyle moment:", "Reaction:")
+
+
+def consistency_sheet(prompt: str) -> dict:
+    """The offline planner's consistency sheet: the product named from the prompt's subject,
+    one host character and a setting and style, each picked deterministically."""
+    subject = subject_of(prompt, limit=80)
+    name = subject[4:] if subject.lower().startswith("the ") else subject
+    host = _HOSTS[stable_hash("host", prompt) % len(_HOSTS)]
+    return {
+        "product": {
+            "name": name,
+            "shape": _pick(_SHAPES, "shape", prompt),
+            "colours": _pick(_COLOURS, "colours", prompt),
+            "materials": _pick(_MATERIALS, "materials", prompt),
+            "logo_placement": _pick(_LOGOS, "logo", prompt),
+        },
+        "characters": [{"name": host[0], "age": host[1], "hair": host[2], "clothing": host[3]}],
+        "setting": _pick(_SETTINGS, "setting", prompt),
+        "style": _pick(_STYLES, "style", prompt),
+    }
+
+
 def storyboard(prompt: str, scene_count: int, durations: list[int] | None = None) -> dict:
-    """`scene_count` distinct scenes: an opening, rotating middle beats, a closing beat."""
+    """`scene_count` distinct scenes: an opening, rotating middle beats, a closing beat, with a
+    consistency sheet; each scene lists the markers it shows (the host only where a person is
+    in the beat)."""
     if scene_count < 1:
         raise ProviderError("offline storyboard: scene_count must be at least 1")
     subject = subject_of(prompt)
@@ -93,13 +139,18 @@ def storyboard(prompt: str, scene_count: int, durations: list[int] | None = None
             beat = _MIDDLE_BEATS[(index - 1) % len(_MIDDLE_BEATS)]
             repeat = (index - 1) // len(_MIDDLE_BEATS)
             templates.append(beat + (f" (variation {repeat + 1})" if repeat else ""))
+    sheet = consistency_sheet(prompt)
+    host = sheet["characters"][0]["name"]
     scenes = []
     for index, template in enumerate(templates):
         description = template.format(s=subject)
         if durations and index < len(durations):
             description += f" ({durations[index]} s)"
-        scenes.append({"description": description})
-    return {"scenes": scenes}
+        markers = ["product", "setting", "style"]
+        if template.startswith(_PEOPLE_BEATS):
+            markers.insert(1, host.lower())
+        scenes.append({"description": description, "markers": markers})
+    return {"consistency": sheet, "scenes": scenes}
 
 
 # --- Chat: cinematographer and prompt engineer ----------------------------------------------
@@ -251,7 +302,12 @@ def _requested_aspects(critique: str | None, improvements: list[str]) -> list[st
 
 def _base_prompt(scene_prompt: str) -> str:
     """The scene prompt without its storyboard duration note, ready for a list of clauses."""
-    return re.sub(r"\s*\(\d+ s\)\s*$", "", " ".join(scene_prompt.split())).rstrip(". ")
+    return re.sub(r"\s*\(\d+ s\)(?=\s*(?:\.|$))", "", " ".join(scene_prompt.split())).rstrip(". ")
+
+
+def _lost_markers(prompt: str, markers: list[str]) -> list[str]:
+    lowered = " ".join(prompt.split()).casefold()
+    return [m for m in markers if " ".join(m.rstrip(" .").split()).casefold() not in lowered]
 
 
 def cinematographer(
@@ -261,10 +317,13 @@ def cinematographer(
     previous_prompt: str | None = None,
     critique: str | None = None,
     improvements: list[str] | None = None,
+    markers: list[str] | None = None,
 ) -> dict:
     """Rewrite the scene prompt as a shot description. A first pass states the basics; each
     later pass keeps what the previous prompt had and adds the aspects the critique asks for
-    (two per pass), so scores rise over iterations the way a real critique loop does."""
+    (two per pass), so scores rise over iterations the way a real critique loop does. The
+    scene prompt is kept whole, so its consistency markers stay verbatim; any marker it lacks
+    is added."""
     aspects = set(FIRST_PASS) if previous_prompt is None else present_aspects(previous_prompt) | set(FIRST_PASS)
     requested = [key for key in _requested_aspects(critique, improvements or []) if key not in aspects]
     if previous_prompt is not None and not requested:
@@ -273,6 +332,7 @@ def cinematographer(
 
     brand = ", ".join(brand_words(story_prompt, limit=3)) or "the subject"
     clauses = [_base_prompt(scene_prompt)]
+    clauses += [m.rstrip(" .") for m in _lost_markers(clauses[0], list(markers or []))]
     for aspect in ASPECTS:
         if aspect.key in aspects:
             phrase = _pick(aspect.phrases, aspect.key, scene_prompt)
@@ -293,11 +353,14 @@ def _clamp(value: float) -> float:
     return float(max(0, min(100, round(value))))
 
 
-def prompt_engineer(scene_prompt: str, story_prompt: str, enhanced_prompt: str, iteration: int = 1) -> dict:
+def prompt_engineer(
+    scene_prompt: str, story_prompt: str, enhanced_prompt: str, iteration: int = 1, markers: list[str] | None = None
+) -> dict:
     """Heuristic review: which aspects the prompt states, how concrete it is (numbers for lens,
     aperture, Kelvin), whether it still says what the scene is about, how much of the story's
-    vocabulary it keeps. The critique names what is missing; the improvements are ordered by
-    how much they would raise the score."""
+    vocabulary it keeps, and (brand alignment) whether every consistency marker is there word
+    for word. The critique names what is missing; the improvements are ordered by how much
+    they would raise the score."""
     present = present_aspects(enhanced_prompt)
     has = lambda key: key in present  # noqa: E731
     words = len(enhanced_prompt.split())
@@ -305,6 +368,7 @@ def prompt_engineer(scene_prompt: str, story_prompt: str, enhanced_prompt: str, 
     vocabulary = brand_words(story_prompt)
     kept_share = _share_kept(vocabulary, enhanced_prompt)
     scene_lost = 1 - _share_kept(brand_words(scene_prompt, limit=8), enhanced_prompt)
+    lost = _lost_markers(enhanced_prompt, list(markers or []))
 
     scores = {
         "completeness": _clamp(52 + 4.6 * len(present) - 20 * scene_lost),
@@ -315,7 +379,7 @@ def prompt_engineer(scene_prompt: str, story_prompt: str, enhanced_prompt: str, 
         "cinematography": _clamp(
             52 + 8 * sum(map(has, ("camera_angle", "lens", "lighting", "depth_of_field"))) + 7 * has("colour_temperature")
         ),
-        "brand_alignment": _clamp(56 + 26 * kept_share + 16 * has("brand")),
+        "brand_alignment": _clamp(56 + 26 * kept_share + 16 * has("brand") - 30 * len(lost) / max(len(markers or []), 1)),
     }
 
     missing = [aspect for aspect in _IMPROVEMENT_ORDER if aspect.key not in present]
@@ -323,6 +387,8 @@ def prompt_engineer(scene_prompt: str, story_prompt: str, enhanced_prompt: str, 
     improvements = [_sentence(aspect.advice.format(b=brand)) for aspect in missing][:4]
     if scene_lost > 0.25:
         improvements.insert(0, "Keep the scene's own content: the rewrite lost what the scene is about")
+    for marker in reversed(lost):
+        improvements.insert(0, f"Restore the consistency marker word for word: {marker}")
     if words > 220:
         improvements.append("Tighten the prompt: it is long enough to dilute the subject")
     strong = [aspect.label for aspect in ASPECTS if aspect.key in present]
@@ -353,8 +419,11 @@ def last_user_payload(messages: list[dict[str, str]]) -> dict:
     for message in reversed(messages):
         if message.get("role") != "user":
             continue
+        content = message.get("content") or ""
+        if isinstance(content, list):  # content parts (text + image): the inputs are the text part
+            content = next((p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"), "")
         try:
-            payload = json.loads(message.get("content") or "")
+            payload = json.loads(content)
         except json.JSONDecodeError:
             continue
         if isinstance(payload, dict):
@@ -374,6 +443,7 @@ def offline_reply(task: ChatTask, payload: dict) -> dict:
                 payload.get("previous_prompt"),
                 payload.get("critique"),
                 list(payload.get("improvements") or []),
+                list(payload.get("markers") or []),
             )
         if task == "prompt_engineer":
             return prompt_engineer(
@@ -381,6 +451,7 @@ def offline_reply(task: ChatTask, payload: dict) -> dict:
                 payload.get("story_prompt") or payload["scene_prompt"],
                 payload["enhanced_prompt"],
                 int(payload.get("iteration") or 1),
+                list(payload.get("markers") or []),
             )
     except KeyError as error:
         raise ProviderError(f"offline chat {task}: missing input {error}") from error
