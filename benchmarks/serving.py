@@ -52,7 +52,8 @@ SECRET = "bench-secret-" + "x" * 40
 ENV = {"RAY_AUTH_MODE": "disabled", "SCENEREF_JWT_SECRET": SECRET, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(ENV)
 
-SCORERS = {"pickscore": "PickScore", "clipscore": "CLIPScore", "vqascore": "VQAScore", "aesthetic": "Aesthetic"}
+from deployments.app import SCORER_DEPLOYMENTS as SCORERS  # noqa: E402  scorer name -> deployment name
+
 MODES = {
     "on": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02},
     "off": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},

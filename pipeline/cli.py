@@ -268,6 +268,64 @@ def _offline_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def scoring_from_config(config: Path | None) -> list:
+    """The ScoringSettings of a Serve config (each application's args.pipeline.scoring) or of a
+    PipelineSettings YAML (its scoring); the defaults without a file."""
+    from pipeline.settings import ScoringSettings
+
+    if config is None:
+        return [ScoringSettings()]
+    document = yaml.safe_load(config.read_text()) or {}
+    if "applications" in document:
+        return [
+            ScoringSettings.model_validate(((app.get("args") or {}).get("pipeline") or {}).get("scoring") or {})
+            for app in document["applications"] or []
+        ]
+    return [ScoringSettings.model_validate(document.get("scoring") or {})]
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    """Fetch the configured scorers' weights into the Hugging Face cache (docs/models.md)."""
+    from scorers import fetch
+    from scorers.hub import offline
+
+    if offline():
+        print("error: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: unset it for the fetch "
+              "(replicas keep it set, and load from the cache)", file=sys.stderr)
+        return 2
+    try:
+        scorings = scoring_from_config(args.config)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        print(f"error: --config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    chosen = [  # scorer options are the fields holding device/dtype/allow_random_weights
+        (name, value.model_dump())
+        for scoring in scorings
+        for name, value in scoring
+        if hasattr(value, "allow_random_weights") and (not args.scorer or name in args.scorer)
+    ]
+    unknown = sorted(set(args.scorer or ()) - {name for name, _ in chosen})
+    if unknown:
+        print(f"error: --scorer {', '.join(unknown)}: not a scorer of the config", file=sys.stderr)
+        return 2
+    try:
+        work = fetch.plan(chosen)
+    except fetch.FetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    urls = {("aesthetic", "head"): args.aesthetic_head_url} if args.aesthetic_head_url else {}
+    return fetch.fetch_all(
+        work,
+        cache_dir=str(args.cache_dir or fetch.hub_cache_dir()),
+        endpoint=args.endpoint or os.environ.get("HF_ENDPOINT") or None,
+        token=os.environ.get("HF_TOKEN") or None,
+        dry_run=args.dry_run,
+        file_urls=urls,
+        out=lambda line: print(line, flush=True),
+        err=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sceneref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -314,6 +372,26 @@ def build_parser() -> argparse.ArgumentParser:
         "offline-models", help="build the tiny random-weight scorer models of the offline demo (once)"
     )
     models.add_argument("--dir", help=f"where to build them (default ${MODELS_DIR_ENV} or ~/.cache/sceneref/offline-models)")
+
+    hub = commands.add_parser("models", help="manage the scorers' real model weights")
+    hub_commands = hub.add_subparsers(dest="models_command", required=True)
+    fetch = hub_commands.add_parser(
+        "fetch",
+        help="download the configured scorers' weights into the Hugging Face cache ahead of time",
+        description="Download exactly the files the scorers load (weights, configs, tokenizer and processor "
+        "files) into the Hugging Face cache, so replicas start with HF_HUB_OFFLINE=1 and never download. "
+        "Idempotent: cached files are not fetched again. The hub is huggingface_hub's HF_ENDPOINT (or "
+        "--endpoint), gated or private repos need HF_TOKEN. See docs/models.md.",
+    )
+    fetch.add_argument("--config", type=Path, help="a Serve config (applications[].args.pipeline.scoring) or a "
+                       "PipelineSettings YAML; default: the built-in scorer defaults")
+    fetch.add_argument("--scorer", action="append", help="only this scorer (repeatable)")
+    fetch.add_argument("--cache-dir", type=Path, help="the hub cache (default $HF_HUB_CACHE or $HF_HOME/hub): "
+                       "replicas must read the same one")
+    fetch.add_argument("--endpoint", help="the hub or a mirror (default $HF_ENDPOINT or huggingface.co)")
+    fetch.add_argument("--aesthetic-head-url", help="download the aesthetic head file from this URL when it is "
+                       "missing at the configured path")
+    fetch.add_argument("--dry-run", action="store_true", help="list the files and sizes, download nothing")
     return parser
 
 
@@ -326,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_resume(args))
     if args.command == "offline-models":
         return _offline_models(args)
+    if args.command == "models":
+        return _models_fetch(args)
     return _token(args)
 
 
