@@ -1,8 +1,12 @@
-"""The four quality scorers of sceneref, as a plain library (no Ray).
+"""The quality scorers of sceneref, as a plain library (no Ray): four text-image scorers and the
+image-image consistency scorer.
 
     scorer = load_scorer("clipscore", device="auto", dtype="auto")
     [out] = scorer.score([image], ["a red bicycle against a brick wall"])
     out.raw, out.score, out.truncated
+
+    consistency = load_scorer("consistency")          # image-image: one reference per image
+    [out] = consistency.score([image], [previous_scene_image])
 
 Formulas, sources and normalisations: docs/scoring.md and each scorer's module.
 """
@@ -14,7 +18,8 @@ from typing import Any
 from .base import ModelNotFoundError, RandomWeightsError, ScoreOutput, Scorer
 from .images import ImageError, open_image, to_rgb
 
-SCORER_NAMES = ("pickscore", "clipscore", "vqascore", "aesthetic")
+SCORER_NAMES = ("pickscore", "clipscore", "vqascore", "aesthetic")  # text-image: score(images, prompts)
+IMAGE_SCORER_NAMES = ("consistency",)  # image-image: score(images, references)
 
 
 def load_scorer(name: str, **options: Any) -> Scorer:
@@ -24,6 +29,7 @@ def load_scorer(name: str, **options: Any) -> Scorer:
     clipscore: model, pretrained, device, dtype                  (scorers.clipscore.ClipScore)
     vqascore:  model, processor, question, answer, device, dtype (scorers.vqascore.VQAScore)
     aesthetic: model, pretrained, head, device, dtype            (scorers.aesthetic.Aesthetic)
+    consistency: model, processor, device, dtype                 (scorers.consistency.Consistency)
 
     Every scorer also takes allow_random_weights (default False): without it, a model that would have random
     weights (open_clip pretrained=None, a checkpoint that lacks some weights) raises RandomWeightsError.
@@ -36,11 +42,13 @@ def load_scorer(name: str, **options: Any) -> Scorer:
         from .vqascore import VQAScore as cls
     elif name == "aesthetic":
         from .aesthetic import Aesthetic as cls
+    elif name == "consistency":
+        from .consistency import Consistency as cls
     else:
-        raise ValueError(f"unknown scorer {name!r}: choose one of {', '.join(SCORER_NAMES)}")
+        raise ValueError(f"unknown scorer {name!r}: choose one of {', '.join(SCORER_NAMES + IMAGE_SCORER_NAMES)}")
     return cls(**options)
 
 
 __all__ = [
-    "SCORER_NAMES", "ImageError", "ModelNotFoundError", "RandomWeightsError", "ScoreOutput", "Scorer", "load_scorer", "open_image", "to_rgb",
+    "IMAGE_SCORER_NAMES", "SCORER_NAMES", "ImageError", "ModelNotFoundError", "RandomWeightsError", "ScoreOutput", "Scorer", "load_scorer", "open_image", "to_rgb",
 ]

@@ -1,7 +1,8 @@
 """Tiny random-weight models with the real classes, saved the way real ones are stored.
 
 The offline demo and the tests load them through load_scorer and the same loading code as real ids:
-transformers save_pretrained directories (PickScore's CLIPModel and processor, a Qwen2-VL model and processor)
+transformers save_pretrained directories (PickScore's CLIPModel and processor, a Qwen2-VL model and processor,
+a DINOv2 model with its image processor for the consistency scorer)
 and open_clip model-config JSON + checkpoint files (CLIP-Score, Aesthetic with a matching tiny head).
 Their numbers mean nothing; their tokenizers and preprocessing are the real ones. Their sizes come from the
 shape files in shapes/: `tiny` (the offline demo, the tests) and `bench` (ViT-B-32-sized towers and a small
@@ -61,6 +62,7 @@ def build_tiny_models(root: Path, shapes: str = "tiny") -> dict[str, dict]:
     clip = _once(root / "clipscore", lambda d: _build_open_clip(d, shape["clipscore"], seed=1))
     vqa = _once(root / "vqascore", lambda d: _build_vqascore(d, shape["vqascore"]))
     aes = _once(root / "aesthetic", lambda d: _build_aesthetic(d, shape["aesthetic"]))
+    con = _once(root / "consistency", lambda d: _build_consistency(d, shape["consistency"]))
     return {
         "pickscore": {
             "model": str(pick / "model"), "processor": str(pick / "processor"), "reference": shape["pickscore"]["reference"],
@@ -72,6 +74,7 @@ def build_tiny_models(root: Path, shapes: str = "tiny") -> dict[str, dict]:
             "pretrained": str(aes / "open_clip_model.safetensors"),
             "head": str(aes / "aesthetic_head.pth"),
         },
+        "consistency": {"model": str(con)},
     }
 
 
@@ -214,3 +217,17 @@ def _build_vqascore(directory: Path, shape: dict) -> None:
     )
     torch.manual_seed(4)
     Qwen2VLForConditionalGeneration(config).eval().save_pretrained(directory)
+
+
+def _build_consistency(directory: Path, shape: dict) -> None:
+    """A Dinov2Model and a BitImageProcessor (DINOv2's own processor class) in one folder, as the
+    Hugging Face DINOv2 repositories store them."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    crop = shape["crop_size"]
+    BitImageProcessor(
+        size={"shortest_edge": shape["resize"]}, crop_size={"height": crop, "width": crop},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3, do_convert_rgb=True,
+    ).save_pretrained(directory)
+    torch.manual_seed(5)
+    Dinov2Model(Dinov2Config(**shape["model"], image_size=crop)).eval().save_pretrained(directory)
