@@ -147,6 +147,11 @@ def _plan_open_clip(result: Plan, name: str, model: Any, pretrained: Any) -> Non
             raise FetchError(f"{name}: open_clip {model} / {pretrained} has no Hugging Face source to fetch from")
         repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" or "org/repo/file", as open_clip reads it
         result.need(repo, f"open_clip:{filename or OPEN_CLIP_WEIGHTS[1]}", name)
+    if not model.startswith(("hf-hub:", "local-dir:")):
+        # Architectures with a Hugging Face text tokenizer (SigLIP, ...) load it by id when the model is built.
+        tokenizer = ((open_clip.get_model_config(model) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+        if tokenizer:
+            result.need(tokenizer, "config", name)
 
 
 def select_files(repo_id: str, roles: set[str], listing: Mapping[str, int]) -> list[str]:

@@ -253,6 +253,8 @@ def test_plan_of_the_production_config():
         "timm/vit_large_patch14_clip_224.openai": {"open_clip:open_clip_pytorch_model.bin"},
     }
     assert [(f.scorer, f.option) for f in work.files] == [("aesthetic", "head")]
+    siglip = fetch.plan({"clipscore": {"model": "ViT-B-16-SigLIP", "pretrained": "webli"}})
+    assert siglip.repos["timm/ViT-B-16-SigLIP"].roles == {"open_clip:open_clip_pytorch_model.bin", "config"}  # + its tokenizer
     listing = {"config.json": 1, "model.safetensors": 2, "pytorch_model.bin": 2, "model.fp16.safetensors": 1,
                "tokenizer.json": 1, "onnx/model.onnx": 1, "open_clip_pytorch_model.bin": 2, "README.md": 1}
     assert fetch.select_files("r", {"model"}, listing) == ["config.json", "model.safetensors", "tokenizer.json"]
