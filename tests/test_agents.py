@@ -130,3 +130,66 @@ async def test_blank_rewrite_is_an_agent1_failure():
     (record,) = result.iterations
     assert failed_agent(record) == "cinematographer" and "blank" in record.error
     assert result.final_prompt == SCENE.prompt and len(chat.calls) == 1
+
+
+# --- consistency markers (issue 11) ----------------------------------------------------------
+
+MARKERS = ["Aurora lamp: slim arched arm, matte white, logo on the base", "Style: soft morning light, warm neutrals"]
+MARKED = ScenePlan(
+    scene_number=2, duration=4, prompt="A reader switches on the lamp. " + ". ".join(MARKERS) + ".",
+    description="A reader switches on the lamp", markers=MARKERS,
+)
+
+
+def marked_rewrite(i, markers=MARKERS):
+    return json.dumps({"enhanced_prompt": f"rewrite {i}, a reader at a desk, 35mm lens. " + ". ".join(markers)})
+
+
+async def test_a_rewrite_that_drops_a_marker_is_refused_and_the_loop_goes_on():
+    chat = ScriptedChat([
+        marked_rewrite(1, MARKERS[:1]),  # drops the style marker: refused, agent 2 never sees it
+        marked_rewrite(2),
+        review(90, 90, 90, 90, 90),
+    ])
+    result = await enhance_scene(chat, MARKED, STORY, max_iterations=4, settings=EnhancementSettings(), retries=0)
+    assert [task for task, _, _ in chat.calls] == ["cinematographer", "cinematographer", "prompt_engineer"]
+    refused, kept = result.iterations
+    assert refused.dropped_markers == [MARKERS[1]] and "dropped 1 consistency marker" in refused.error
+    assert refused.scores is None and refused.enhanced_prompt.startswith("rewrite 1")
+    assert result.total_iterations == 2 and result.approved
+    assert result.final_prompt.startswith("rewrite 2") and "1 rewrite(s) refused" in result.stop_reason
+    # Agent 1 is told which markers to restore, and both agents get the markers.
+    second = chat.calls[1][1]
+    assert second["markers"] == MARKERS and MARKERS[1] in second["critique"]
+    assert second["improvements"] == [f"Restore verbatim: {MARKERS[1]}"]
+    assert chat.calls[2][1]["markers"] == MARKERS
+
+
+async def test_when_every_rewrite_drops_a_marker_the_scene_prompt_is_kept():
+    chat = ScriptedChat([marked_rewrite(i, []) for i in (1, 2)])
+    result = await enhance_scene(chat, MARKED, STORY, max_iterations=2, settings=EnhancementSettings(), retries=0)
+    assert result.final_prompt == MARKED.prompt and result.final_overall is None
+    assert all(r.dropped_markers == MARKERS for r in result.iterations)
+
+
+async def test_markers_are_matched_verbatim_up_to_case_and_spacing():
+    spaced = [m.upper().replace(" ", "  ") for m in MARKERS]
+    chat = ScriptedChat([marked_rewrite(1, spaced), review(90, 90, 90, 90, 90)])
+    result = await enhance_scene(chat, MARKED, STORY, max_iterations=1, settings=EnhancementSettings(), retries=0)
+    assert result.iterations[0].dropped_markers == [] and result.approved
+    reworded = [MARKERS[0].replace("matte white", "white"), MARKERS[1]]
+    chat = ScriptedChat([marked_rewrite(1, reworded)])
+    result = await enhance_scene(chat, MARKED, STORY, max_iterations=1, settings=EnhancementSettings(), retries=0)
+    assert result.iterations[0].dropped_markers == [MARKERS[0]]
+
+
+def test_the_offline_agents_keep_markers_and_judge_them():
+    from pipeline.offline.agents import cinematographer, prompt_engineer
+
+    bare = ScenePlan(scene_number=2, duration=4, prompt="A reader switches on the lamp", markers=MARKERS)
+    rewritten = cinematographer(bare.prompt, STORY, markers=MARKERS)["enhanced_prompt"]
+    assert all(m.rstrip(".") in rewritten for m in MARKERS)
+    kept = prompt_engineer(bare.prompt, STORY, rewritten, markers=MARKERS)
+    lost = prompt_engineer(bare.prompt, STORY, rewritten.replace(MARKERS[0], "a lamp"), markers=MARKERS)
+    assert lost["scores"]["brand_alignment"] < kept["scores"]["brand_alignment"]
+    assert lost["improvements"][0] == f"Restore the consistency marker word for word: {MARKERS[0]}"

@@ -329,3 +329,30 @@ def test_rewritten_enhancement_leaves_no_stale_agent_files(stores):
     ]
     assert "scene 1 prompt again" in writer.read("scene_1/01_agent1_iteration_1.txt").decode()
     assert "scene_2/04_agent2_iteration_2.txt" in writer.files()  # another scene's files stay
+
+
+async def test_a_refused_rewrite_is_an_agent1_failure_naming_the_dropped_markers(tmp_path):
+    """Issue 11: a rewrite that dropped a consistency marker is shown with REFUSED and the
+    markers it dropped; agent 2 never reviewed it, so it has no agent-2 file. The summary
+    carries the scene's sheet and markers."""
+    from tests.test_agents import MARKED, MARKERS, STORY, ScriptedChat, marked_rewrite, review
+    from pipeline.agents import enhance_scene
+    from pipeline.schemas import ConsistencySheet
+    from pipeline.settings import EnhancementSettings
+
+    chat = ScriptedChat([marked_rewrite(1, MARKERS[1:]), marked_rewrite(2), review(90, 90, 90, 90, 90)])
+    result = await enhance_scene(chat, MARKED, STORY, max_iterations=3, settings=EnhancementSettings(), retries=0)
+    writer = TraceWriter(open_store(tmp_path / "traces"), "gen-refused", artifacts=open_store(tmp_path / "a"))
+    sheet = ConsistencySheet(style="soft morning light, warm neutrals")
+    writer.enhancement(2, result, scene=MARKED.model_copy(update={"sheet": sheet}))
+
+    names = writer.files()
+    assert "scene_2/02_agent2_iteration_1.txt" not in names and "scene_2/04_agent2_iteration_2.txt" in names
+    agent1 = writer.read("scene_2/01_agent1_iteration_1.txt").decode()
+    assert "REFUSED" in agent1 and MARKERS[0] in agent1 and "rewrite 1" in agent1
+    summary = json.loads(writer.read("scene_2/prompt_trace_summary.json"))
+    refused = summary["iterations"][0]
+    assert refused["failed_agent"] == "cinematographer" and refused["dropped_markers"] == [MARKERS[0]]
+    assert summary["iterations"][1]["failed_agent"] is None and summary["final_prompt"].startswith("rewrite 2")
+    assert summary["consistency_markers"] == MARKERS and summary["scene_description"] == MARKED.description
+    assert summary["consistency_sheet"]["style"] == sheet.style
