@@ -44,7 +44,7 @@ def mutated(doc: dict, change) -> dict:
 def test_crd_is_vendored_with_its_licence():
     crd_dir = ROOT / "cluster" / "kuberay" / "crd"
     assert "Apache License" in (crd_dir / "LICENSE").read_text()
-    crd = yaml.safe_load((crd_dir / "ray.io_rayservices.yaml").read_text())
+    crd = yaml.load((crd_dir / "ray.io_rayservices.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     assert crd["spec"]["names"]["kind"] == "RayService"
     assert "v1" in [v["name"] for v in crd["spec"]["versions"]]
 
@@ -304,3 +304,27 @@ def test_code_packages_never_import_cluster():
 
 def test_the_check_command_passes():
     assert check.all_errors() == []
+
+
+# ---- the sizing table (docs/deploy.md) ---------------------------------------------------------
+
+def test_sizing_counts_a_real_architecture_and_the_docs_quote_it():
+    from cluster import sizing
+
+    clip_b32 = sizing.count_open_clip("ViT-B-32-quickgelu")  # built on the meta device: no weights
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"{clip_b32:,}" in docs
+    assert f"{sizing.AESTHETIC_HEAD_PARAMS:,}" in docs
+
+
+def test_sizing_fractions_cover_each_need_and_count_sets():
+    from cluster import sizing
+
+    needs = {"pickscore": 2.97, "clipscore": 1.05, "vqascore": 11.01, "aesthetic": 1.86}
+    for card, sets in ((24, 1), (48, 2), (80, 4)):
+        fractions, got = sizing.fractions_for(needs, card)
+        assert got == sets
+        assert all(fractions[n] * card >= needs[n] for n in needs)
+        assert got * sum(fractions.values()) <= 1
+    assert sizing.fractions_for({"vqascore": 30}, 24)[1] == 0  # does not fit at all
+    assert sizing.need_gb(1_000_000_000, "clipscore") == pytest.approx(2 + 0.25 + sizing.CUDA_CONTEXT_GB)
