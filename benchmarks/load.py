@@ -227,7 +227,7 @@ def main() -> None:
             if process.poll() is not None:
                 raise SystemExit(f"serve run exited with {process.returncode}; see {log.name}")
             try:
-                if httpx.get(f"{base}/api/health", timeout=5).status_code == 200:
+                if httpx.get(f"{base}/api/ready", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

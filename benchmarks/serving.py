@@ -124,12 +124,12 @@ class ServeRun:
             if self.process.poll() is not None:
                 raise RuntimeError(f"serve run exited with {self.process.returncode}; see {self.log.name}")
             try:
-                if httpx.get(f"{self.base}/api/health", timeout=5).status_code == 200:
+                if httpx.get(f"{self.base}/api/ready", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        raise TimeoutError(f"{self.base}/api/health did not answer within {timeout_s} s; see {self.log.name}")
+        raise TimeoutError(f"{self.base}/api/ready did not answer 200 within {timeout_s} s; see {self.log.name}")
 
     def gcs_address(self) -> str:
         """The GCS address of the cluster this `serve run` started: its gcs_server (in our process

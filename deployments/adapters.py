@@ -34,7 +34,26 @@ from pipeline.settings import RetrySettings
 
 log = logging.getLogger("sceneref.handles")
 
-_GONE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError)
+
+
+class NoReplicaAnswered(RuntimeError):
+    """A call got no answer within its timeout: the deployment has no live replica (its node is
+    gone and no replacement is placed yet), or none that can take it. Transient, like a dead one."""
+
+
+_GONE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError, NoReplicaAnswered)
+
+
+async def bounded(response, timeout_s: float):
+    """Await a DeploymentResponse for at most `timeout_s`; past that, cancel it at Serve (so it
+    leaves the router's queue) and raise NoReplicaAnswered."""
+    try:
+        return await asyncio.wait_for(_awaited(response), timeout_s)
+    except asyncio.TimeoutError:
+        cancel = getattr(response, "cancel", None)
+        if cancel is not None:
+            cancel()
+        raise NoReplicaAnswered(f"no replica answered within {timeout_s:g} s") from None
 
 
 class HandleRetry(BaseModel):
@@ -48,6 +67,16 @@ class HandleRetry(BaseModel):
     )
     scoring_budget_s: float = Field(
         120.0, gt=0, description="a scoring call whose replica died is retried until a replica answers, at most this long"
+    )
+    scoring_call_timeout_s: float = Field(
+        60.0, gt=0,
+        description="one scoring call's wait for an answer; Serve's router waits forever for a replica of a deployment "
+        "that has none, so past this the call counts as 'no replica answered' and is retried within scoring_budget_s",
+    )
+    provider_call_timeout_s: float = Field(
+        900.0, gt=0,
+        description="one chat or image call's wait, the provider's own retries included; past this it counts as "
+        "'no replica answered' and is retried per `calls`",
     )
 
 
@@ -77,10 +106,13 @@ def _short(error: BaseException) -> str:
         "ReplicaUnavailableError": "replica unavailable",
         "DeploymentUnavailableError": "deployment unavailable",
         "BackPressureError": "handle queue full",
+        "NoReplicaAnswered": "",
     }
     name = next((kind[c.__name__] for c in type(error).__mro__ if c.__name__ in kind), "replica error")
     text = getattr(error, "message", None) or str(error)
     first = (text.strip().splitlines() or [""])[0]
+    if not name:
+        return first[:120]
     return f"{name}: {first[:120]}" if first else name
 
 
@@ -107,7 +139,9 @@ class HandleChat:
         self.handle, self.retry = handle, retry or HandleRetry()
 
     async def complete(self, messages, *, task) -> str:
-        result = await _until_served(lambda: self.handle.complete.remote(messages, task), self.retry.calls, f"{task} agent")
+        timeout = self.retry.provider_call_timeout_s
+        call = lambda: bounded(self.handle.complete.remote(messages, task), timeout)  # noqa: E731
+        result = await _until_served(call, self.retry.calls, f"{task} agent")
         return _raise_if_error(result)["text"]
 
 
@@ -116,7 +150,8 @@ class HandleImages:
         self.handle, self.retry = handle, retry or HandleRetry()
 
     async def generate(self, prompt, *, reference, variation) -> GeneratedImage:
-        call = lambda: self.handle.generate.remote(prompt, reference, variation)  # noqa: E731
+        timeout = self.retry.provider_call_timeout_s
+        call = lambda: bounded(self.handle.generate.remote(prompt, reference, variation), timeout)  # noqa: E731
         result = _raise_if_error(await _until_served(call, self.retry.calls, f"image generation (variation {variation})"))
         return GeneratedImage(data=result["data"], metadata=result["metadata"])
 
@@ -167,6 +202,7 @@ class HandleScoring:
         except BaseException:
             for task in tasks:  # one scorer failed for good (or we were cancelled): stop the rest
                 task.cancel()
+            await asyncio.wait(tasks)  # and see them stopped (their calls cancelled at Serve)
             raise
         return [
             {name: ScorerResult(**out) for name, out in zip(names, outputs[i * len(names) : (i + 1) * len(names)])}
@@ -176,7 +212,7 @@ class HandleScoring:
     async def _score_one(self, name: str, payload, prompt: str) -> dict:
         handle = self.handles[name]
         try:
-            return await handle.score.remote(payload, prompt)
+            return await bounded(handle.score.remote(payload, prompt), self.retry.scoring_call_timeout_s)
         except Exception as error:
             reason = replica_gone(error)
             if reason is None:
@@ -196,10 +232,13 @@ class HandleScoring:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            timeout = min(left, self.retry.scoring_call_timeout_s)
             try:
-                return await asyncio.wait_for(_awaited(handle.score.remote(payload, prompt)), left)
-            except asyncio.TimeoutError:
-                break
+                return await bounded(handle.score.remote(payload, prompt), timeout)
+            except NoReplicaAnswered as error:
+                if timeout < self.retry.scoring_call_timeout_s:  # the budget ran out while waiting
+                    break
+                reason, attempt = replica_gone(error), attempt + 1
             except Exception as error:
                 again = replica_gone(error)
                 if again is None:

@@ -61,7 +61,7 @@ _WHY = {
     415: "the upload is not PNG, JPEG or WEBP by content",
     422: "invalid fields, each named",
     429: "this user's limits (with Retry-After)",
-    503: "the queue is full or a store is unreachable (with Retry-After)",
+    503: "the queue is full, a store is unreachable or a needed deployment has no live replica (with Retry-After)",
 }
 
 
@@ -225,3 +225,8 @@ class Health(BaseModel):
     status: str
     running_generations: int
     offline: bool
+
+
+class Ready(BaseModel):
+    status: str = Field(description="ready: every deployment a generation needs has a live replica")
+    deployments: list[str] = Field(description="the deployments that were checked")

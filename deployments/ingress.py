@@ -34,8 +34,9 @@ from deployments.api import create_api, principal, route
 from deployments.args import AppArgs
 from deployments.auth import Authenticator, Principal
 from deployments.contract import (
-    AUTHED, Accepted, CancelRequested, Health, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses,
+    AUTHED, Accepted, CancelRequested, Health, Ready, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses,
 )
+from deployments.readiness import ReadinessCheck
 from deployments.signing import SignatureError, sign_url, verify_signed
 from deployments.uploads import UploadError, prepare_upload
 from pipeline.objectstore import ArtifactNotFound, open_store
@@ -84,6 +85,9 @@ class Ingress:
             artifacts=self.artifacts,
             traces=self.trace_store,
         )
+        # What a generation needs: a submission while one has no live replica answers 503.
+        needed = [generator, agents, *(h for n, h in handles.items() if weights[n] > 0)]
+        self.readiness = ReadinessCheck(serve.status, generator.app_name, [h.deployment_name for h in needed])
         self.offline = self.settings.images.provider == "offline" or self.settings.llm.provider == "offline"
         self.holder = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasks: dict[str, asyncio.Task] = {}
@@ -184,6 +188,9 @@ class Ingress:
     # --- routes -----------------------------------------------------------------------
 
     async def _submit(self, request: GenerationRequest, principal: Principal, http: Request, upload=None) -> dict:
+        readiness = await self.readiness.check()
+        if not readiness.ready:
+            raise HTTPException(503, detail=readiness.reason(), headers={"Retry-After": "15"})
         refusal = await self._api(check_admission, self.store, principal.subject, self.args.limits)
         if refusal is not None:
             raise HTTPException(refusal.status_code, detail=refusal.reason, headers={"Retry-After": str(refusal.retry_after_s)})
@@ -211,6 +218,15 @@ class Ingress:
     async def health(self) -> dict:
         """No I/O: answers at once however busy the replica is."""
         return {"status": "ok", "running_generations": len(self.tasks), "offline": self.offline}
+
+    @route("GET", "/api/ready", response_model=Ready, responses=responses())
+    async def ready(self) -> dict:
+        """200 when every deployment a generation needs has a live replica, else 503 naming the
+        missing ones (asked of Serve's controller, cached a few seconds)."""
+        readiness = await self.readiness.check()
+        if not readiness.ready:
+            raise HTTPException(503, detail=readiness.reason(), headers={"Retry-After": "15"})
+        return {"status": "ready" if readiness.checked else "unknown", "deployments": self.readiness.required}
 
     @route("POST", "/api/generate", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 429))
     async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(principal)) -> dict:

@@ -244,3 +244,62 @@ async def test_a_real_scorer_error_is_not_retried_and_stops_the_other_calls():
     assert len(methods["clipscore"].calls) == 1
     await asyncio.sleep(0)
     assert sorted(cancelled) == ["pickscore", "vqascore"]
+
+
+# --- a deployment with no live replica: the router waits forever, so the caller bounds it ------
+
+
+def hangs():
+    async def behaviour(n, *args):
+        await asyncio.Event().wait()  # Serve's router waits for a replica that never comes
+
+    return behaviour
+
+
+BOUNDED = HandleRetry(
+    calls=RetrySettings(max_attempts=2, initial_delay_s=0.001, max_delay_s=0.01),
+    scoring_budget_s=0.3, scoring_call_timeout_s=0.1, provider_call_timeout_s=0.1,
+)
+
+
+async def test_a_first_scoring_call_that_finds_no_replica_fails_within_the_budget():
+    """Before: a first call to a deployment with no live replica (its node gone, no replacement
+    placed yet) awaited forever, and the generation with it."""
+    client, methods, _ = scoring({"vqascore": hangs()}, retry=BOUNDED)
+    with pytest.raises(ScorerUnavailable, match=r"^vqascore: no live replica after 0.3 s \(no replica answered within 0.1 s\)"):
+        await asyncio.wait_for(client.score([b"img"], ["prompt"]), 5)
+    assert len(methods["vqascore"].calls) >= 2
+
+
+async def test_provider_calls_that_find_no_replica_are_bounded_too():
+    chat = HandleChat(Handle(complete=Method(hangs())), BOUNDED)
+    with pytest.raises(ProviderError, match=r"no replica answered within 0.1 s") as info:
+        await asyncio.wait_for(chat.complete([{"role": "user", "content": "x"}], task="cinematographer"), 5)
+    assert info.value.retryable
+    images = HandleImages(Handle(generate=Method(hangs())), BOUNDED)
+    with pytest.raises(ProviderError, match=r"after 2 attempts"):
+        await asyncio.wait_for(images.generate("p", reference=None, variation=1), 5)
+
+
+async def test_a_timed_out_call_is_cancelled_at_serve():
+    cancelled: list[int] = []
+
+    class Response:
+        """A DeploymentResponse: awaitable and cancellable."""
+
+        def __init__(self):
+            self.task = asyncio.ensure_future(asyncio.Event().wait())
+
+        def __await__(self):
+            return self.task.__await__()
+
+        def cancel(self):
+            cancelled.append(1)
+            self.task.cancel()
+
+    method = Method(lambda n, *args: Response())
+    client = HandleScoring({"pickscore": Handle(score=method)}, BOUNDED)
+    client.put = lambda data: Ref(data)
+    with pytest.raises(ScorerUnavailable):
+        await client.score([b"img"], ["prompt"])
+    assert len(cancelled) == len(method.calls) >= 2

@@ -11,7 +11,7 @@ from deployments.api import create_api, route, routes_of
 from deployments.auth import Authenticator, AuthSettings
 
 PATHS = {
-    ("GET", "/api/health"), ("POST", "/api/generate"), ("POST", "/api/generate-with-image"),
+    ("GET", "/api/health"), ("GET", "/api/ready"), ("POST", "/api/generate"), ("POST", "/api/generate-with-image"),
     ("GET", "/api/status/{generation_id}"), ("DELETE", "/api/generations/{generation_id}"),
     ("POST", "/api/generations/{generation_id}/resume"), ("GET", "/api/artifacts/{key}"),
     ("GET", "/api/generations/{generation_id}/traces"), ("GET", "/api/generations/{generation_id}/traces/{name}"),

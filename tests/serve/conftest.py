@@ -93,15 +93,17 @@ def offline_app(ray_cluster, app_args):
 
 
 def wait_healthy(base: str, timeout_s: float = 180) -> None:
+    """Until the ingress answers and every deployment a generation needs has a live replica
+    (`/api/ready`): before that a submission is refused with 503."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/api/health", timeout=5).status_code == 200:
+            if httpx.get(f"{base}/api/ready", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{base}/api/health did not answer within {timeout_s} s")
+    raise TimeoutError(f"{base}/api/ready did not answer 200 within {timeout_s} s")
 
 
 def token(sub: str = "alice", **kwargs) -> str:

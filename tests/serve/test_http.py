@@ -163,6 +163,16 @@ def test_health_needs_no_token(offline_app):
     assert health["status"] == "ok" and health["offline"] is True
 
 
+def test_ready_asks_serve_for_every_deployment_a_generation_needs(offline_app):
+    """Readiness comes from Serve's controller (the real replica states), not from this replica."""
+    ready = httpx.get(f"{offline_app}/api/ready", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {
+        "status": "ready",
+        "deployments": ["ImageGenerator", "PromptAgents", "PickScore", "CLIPScore", "VQAScore", "Aesthetic"],
+    }
+
+
 @pytest.mark.parametrize(
     "body,field",
     [
