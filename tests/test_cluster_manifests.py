@@ -283,11 +283,16 @@ def test_image_ray_version_is_the_pinned_one(manifest):
 
 def test_dockerfile_copies_only_what_exists_and_bakes_with_the_fetch_command():
     text = check.DOCKERFILE.read_text()
+    ignore = (check.CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    assert "**" in ignore  # the build context is only what the image needs (no .venv, no output/)
     for line in re.findall(r"^COPY\s+(.*)$", text, re.MULTILINE):
         sources = [s for s in line.split()[:-1] if not s.startswith("--")]
         for source in sources:
             if "*" not in source:
                 assert (ROOT / source).exists(), source
+            stem = source.rstrip("*/")
+            assert any(stem == a or stem.startswith(a + "/") for a in allowed), f"{source} is kept out by the .dockerignore"
     assert "sceneref models fetch --config serve_config.yaml" in text
     assert re.search(r"^ENV HF_HOME=/models/huggingface", text, re.MULTILINE)
     assert re.search(r"^ENV HF_HUB_OFFLINE=1", text, re.MULTILINE)
