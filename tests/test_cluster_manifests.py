@@ -103,7 +103,12 @@ def test_the_fetch_job_pod_validates_against_the_crds_pod_spec():
     assert schemas.schema_errors(pod, schemas.pod_spec_schema()) == []
     assert schemas.schema_errors(mutated(pod, lambda p: p["containers"][0].update(volumMounts=[])), schemas.pod_spec_schema())
     claim = check.load(check.CLUSTER / "kuberay" / "model-cache.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim"
     assert claim["metadata"]["name"] == pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert set(claim["spec"]["accessModes"]) <= {"ReadWriteMany", "ReadOnlyMany"}  # GPU pods on many nodes
+    gpu_pod = check.load(check.RAYSERVICE)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    cache = [v for v in gpu_pod["volumes"] if v["name"] == "model-cache"][0]["persistentVolumeClaim"]
+    assert cache == {"claimName": claim["metadata"]["name"], "readOnly": True}
 
 
 def test_workers_get_the_model_cache_offline_and_secrets_from_secrets(manifest):
