@@ -219,7 +219,7 @@ async def run_generation(
                 user_png = await _blocking(services.artifacts.get, reference_key)
             storyboard = await plan_storyboard(
                 services.chat, request.prompt, request.target_duration, retries=retries, image=user_png,
-                accepts_images=settings.llm.accepts_images, markers=settings.storyboard.markers,
+                accepts_images=settings.llm.reads_images(), markers=settings.storyboard.markers,
             )
         except Exception as exc:
             raise GenerationError(f"storyboard planning failed: {exc}", retryable=transient(exc)) from exc

@@ -52,14 +52,18 @@ class LLMSettings(_Settings):
     timeout_s: float = Field(60.0, gt=0)
     invalid_output_retries: int = Field(2, ge=0, le=10)
     max_concurrency: int = Field(16, ge=1)
-    accepts_images: bool = Field(
-        True, description="the model reads images: the storyboard planner is shown the user's image "
-        "to write the consistency sheet; false: the sheet comes from the prompt and the trace says so",
+    accepts_images: bool | None = Field(
+        None, description="the model reads images: the storyboard planner is shown the user's image "
+        "to write the consistency sheet; false: the sheet comes from the prompt and the trace says so; "
+        "null: true for openai, false for the offline agents (which read no images)",
     )
     retry: RetrySettings = RetrySettings()
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env)
+
+    def reads_images(self) -> bool:
+        return self.accepts_images if self.accepts_images is not None else self.provider != "offline"
 
 
 class ImageSettings(_Settings):
@@ -339,7 +343,7 @@ class PipelineSettings(_Settings):
     def offline(cls, output: Path = Path("output"), **overrides) -> "PipelineSettings":
         """Offline provider pair: no key, no network."""
         base = cls(
-            llm=LLMSettings(provider="offline", model="offline-agents", accepts_images=False),
+            llm=LLMSettings(provider="offline", model="offline-agents"),
             images=ImageSettings(provider="offline", model="offline-procedural", size="512x288"),
             traces=TraceSettings(root=output / "reference_image_traces"),
             artifacts_dir=output / "artifacts",

@@ -238,3 +238,16 @@ async def test_the_status_shows_the_sheet_markers_and_consistency(tmp_path):
     first, second = body["storyboard_plan"]["scenes"][:2]
     assert first["consistency_markers"] == plan[0].markers and "consistency_score" not in first
     assert second["consistency_score"] == 61.5
+
+
+def test_which_llm_reads_images_and_the_new_settings_defaults():
+    from pipeline.settings import LLMSettings
+
+    assert LLMSettings().reads_images() is True and LLMSettings(provider="offline").reads_images() is False
+    assert LLMSettings(accepts_images=False).reads_images() is False
+    defaults = PipelineSettings()
+    assert defaults.scoring.text == "scene" and defaults.scoring.weights.consistency == 0.0
+    assert defaults.scoring.weights.as_dict() == FOUR and defaults.storyboard.markers is True
+    assert defaults.scoring.consistency.model == "facebook/dinov2-base"
+    with pytest.raises(ValueError):
+        PipelineSettings.model_validate({"scoring": {"text": "rewritten"}})
