@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SECRET_FILE := output/dev-jwt-secret
 SUB ?= demo
 
-.PHONY: serve token demo test bench postgres
+.PHONY: serve token demo test bench postgres cluster-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,3 +46,8 @@ postgres:
 
 test: $(STAMP) postgres
 	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The cluster manifests against their schemas (KubeRay CRD, Serve, the launcher) and each other;
+# after changing serve_config.yaml, `$(BIN)/python -m cluster.rayservice` regenerates serveConfigV2.
+cluster-check: $(STAMP)
+	$(BIN)/python -m cluster.check
