@@ -1,0 +1,153 @@
+"""Issue 9 on a simulated multi-node GPU cluster: the production config's four scorers pack
+onto one GPU node; when that node dies mid-generation they come back on the other one, the
+generation completes with the scenes it had finished unchanged, and no HTTP request hangs.
+
+The cluster runs in a process of its own (tests/multinode_scenario.py: one Ray cluster per
+driver process, and this session may already hold one); this test starts it, reads the JSON it
+writes and asserts on it, and always ends the process group and every process that still runs
+from the scenario's own Ray temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO_TIMEOUT_S = 900  # a few minutes on 2 cores; generous so a busy machine does not fail it
+SCORERS = ("PickScore", "CLIPScore", "VQAScore", "Aesthetic")
+
+
+def _processes_using(marker: str) -> list[int]:
+    """Pids of processes whose command line or environment names `marker` (the scenario's own
+    RAY_TMPDIR): the Ray processes it started, even ones that left its process group."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in text:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _end(process: subprocess.Popen, ray_tmpdir: str | None) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+    if ray_tmpdir:
+        for pid in _processes_using(ray_tmpdir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("multinode")
+    out = work / "result.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    log = (work / "scenario.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "multinode_scenario.py"), "--out", str(out), "--workdir", str(work / "run")],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    result = None
+    try:
+        try:
+            process.wait(timeout=SCENARIO_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if out.exists():
+            result = json.loads(out.read_text())
+    finally:
+        _end(process, result.get("ray_tmpdir") if result else None)
+        log.close()
+    tail = (work / "scenario.log").read_text()[-4000:]
+    assert result is not None, f"the scenario wrote no result within {SCENARIO_TIMEOUT_S} s; its log ends:\n{tail}"
+    assert result["ok"], f"the scenario failed:\n{result.get('error')}\nlog:\n{tail}"
+    return result
+
+
+def test_scorers_pack_onto_one_gpu_node(scenario):
+    placement = scenario["placement_before"]
+    gpu_nodes = set(scenario["nodes"]["gpu"])
+    nodes = {r["node"] for name in SCORERS for r in placement[name]}
+    assert all(len(placement[name]) == 1 for name in SCORERS), placement
+    assert len(nodes) == 1 and nodes <= gpu_nodes, placement
+    # The head runs no GPU work; the ingress replicas are not all on the GPU node that dies.
+    assert len(placement["Ingress"]) >= 2
+    assert any(r["node"] != scenario["removal"]["removed_node"] for r in placement["Ingress"])
+
+
+def test_scorers_come_back_on_the_other_gpu_node(scenario):
+    removal = scenario["removal"]
+    assert removal["removed_node"] in scenario["nodes"]["gpu"]
+    assert removal["removed_node"] != scenario["nodes"]["driver"]
+    after = scenario["placement_after"]
+    for name in SCORERS:
+        assert after[name] and {r["node"] for r in after[name]} == {removal["survivor_node"]}, after
+        assert {r["actor"] for r in after[name]}.isdisjoint(r["actor"] for r in scenario["placement_before"][name])
+
+
+def test_generations_complete_with_their_finished_scenes_unchanged(scenario):
+    removal = scenario["removal"]
+    # The node died while the target had finished scenes and scenes still to go.
+    assert removal["target_status"] == "running"
+    assert 1 <= removal["target_scenes_before"] < 3
+    for gid, generation in scenario["generations"].items():
+        assert generation["status"] == "completed", generation
+        assert generation["scenes_planned"] == 3
+        assert sorted(scenario["after"][gid]) == ["1", "2", "3"]
+        for number, before in scenario["before"][gid].items():
+            after = scenario["after"][gid][number]
+            assert after["row"] == before["row"], f"{gid} scene {number} changed"
+            assert after["image_sha256"] == before["image_sha256"]
+    assert len(scenario["before"][removal["target"]]) == removal["target_scenes_before"]
+
+
+def _holder_pid(holder: str) -> int:
+    """Ingress lease holders are `ingress-{host}-{pid}-{nonce}`."""
+    return int(holder.rsplit("-", 2)[1])
+
+
+def test_jobs_keep_their_runner_or_are_taken_over_through_the_lease(scenario):
+    """A job whose ingress replica ran on the removed node is claimed by another replica (a
+    newer lease token); a job whose runner survived keeps its lease throughout."""
+    removal = scenario["removal"]
+    ingress = scenario["removal"]["placement_at_removal"]["Ingress"]
+    lost = {r["pid"] for r in ingress if r["node"] == removal["removed_node"]}
+    assert removal["leases"].keys() == scenario["generations"].keys()
+    for gid, lease in removal["leases"].items():
+        assert lease["holder"] and lease["holder"].startswith("ingress-")
+        assert _holder_pid(lease["holder"]) in {r["pid"] for r in ingress}
+        final = scenario["generations"][gid]["lease_token_final"]
+        if _holder_pid(lease["holder"]) in lost:
+            assert final > lease["token"], f"{gid}: its runner died with the node and nobody took it over"
+        else:
+            assert final == lease["token"], f"{gid}: claimed again although its runner lived"
+
+
+def test_no_http_request_hangs(scenario):
+    records = scenario["http"]
+    removed_at = scenario["removal"]["removed_at"]
+    after = [r for r in records if r["t"] >= removed_at]
+    assert records and after, "the status poller recorded nothing after the removal"
+    assert not [r for r in records if r.get("error") == "timeout"], "a request hit its client timeout"
+    statuses_after = [r for r in after if r["path"].startswith("/api/status/")]
+    assert statuses_after and all(r.get("code") == 200 for r in statuses_after), [
+        r for r in statuses_after if r.get("code") != 200
+    ]
