@@ -251,3 +251,18 @@ def test_which_llm_reads_images_and_the_new_settings_defaults():
     assert defaults.scoring.consistency.model == "facebook/dinov2-base"
     with pytest.raises(ValueError):
         PipelineSettings.model_validate({"scoring": {"text": "rewritten"}})
+
+
+class BrokenConsistency:
+    """A ConsistencyClient whose model cannot run."""
+
+    async def similarity(self, images, references):
+        raise RuntimeError("consistency replica is gone")
+
+
+async def test_a_consistency_scorer_that_cannot_run_fails_the_scene_with_no_made_up_number(tmp_path):
+    settings, services = make(tmp_path, consistency=BrokenConsistency())
+    with pytest.raises(GenerationError, match="scene 2: scoring failed: consistency replica is gone"):
+        await run_generation("gen-b", request(), services, settings)
+    quality = read(settings, "gen-b", 2, "quality_scores.json")
+    assert all(v["consistency"] is None and v["overall"] is None for v in quality["variations"])
