@@ -69,7 +69,7 @@ class LLMSettings(_Settings):
 class ImageSettings(_Settings):
     """Image API: generate for a scene with no reference, edit with the reference otherwise."""
 
-    provider: Literal["openai", "offline"] = "openai"
+    provider: Literal["openai", "diffusers", "offline"] = "openai"
     base_url: str | None = None
     model: str = "gpt-image-1"
     size: str = Field("1536x1024", pattern=r"^\d+x\d+$", description="16:9-ish landscape by default")
