@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 from urllib.parse import unquote, urlparse
 
 from pydantic import (
@@ -42,9 +42,20 @@ class RetrySettings(_Settings):
 
 
 class LLMSettings(_Settings):
-    """An OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama, a gateway)."""
+    """An OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama, a gateway).
 
-    provider: Literal["openai", "offline"] = "openai"
+    `gemini` is Google's OpenAI-compatible endpoint driven by the same client (docs/providers.md
+    says why): unless set, its model, key variable and base_url are the ones in PROVIDER_DEFAULTS."""
+
+    PROVIDER_DEFAULTS: ClassVar[dict[str, dict[str, str]]] = {
+        "gemini": {
+            "model": "gemini-3.5-flash",
+            "api_key_env": "GEMINI_API_KEY",
+            "base_url": "https://generativelanguage.googleapis.com/v1beta/openai/",
+        },
+    }
+
+    provider: Literal["openai", "gemini", "offline"] = "openai"
     base_url: str | None = None
     model: str = "gpt-4o-mini"
     api_key_env: str = "OPENAI_API_KEY"
@@ -59,6 +70,10 @@ class LLMSettings(_Settings):
     )
     retry: RetrySettings = RetrySettings()
 
+    @model_validator(mode="after")
+    def _provider_defaults(self) -> "LLMSettings":
+        return _apply_provider_defaults(self)
+
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env)
 
@@ -66,18 +81,51 @@ class LLMSettings(_Settings):
         return self.accepts_images if self.accepts_images is not None else self.provider != "offline"
 
 
-class ImageSettings(_Settings):
-    """Image API: generate for a scene with no reference, edit with the reference otherwise."""
+def _apply_provider_defaults(settings):
+    """Fill the fields a config left unset with its provider's defaults, so `provider: gemini`
+    alone is a working choice and an explicit value always wins."""
+    for name, value in settings.PROVIDER_DEFAULTS.get(settings.provider, {}).items():
+        if name not in settings.model_fields_set:
+            object.__setattr__(settings, name, value)
+    return settings
 
-    provider: Literal["openai", "diffusers", "offline"] = "openai"
+
+class ImageSettings(_Settings):
+    """Image API: generate for a scene with no reference, edit with the reference otherwise.
+
+    `gemini` (pipeline/gemini.py, Google's own SDK) sends no size: it takes `aspect_ratio` (null:
+    the ratio of `size`) and `image_size`; unless set, its model and key variable are the ones in
+    PROVIDER_DEFAULTS (docs/providers.md: where the ids come from and when they were checked)."""
+
+    PROVIDER_DEFAULTS: ClassVar[dict[str, dict[str, str]]] = {
+        "gemini": {"model": "gemini-nano-banana-2.1", "api_key_env": "GEMINI_API_KEY"},
+    }
+
+    provider: Literal["openai", "gemini", "diffusers", "offline"] = "openai"
     base_url: str | None = None
     model: str = "gpt-image-1"
     size: str = Field("1536x1024", pattern=r"^\d+x\d+$", description="16:9-ish landscape by default")
     quality: str | None = "medium"
+    aspect_ratio: str | None = Field(
+        None, pattern=r"^\d+:\d+$", description="gemini: the output's aspect ratio, e.g. 16:9; null: the ratio of size"
+    )
+    image_size: str | None = Field(None, description="gemini: resolution tier (1K, 2K, 4K); null: the model's default")
+    candidate_count: int = Field(
+        1, ge=1, le=8, description="gemini: candidates per call; the first with an image is kept, the others' "
+        "finish reasons are recorded (a blocked candidate then does not fail the variation)",
+    )
+    seed: int | None = Field(
+        None, description="where the API takes a seed (gemini: best-effort), variation i sends seed + i; "
+        "null: a random seed per variation, sent and recorded so the call can be repeated",
+    )
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = Field(120.0, gt=0)
     max_concurrency: int = Field(8, ge=1)
     retry: RetrySettings = RetrySettings()
+
+    @model_validator(mode="after")
+    def _provider_defaults(self) -> "ImageSettings":
+        return _apply_provider_defaults(self)
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env)
