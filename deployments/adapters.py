@@ -247,6 +247,33 @@ class HandleScoring:
         raise ScorerUnavailable(f"{name}: no live replica after {budget:g} s ({reason})")
 
 
+class HandleConsistency:
+    """The consistency scorer (image against reference image, issue 11) over its deployment:
+    one request per pair, each image put into the object store once, the same retry policy as
+    the four text-image scorers."""
+
+    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None):
+        self.scoring = HandleScoring({"consistency": handle}, retry)
+
+    async def similarity(self, images: list[bytes], references: list[bytes]) -> list[ScorerResult]:
+        put = self.scoring.put
+        unique = {id(data): data for data in [*images, *references]}  # scene 1 is everyone's reference
+        refs = await asyncio.to_thread(lambda: {key: put(data) for key, data in unique.items()})
+        self.scoring.sent.put += sum(len(data) for data in unique.values())
+        tasks = [
+            asyncio.ensure_future(self.scoring._score_one("consistency", refs[id(i)], refs[id(r)]))
+            for i, r in zip(images, references)
+        ]
+        try:
+            outputs = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one pair failed for good (or we were cancelled): stop the rest
+                task.cancel()
+            await asyncio.wait(tasks)
+            raise
+        return [ScorerResult(**out) for out in outputs]
+
+
 async def _awaited(response):
     return await response
 

@@ -15,7 +15,10 @@ from deployments.ingress import Ingress
 from deployments.providers import ImageGenerator, PromptAgents
 from deployments.scorer import ScorerDeployment, scorer_deployment_options
 
-SCORER_DEPLOYMENTS = {"pickscore": "PickScore", "clipscore": "CLIPScore", "vqascore": "VQAScore", "aesthetic": "Aesthetic"}
+SCORER_DEPLOYMENTS = {
+    "pickscore": "PickScore", "clipscore": "CLIPScore", "vqascore": "VQAScore", "aesthetic": "Aesthetic",
+    "consistency": "Consistency",  # image against reference image: reported always, weighted per config
+}
 
 
 def build_app(args: AppArgs) -> Application:
@@ -41,6 +44,7 @@ def build(args: AppArgs, ingress_options: dict | None = None) -> Application:
         scorers["clipscore"],
         scorers["vqascore"],
         scorers["aesthetic"],
+        scorers["consistency"],
         ImageGenerator.bind(args.pipeline),
         PromptAgents.bind(args.pipeline),
         args,

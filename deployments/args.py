@@ -39,6 +39,7 @@ class ScorersServing(BaseModel):
     clipscore: ScorerServing = ScorerServing()
     vqascore: ScorerServing = ScorerServing()
     aesthetic: ScorerServing = ScorerServing()
+    consistency: ScorerServing = ScorerServing()  # image-image (issue 11): DINOv2, small
 
 
 class AppArgs(BaseModel):

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.adapters import HandleChat, HandleImages, HandleScoring
+from deployments.adapters import HandleChat, HandleConsistency, HandleImages, HandleScoring
 from deployments.api import create_api, principal, route
 from deployments.args import AppArgs
 from deployments.auth import Authenticator, Principal
@@ -43,7 +43,7 @@ from pipeline.objectstore import ArtifactNotFound, open_store
 from pipeline.jobs import JobStore
 from pipeline.limits import check_admission
 from pipeline.retention import sweep
-from pipeline.runner import Services
+from pipeline.runner import Services, check_services
 from pipeline.schemas import GenerationRequest, GenerationStatus
 from pipeline.status import to_status
 from pipeline.service import execute_job
@@ -65,6 +65,7 @@ class Ingress:
         clipscore: DeploymentHandle,
         vqascore: DeploymentHandle,
         aesthetic: DeploymentHandle,
+        consistency: DeploymentHandle,
         generator: DeploymentHandle,
         agents: DeploymentHandle,
         args: AppArgs,
@@ -82,11 +83,13 @@ class Ingress:
             chat=HandleChat(agents, args.handle_retry),
             images=HandleImages(generator, args.handle_retry),
             scoring=HandleScoring({n: h for n, h in handles.items() if weights[n] > 0}, args.handle_retry),
+            consistency=HandleConsistency(consistency, args.handle_retry),
             artifacts=self.artifacts,
             traces=self.trace_store,
         )
         # What a generation needs: a submission while one has no live replica answers 503.
-        needed = [generator, agents, *(h for n, h in handles.items() if weights[n] > 0)]
+        check_services(self.services, self.settings)  # a config that cannot work fails the replica now
+        needed = [generator, agents, *(h for n, h in handles.items() if weights[n] > 0), consistency]
         self.readiness = ReadinessCheck(serve.status, generator.app_name, [h.deployment_name for h in needed])
         self.offline = self.settings.images.provider == "offline" or self.settings.llm.provider == "offline"
         self.holder = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -196,7 +196,13 @@ class Coalescer:
 def describe_request(request: tuple[bytes, str]) -> str:
     """How an error names one scoring input: its size and, when its header reads, its format
     and pixel size (the header only; the image is not decoded here)."""
-    data = request[0]
+    described = _describe_image(request[0])
+    if isinstance(request[1], (bytes, bytearray)):  # an image-image pair: the reference too
+        described += f" against a reference {_describe_image(request[1])}"
+    return described
+
+
+def _describe_image(data: bytes) -> str:
     try:
         header = read_header(data)
     except Exception:
@@ -233,6 +239,8 @@ class ScorerDeployment:
 
             options = {**build_tiny_models(Path(offline_models_dir))[name], **options}
         self.name = name
+        # An image-image scorer (consistency) takes a reference image where the others take a prompt.
+        self.image_pairs = name in scorers.IMAGE_SCORER_NAMES
         self.model = scorers.load_scorer(name, **options)  # once per replica
         self.batch_sizes: list[int] = []  # recent forward-pass sizes, for tests and the benchmark
         self.coalescer = Coalescer(self._forward, max_items=DEFAULT_BATCH.max_batch_size, describe=describe_request)
@@ -274,17 +282,22 @@ class ScorerDeployment:
         # The one image intake: pixel limit from the header, no animation, modes checked; an
         # ImageError here fails the pass, and the coalescer's isolation names the bad image.
         images = [open_image(data, SCORER_INPUT) for data, _ in requests]
+        if self.image_pairs:
+            return self.model.score(images, [open_image(reference, SCORER_INPUT) for _, reference in requests])
         return self.model.score(images, [prompt for _, prompt in requests])
 
-    async def score(self, image: bytes | ray.ObjectRef, prompt: str) -> dict:
+    async def score(self, image: bytes | ray.ObjectRef, prompt: str | bytes | ray.ObjectRef) -> dict:
         """`image` is PNG bytes. The ingress puts each image into the object store once and
         passes the same ObjectRef to all four scorers as a top-level argument, which Ray resolves
         to the bytes before this runs (a node fetches the object once for all its replicas).
         Where Serve does not resolve it (local testing mode), the reference is awaited here.
 
-        An input the model cannot score raises here, to its own caller only (`ItemError`)."""
+        For the consistency scorer `prompt` is the reference image (bytes or an ObjectRef, like
+        `image`). An input the model cannot score raises here, to its own caller only (`ItemError`)."""
         if isinstance(image, ray.ObjectRef):
             image = await image
+        if isinstance(prompt, ray.ObjectRef):
+            prompt = await prompt
         result = await self.score_batch((image, prompt))
         if isinstance(result, Exception):
             raise result
@@ -302,7 +315,8 @@ class ScorerDeployment:
             return
         self.probes += 1
         try:
-            outputs = await asyncio.to_thread(self.model.score, [probe_image()], ["a health check image"])
+            other = probe_image().transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.image_pairs else "a health check image"
+            outputs = await asyncio.to_thread(self.model.score, [probe_image()], [other])
             self._check_finite(outputs)
         except Exception as exc:
             raise UnhealthyModel(f"{self.name} health probe failed: {type(exc).__name__}: {exc}") from exc

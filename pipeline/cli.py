@@ -21,14 +21,14 @@ from pipeline.jobs import JobStore
 from pipeline.objectstore import LocalObjectStore, open_store
 from pipeline.runner import ProgressEvent, Services
 from pipeline.schemas import GenerationRequest
-from pipeline.scoring import LocalScoring
+from pipeline.scoring import LocalConsistency, LocalScoring
 from scorers.images import ImageLimits, to_png
 
 USER_REFERENCE = ImageLimits(
     max_bytes=20 * 1024 * 1024, max_pixels=40_000_000, min_side=None, max_aspect=None, max_side=2048
 )
 from pipeline.service import execute_job
-from pipeline.settings import SCORER_NAMES, PipelineSettings
+from pipeline.settings import CONSISTENCY, SCORER_NAMES, PipelineSettings
 from pipeline.status import to_status
 from pipeline.tokens import mint_token
 
@@ -80,6 +80,15 @@ def local_scoring(settings: PipelineSettings, *, offline: bool) -> LocalScoring:
             if weights[name] > 0
         }
     return LocalScoring(models, weights)
+
+
+def local_consistency(settings: PipelineSettings, *, offline: bool) -> LocalConsistency:
+    """The image-image consistency model (issue 11), loaded in this process like the four."""
+    import scorers
+    from scorers.tiny import build_tiny_models
+
+    options = build_tiny_models(offline_models_dir())[CONSISTENCY] if offline else settings.scoring.options_for(CONSISTENCY)
+    return LocalConsistency(scorers.load_scorer(CONSISTENCY, **options))
 
 
 def _print_progress(event: ProgressEvent) -> None:
@@ -168,6 +177,7 @@ def _services(settings: PipelineSettings, *, offline: bool) -> Services | None:
         chat, images = build_providers(settings)
         print("loading scorers ...", file=sys.stderr, flush=True)
         scoring = local_scoring(settings, offline=offline)
+        consistency = local_consistency(settings, offline=offline)
     except RuntimeError as exc:  # ProviderError (no API key), ModelNotFoundError (no weights)
         print(f"error: {exc}", file=sys.stderr)
         return None
@@ -175,6 +185,7 @@ def _services(settings: PipelineSettings, *, offline: bool) -> Services | None:
         chat=chat,
         images=images,
         scoring=scoring,
+        consistency=consistency,
         artifacts=open_store(settings.artifacts_dir, settings.s3),
         traces=open_store(settings.traces.root, settings.s3),
     )

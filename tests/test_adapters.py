@@ -303,3 +303,26 @@ async def test_a_timed_out_call_is_cancelled_at_serve():
     with pytest.raises(ScorerUnavailable):
         await client.score([b"img"], ["prompt"])
     assert len(cancelled) == len(method.calls) >= 2
+
+
+async def test_consistency_pairs_put_each_image_once_and_retry_a_dead_replica():
+    from deployments.adapters import HandleConsistency
+
+    async def by_pair(n, payload, reference):
+        await asyncio.sleep(0)
+        if n == 1:
+            raise died()  # the first call finds its replica gone: retried, not failed
+        return result(len(payload.data) + len(reference.data))
+
+    method = Method(by_pair)
+    client = HandleConsistency(Handle(score=method), FAST)
+    puts: list[bytes] = []
+    client.scoring.put = lambda data: puts.append(data) or Ref(data)
+    scene_1, previous = b"s" * 10, b"p" * 20
+    a, b = b"a" * 30, b"b" * 40
+    scores = await client.similarity([a, a, b, b], [previous, scene_1, previous, scene_1])
+    assert sorted(puts) == sorted([a, b, previous, scene_1])  # each image once, however often it is paired
+    assert [s.score for s in scores] == [50.0, 40.0, 60.0, 50.0]  # in the order asked
+    assert len(method.calls) == 5
+    pairs = {(payload.data, reference.data) for payload, reference in method.calls}
+    assert pairs == {(a, previous), (a, scene_1), (b, previous), (b, scene_1)}

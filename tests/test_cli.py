@@ -60,6 +60,9 @@ def test_offline_generation_json(capsys, monkeypatch, models_dir, tmp_path):
         assert set(scores) == {"pickscore", "clipscore", "vqascore", "aesthetic"}
         expected = 0.5 * scores["pickscore"] + 0.25 * scores["clipscore"] + 0.15 * scores["vqascore"] + 0.1 * scores["aesthetic"]
         assert variation["overall"] == pytest.approx(expected, abs=1e-3)
+        # The consistency model runs here too (reported; weight 0 keeps the formula above).
+        assert 0 <= variation["consistency"]["score"] <= 100
+    assert all(0 <= scene["consistency_score"] <= 100 for scene in scenes[1:])
     assert (tmp_path / "sceneref.db").is_file()
 
 

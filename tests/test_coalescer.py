@@ -163,7 +163,7 @@ def test_the_app_derives_each_scorers_deployment_options_from_args():
         "vqascore": {"batch": {"max_batch_size": 4}, "num_gpus": 0.5, "threads": 3},
         "clipscore": {"num_replicas": 2},
     }})
-    bound = {d._bound_deployment.name: d._bound_deployment for d in build(args)._bound_deployment.init_args[:4]}
+    bound = {d._bound_deployment.name: d._bound_deployment for d in build(args)._bound_deployment.init_args[:5]}
     assert set(bound) == set(SCORER_DEPLOYMENTS.values())
     vqa = bound["VQAScore"]
     assert (vqa.max_ongoing_requests, vqa.user_config["max_batch_size"], vqa.ray_actor_options["num_gpus"]) == (32, 4, 0.5)

@@ -95,3 +95,30 @@ def test_the_replica_sets_torch_threads_from_its_config(models_dir):
         assert ScorerServing(num_cpus=0, threads=4).torch_threads() == 4
     finally:
         torch.set_num_threads(before)
+
+
+async def test_the_consistency_replica_scores_image_pairs_and_names_a_bad_reference(models_dir):
+    """The fifth model (issue 11) is served by the same class: its second input is a reference
+    image, decoded through the same intake; health probes compare two images."""
+    import scorers
+    from scorers.tiny import build_tiny_models
+
+    scorer = ScorerDeployment.func_or_class("consistency", {"device": "cpu", "dtype": "fp32"}, models_dir)
+    a, b = png((64, 36)), png((40, 40))
+    outputs = scorer._score([(a, a), (a, b)])
+    model = scorers.load_scorer("consistency", **{**build_tiny_models(models_dir)["consistency"], "device": "cpu"})
+    expected = model.score([scorers.open_image(a)] * 2, [scorers.open_image(a), scorers.open_image(b)])
+    assert [round(o.score, 4) for o in outputs] == [round(e.score, 4) for e in expected]
+    assert outputs[0].score == pytest.approx(100.0, abs=1e-3)  # an image against itself
+    scorer.healthy_at = float("-inf")
+    await scorer.check_health()
+    assert scorer.probes == 1
+    with pytest.raises(ItemError, match=r"against a reference image of 5 bytes \(not a readable image\)"):
+        _raise_item(await scorer.coalescer.submit([(a, b"junk!")]))
+
+
+def _raise_item(results):
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results

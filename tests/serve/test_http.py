@@ -77,6 +77,11 @@ def test_quick_start_bodies_run_to_completion(offline_app):
         check_status_shape(status, body)
         assert len(status["storyboard_plan"]["scenes"]) == count
         assert status["offline"] is True
+        # The consistency model is served like the scorers: every scene after the first is
+        # compared with the previous scene and scene 1 (issue 11); weight 0: reported only.
+        later = status["storyboard_plan"]["scenes"][1:]
+        assert later and all(0 <= scene["consistency_score"] <= 100 for scene in later), later
+        assert status["storyboard_plan"]["consistency_sheet"]
         # The signed image URL works without a bearer token and serves a PNG.
         image = httpx.get(status["storyboard_plan"]["scenes"][-1]["reference_image_url"], timeout=10)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
@@ -169,7 +174,7 @@ def test_ready_asks_serve_for_every_deployment_a_generation_needs(offline_app):
     assert ready.status_code == 200, ready.text
     assert ready.json() == {
         "status": "ready",
-        "deployments": ["ImageGenerator", "PromptAgents", "PickScore", "CLIPScore", "VQAScore", "Aesthetic"],
+        "deployments": ["ImageGenerator", "PromptAgents", "PickScore", "CLIPScore", "VQAScore", "Aesthetic", "Consistency"],
     }
 
 
