@@ -125,7 +125,12 @@ def load_pipelines(settings: "DiffusionSettings"):
     folder = resolve_model_dir(settings)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    base = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, variant=settings.variant, local_files_only=True)
+    # With accelerate, weights missing from a checkpoint stay on the meta device (unusable);
+    # only when they are allowed are they initialised at random instead.
+    base = DiffusionPipeline.from_pretrained(
+        str(folder), dtype=dtype, variant=settings.variant, local_files_only=True,
+        low_cpu_mem_usage=not settings.allow_random_weights,
+    )
     check_weights(base, folder, settings.allow_random_weights)
     if settings.scheduler:
         set_scheduler(base, settings.scheduler)
