@@ -53,7 +53,8 @@ async def check_openai_model(client, settings: LLMSettings | ImageSettings, *, s
         found = await with_retries(call, settings.retry, what=f"model check ({settings.model})")
     except ProviderError as error:
         raise with_model_hint(error, provider=settings.provider, model=settings.model, setting=setting) from error
-    shutdown = (found.model_extra or {}).get("shutdown_date")
+    # A declared field in current openai clients, an extra one in older ones.
+    shutdown = getattr(found, "shutdown_date", None) or (found.model_extra or {}).get("shutdown_date")
     if shutdown:
         logger.warning("%s model %r shuts down on %s: set %s to its replacement", settings.provider, settings.model, shutdown, setting)
     return {"provider": settings.provider, "model": found.id, "owned_by": found.owned_by, "shutdown_date": shutdown}
