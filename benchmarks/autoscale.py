@@ -36,7 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 SECRET = "bench-secret-" + "x" * 40
-SCORERS = ("PickScore", "CLIPScore", "VQAScore", "Aesthetic")
+ENV = {"RAY_AUTH_MODE": "disabled", "SCENEREF_JWT_SECRET": SECRET, "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+os.environ.update(ENV)  # before Ray is imported
+
+from deployments.app import SCORER_DEPLOYMENTS  # noqa: E402  every scorer the app deploys
+
+SCORERS = tuple(SCORER_DEPLOYMENTS.values())
 PROMPT = "Artisan coffee that starts your morning right, in a sunlit corner cafe"
 
 
@@ -165,8 +171,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="sceneref-autoscale-"))
     ray_tmpdir = tempfile.mkdtemp(prefix="srau-", dir="/tmp")  # unix socket paths: 107 bytes at most
-    os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmpdir, "SCENEREF_JWT_SECRET": SECRET,
-                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"})
+    os.environ["RAY_TMPDIR"] = ray_tmpdir
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster

@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
 SECRET = "multinode-secret-" + "x" * 40
-SCORER_NAMES = ("PickScore", "CLIPScore", "VQAScore", "Aesthetic")
 REQUEST = {"target_duration": 9, "advanced_image_num_variations": 2, "advanced_image_max_enhancement_iterations": 1}
 PROMPTS = {
     "mn-alice": "A lighthouse keeper's long day, from dawn to the night storm",
@@ -96,6 +95,13 @@ def production_config(port: int, work: Path, models: Path) -> dict:
     for serving in args["scorers"].values():
         serving["threads"] = 1
     return config
+
+
+def scorer_node_cpus(config: dict) -> float:
+    """Logical CPUs of a GPU node: the scorers' CPU reservations in the config, summed. A node
+    sized for exactly one set of scorers keeps the CPU-only replicas on the head, so the node
+    that is killed holds scorers only (unless --spare-cpus adds room)."""
+    return sum(float(s.get("num_cpus", 1)) for s in config["applications"][0]["args"]["scorers"].values())
 
 
 def replicas_by_deployment() -> dict[str, list[dict]]:
@@ -166,12 +172,13 @@ def wait_for(predicate, timeout_s: float, every_s: float = 0.2, what: str = "con
     raise TimeoutError(f"{what} not met within {timeout_s} s")
 
 
-def scenario(work: Path, result: dict, gpu_node_cpus: float) -> None:
+def scenario(work: Path, result: dict, spare_cpus: float) -> None:
     import httpx
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from deployments.app import SCORER_DEPLOYMENTS
     from deployments.auth import mint_token
     from pipeline.artifacts import open_store
     from pipeline.jobs import JobStore
@@ -180,11 +187,17 @@ def scenario(work: Path, result: dict, gpu_node_cpus: float) -> None:
     t0 = time.monotonic()
     stamp = lambda: round(time.monotonic() - t0, 2)  # noqa: E731
     events = result["events"]
+    scorer_names = result["scorers"] = list(SCORER_DEPLOYMENTS.values())
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
 
     models = work / "models"
     build_tiny_models(models)  # once here, so the replicas only load them
     events["models_built"] = stamp()
 
+    config = production_config(port, work, models)
+    gpu_node_cpus = scorer_node_cpus(config) + spare_cpus
+    result["gpu_node_cpus"] = gpu_node_cpus
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 4, "num_gpus": 0, "include_dashboard": False,
@@ -199,12 +212,10 @@ def scenario(work: Path, result: dict, gpu_node_cpus: float) -> None:
                        "driver": ray.get_runtime_context().get_node_id()}
     events["cluster_up"] = stamp()
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     config_path = work / "serve_config.multinode.yaml"
     import yaml
 
-    config_path.write_text(yaml.safe_dump(production_config(port, work, models)))
+    config_path.write_text(yaml.safe_dump(config))
     # As an operator deploys it: `serve run` on the config, against this cluster's address.
     subprocess.run(
         [str(BIN / "serve"), "run", "--non-blocking", "--address", cluster.address, str(config_path)],
@@ -224,7 +235,7 @@ def scenario(work: Path, result: dict, gpu_node_cpus: float) -> None:
 
     def all_scorers_running(on_nodes: set[str]):
         placed = replicas_by_deployment()
-        ok = all(placed.get(d) and all(r["node"] in on_nodes for r in placed[d]) for d in SCORER_NAMES)
+        ok = all(placed.get(d) and all(r["node"] in on_nodes for r in placed[d]) for d in scorer_names)
         return placed if ok else None
 
     gpu_ids = {n.node_id for n in gpu_nodes}
@@ -263,7 +274,7 @@ def scenario(work: Path, result: dict, gpu_node_cpus: float) -> None:
     before = {gid: scene_facts(store, artifacts, gid) for gid in generations}
     record = store.get(target)
     placement = replicas_by_deployment()
-    scorer_nodes = {r["node"] for d in SCORER_NAMES for r in placement[d]}
+    scorer_nodes = {r["node"] for d in scorer_names for r in placement[d]}
     victim_id = next(iter(scorer_nodes)) if len(scorer_nodes) == 1 else None
     if victim_id is None:
         raise RuntimeError(f"scorers are not on one node, refusing to choose: {placement}")
@@ -324,9 +335,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="where the JSON result goes")
     parser.add_argument("--workdir", type=Path, help="job store, artifacts, traces, models (default: a temp dir)")
-    parser.add_argument("--gpu-node-cpus", type=float, default=5,
-                        help="logical CPUs per GPU node; 5 = exactly the four scorers' reservations, so the "
-                        "CPU-only replicas go to the head")
+    parser.add_argument("--spare-cpus", type=float, default=0,
+                        help="logical CPUs per GPU node beyond the scorers' reservations (more lets an ingress "
+                        "replica share the node that is killed)")
     options = parser.parse_args()
     work = (options.workdir or Path(tempfile.mkdtemp(prefix="sceneref-multinode-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -334,7 +345,7 @@ def main() -> int:
     os.environ.update(environment(ray_tmpdir))
     result: dict = {"ok": False, "events": {}, "workdir": str(work), "ray_tmpdir": ray_tmpdir, "pid": os.getpid()}
     try:
-        scenario(work, result, options.gpu_node_cpus)
+        scenario(work, result, options.spare_cpus)
         result["ok"] = True
     except BaseException as exc:  # the JSON says what went wrong; the test shows it
         result["error"] = "".join(traceback.format_exception(exc))

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO_TIMEOUT_S = 900  # a few minutes on 2 cores; generous so a busy machine does not fail it
-SCORERS = ("PickScore", "CLIPScore", "VQAScore", "Aesthetic")
+THE_FOUR = {"PickScore", "CLIPScore", "VQAScore", "Aesthetic"}  # the guide's quality scorers, at least
 
 
 def _processes_using(marker: str) -> list[int]:
@@ -79,14 +79,19 @@ def scenario(tmp_path_factory) -> dict:
     tail = (work / "scenario.log").read_text()[-4000:]
     assert result is not None, f"the scenario wrote no result within {SCENARIO_TIMEOUT_S} s; its log ends:\n{tail}"
     assert result["ok"], f"the scenario failed:\n{result.get('error')}\nlog:\n{tail}"
+    events = result["events"]
+    print(f"multinode: {events}; scorers back {events['scorers_back'] - events['node_removed']:.1f} s and "
+          f"generations done {events['generations_done'] - events['node_removed']:.1f} s after the kill")
     return result
 
 
 def test_scorers_pack_onto_one_gpu_node(scenario):
+    scorers = scenario["scorers"]
+    assert THE_FOUR <= set(scorers)
     placement = scenario["placement_before"]
     gpu_nodes = set(scenario["nodes"]["gpu"])
-    nodes = {r["node"] for name in SCORERS for r in placement[name]}
-    assert all(len(placement[name]) == 1 for name in SCORERS), placement
+    nodes = {r["node"] for name in scorers for r in placement[name]}
+    assert all(len(placement[name]) == 1 for name in scorers), placement
     assert len(nodes) == 1 and nodes <= gpu_nodes, placement
     # The head runs no GPU work; the ingress replicas are not all on the GPU node that dies.
     assert len(placement["Ingress"]) >= 2
@@ -98,7 +103,7 @@ def test_scorers_come_back_on_the_other_gpu_node(scenario):
     assert removal["removed_node"] in scenario["nodes"]["gpu"]
     assert removal["removed_node"] != scenario["nodes"]["driver"]
     after = scenario["placement_after"]
-    for name in SCORERS:
+    for name in scenario["scorers"]:
         assert after[name] and {r["node"] for r in after[name]} == {removal["survivor_node"]}, after
         assert {r["actor"] for r in after[name]}.isdisjoint(r["actor"] for r in scenario["placement_before"][name])
 
