@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 
+import httpx
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -36,7 +37,6 @@ try:  # the SDK's async transport when installed (Ray brings it); httpx otherwis
     import aiohttp
 except ImportError:  # pragma: no cover - depends on the environment
     aiohttp = None
-import httpx
 
 # The ratios generateContent's imageConfig documents for the image models; `size` maps to the nearest.
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
