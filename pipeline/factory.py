@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pipeline.modelcheck import CheckedOpenAIChat, CheckedOpenAIImages
 from pipeline.offline import OfflineChat, OfflineImages
-from pipeline.providers import ChatModel, ImageProvider
+from pipeline.providers import ChatModel, ImageProvider, ProviderError
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings
 
 
@@ -31,7 +31,14 @@ def build_images(settings: ImageSettings) -> ImageProvider:
         from pipeline.gemini import GeminiImages  # google-genai is imported only when chosen
 
         return GeminiImages(settings)
-    return CheckedOpenAIImages(settings)
+    if settings.provider == "openai":
+        return CheckedOpenAIImages(settings)
+    # Never fall through to another vendor's client: a provider this factory cannot build
+    # (diffusers runs as its own GPU deployment with its own settings) is a configuration error.
+    raise ProviderError(
+        f"image provider {settings.provider!r} is not built from ImageSettings here: the self-hosted "
+        f"diffusers generator is its own deployment (deployments/diffusion.py, pipeline.diffusion.DiffusionImages)"
+    )
 
 
 def build_providers(settings: PipelineSettings) -> tuple[ChatModel, ImageProvider]:

@@ -81,6 +81,11 @@ async def test_check_reports_the_model_and_warns_of_a_shutdown_date(server, capl
     assert await check_provider(OfflineChat()) is None
 
 
+def test_an_image_provider_the_factory_cannot_build_is_refused_not_sent_to_openai():
+    with pytest.raises(ProviderError, match="'diffusers'.*deployments/diffusion.py"):
+        build_images(ImageSettings(provider="diffusers"))
+
+
 @pytest.mark.parametrize(("make", "setting"), [(images, "pipeline.images.model"), (chat, "pipeline.llm.model")])
 async def test_an_unknown_model_fails_the_check_with_the_vendor_message_and_the_setting(server, make, setting):
     provider = make(server, "gpt-image-1")
