@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.timeout(1200)  # a cold `serve run` builds and loads five tiny models: slow on a loaded machine
 def test_serve_run_offline_config(tmp_path):
     config = yaml.safe_load((ROOT / "serve_config.offline.yaml").read_text())
     port = free_port()
@@ -39,7 +40,7 @@ def test_serve_run_offline_config(tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, timeout_s=300)
+        wait_healthy(base, timeout_s=900)
         token = subprocess.run(
             [str(BIN / "sceneref"), "token", "--sub", "newcomer"], env=env, check=True, capture_output=True, text=True
         ).stdout.strip()
