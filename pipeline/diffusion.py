@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import math
 import secrets
 import threading
@@ -63,6 +64,10 @@ class DiffusionSettings(BaseModel):
     seed: int | None = Field(
         None, ge=0, description="variation i gets seed + i; null: a fresh random seed per image, recorded in its "
         "metadata so the image can be made again",
+    )
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="text tokens for T5-encoded models (FLUX.1-schnell: 256); null: the pipeline's "
+        "default; a pipeline that does not take it (SD, SDXL: CLIP's 77) is refused at load",
     )
     max_batch_size: int = Field(4, ge=1, le=64, description="images per pipeline call")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="how long a replica waits to fill a batch")
@@ -126,6 +131,10 @@ class DiffusionEngine:
         self.text2img, self.img2img, folder, self.device, self.dtype = load_pipelines(settings)
         self.random_weights = (Path(folder) / RANDOM_WEIGHTS).exists()
         self.scheduler = type(self.text2img.scheduler).__name__
+        accepted = inspect.signature(self.text2img.__call__).parameters
+        if settings.max_sequence_length is not None and "max_sequence_length" not in accepted:
+            # SD pipelines swallow unknown keywords: the setting would silently do nothing.
+            raise ValueError(f"{type(self.text2img).__name__} does not take max_sequence_length: leave it null")
         self._lock = threading.Lock()
         self.healthy_at = -math.inf  # monotonic time of the last call that gave finite pixels
         self.probes = 0  # health probes run, for tests
@@ -192,6 +201,8 @@ class DiffusionEngine:
             "generator": [torch.Generator("cpu").manual_seed(item.seed) for item in items],
             "output_type": "np",
         }
+        if settings.max_sequence_length is not None:
+            arguments["max_sequence_length"] = settings.max_sequence_length
         if operation == "text2img":
             arguments.update(height=height, width=width)
         else:
