@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from pipeline.factory import build_chat, build_images
+from pipeline.factory import build_chat, build_images, check_provider
 from pipeline.providers import ProviderError
 from pipeline.settings import PipelineSettings
 
@@ -21,8 +21,11 @@ def _error(exc: ProviderError) -> dict:
 
 @serve.deployment(max_ongoing_requests=128)
 class ImageGenerator:
-    def __init__(self, settings: PipelineSettings):
+    async def __init__(self, settings: PipelineSettings):
         self.provider = build_images(settings.images)
+        # A retired or unknown model id fails the replica at start, with the vendor's message
+        # and the setting to change, instead of failing every generation later.
+        self.model = await check_provider(self.provider)
 
     async def generate(self, prompt: str, reference: bytes | None, variation: int) -> dict:
         try:
@@ -34,8 +37,9 @@ class ImageGenerator:
 
 @serve.deployment(max_ongoing_requests=128)
 class PromptAgents:
-    def __init__(self, settings: PipelineSettings):
+    async def __init__(self, settings: PipelineSettings):
         self.chat = build_chat(settings.llm)
+        self.model = await check_provider(self.chat)
 
     async def complete(self, messages: list[dict[str, str]], task: str) -> dict:
         try:

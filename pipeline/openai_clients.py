@@ -45,12 +45,14 @@ class OpenAIChat:
         async def call() -> str:
             # Held per attempt, not across backoff sleeps, so waiting calls free the slot.
             async with self._semaphore:
+                # Reasoning models refuse a sampling temperature: unset, none is sent.
+                sampling = {} if settings.temperature is None else {"temperature": settings.temperature}
                 response = await self._client.chat.completions.create(
                     model=settings.model,
                     messages=messages,  # type: ignore[arg-type]
-                    temperature=settings.temperature,
                     response_format={"type": "json_object"},
                     timeout=settings.timeout_s,
+                    **sampling,
                 )
             if not response.choices or response.choices[0].message.content is None:
                 raise ProviderError(

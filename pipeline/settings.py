@@ -57,9 +57,12 @@ class LLMSettings(_Settings):
 
     provider: Literal["openai", "gemini", "offline"] = "openai"
     base_url: str | None = None
-    model: str = "gpt-4o-mini"
+    model: str = "gpt-6-luna"  # gpt-4o-mini shuts down 2027-01-14 (docs/providers.md)
     api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = Field(0.7, ge=0, le=2)
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="sampling temperature; null sends none (the model's default): reasoning "
+        "models such as the gpt-6 line refuse any other value",
+    )
     timeout_s: float = Field(60.0, gt=0)
     invalid_output_retries: int = Field(2, ge=0, le=10)
     max_concurrency: int = Field(16, ge=1)
@@ -103,7 +106,7 @@ class ImageSettings(_Settings):
 
     provider: Literal["openai", "gemini", "diffusers", "offline"] = "openai"
     base_url: str | None = None
-    model: str = "gpt-image-1"
+    model: str = "gpt-image-2"  # gpt-image-1 shut down 2026-10-23 (docs/providers.md)
     size: str = Field("1536x1024", pattern=r"^\d+x\d+$", description="16:9-ish landscape by default")
     quality: str | None = "medium"
     aspect_ratio: str | None = Field(

@@ -41,3 +41,23 @@ def test_database_url_from_the_environment_wins(monkeypatch):
     assert args.job_store_url() == "postgresql+psycopg://u:secret@db/x"
     monkeypatch.delenv(args.database_url_env)
     assert args.job_store_url() == args.database_url
+
+
+def test_the_gemini_config_differs_from_production_only_in_its_providers():
+    """serve_config.gemini.yaml is serve_config.yaml with Google's models: nothing else may drift."""
+    from pathlib import Path
+
+    import yaml
+
+    from deployments.args import AppArgs
+
+    root = Path(__file__).resolve().parents[1]
+    production, gemini = (yaml.safe_load((root / name).read_text()) for name in ("serve_config.yaml", "serve_config.gemini.yaml"))
+    providers = []
+    for config in (production, gemini):
+        pipeline = config["applications"][0]["args"]["pipeline"]
+        providers.append((pipeline.pop("llm")["provider"], pipeline.pop("images")["provider"]))
+    assert production == gemini
+    assert providers == [("openai", "openai"), ("gemini", "gemini")]
+    args = AppArgs.model_validate(yaml.safe_load((root / "serve_config.gemini.yaml").read_text())["applications"][0]["args"])
+    assert args.pipeline.images.model.startswith("gemini") and args.pipeline.llm.base_url

@@ -86,6 +86,14 @@ async def test_chat_sends_json_mode_and_returns_content(server):
     assert request.headers["authorization"] == "Bearer test-key"
 
 
+async def test_no_temperature_is_sent_unless_one_is_set(server):
+    """The current default models reason and refuse a sampling temperature (docs/providers.md)."""
+    chat = chat_for(server, model="test-chat")
+    await chat.complete(STORYBOARD_INPUT, task="storyboard")
+    (request,) = server.requests_for("chat")
+    assert "temperature" not in request.json
+
+
 async def test_generate_without_reference_edit_with_reference(server):
     images = images_for(server)
     first = await images.generate("a lamp on a desk", reference=None, variation=0)
@@ -97,13 +105,13 @@ async def test_generate_without_reference_edit_with_reference(server):
     assert generation.json["size"] == "128x72" and generation.json["quality"] == "medium"
     assert "response_format" not in generation.json  # gpt-image models reject it
     assert edit.image == first.data  # the chained scene carries the previous image
-    assert edit.form["prompt"] == "the lamp at night" and edit.form["model"] == "gpt-image-1"
+    assert edit.form["prompt"] == "the lamp at night" and edit.form["model"] == "gpt-image-2"
 
     for image, request, operation in ((first, generation, "generate"), (second, edit, "edit")):
         assert image.data.startswith(PNG_MAGIC)
         assert Image.open(io.BytesIO(image.data)).size == (128, 72)
         meta = image.metadata
-        assert meta["provider"] == "openai" and meta["model"] == "gpt-image-1" and meta["size"] == "128x72"
+        assert meta["provider"] == "openai" and meta["model"] == "gpt-image-2" and meta["size"] == "128x72"
         assert meta["request_id"] == request.request_id
         assert meta["operation"] == operation and meta["seed"] is None and meta["attempts"] == 1
         assert meta["revised_prompt"].endswith("(revised)")
