@@ -12,6 +12,7 @@ from ray.serve import Application
 
 from deployments.args import AppArgs
 from deployments.ingress import Ingress
+from deployments.diffusion import DiffusionGenerator
 from deployments.providers import ImageGenerator, PromptAgents
 from deployments.scorer import ScorerDeployment, scorer_deployment_options
 
@@ -24,6 +25,19 @@ SCORER_DEPLOYMENTS = {
 def build_app(args: AppArgs) -> Application:
     """The builder `serve run` calls (Serve allows exactly one parameter)."""
     return build(args)
+
+
+def image_generator(args: AppArgs) -> Application:
+    """The deployment named ImageGenerator: a client of an image API, or, with provider
+    `diffusers`, the self-hosted generator on its own (fractional) GPU. One name either way, so
+    the config's `deployments:` entry for ImageGenerator sets its resources."""
+    images = args.pipeline.images
+    if images.provider != "diffusers":
+        return ImageGenerator.bind(args.pipeline)
+    batch = images.diffusion.max_batch_size
+    return DiffusionGenerator.options(name="ImageGenerator", max_ongoing_requests=max(32, 2 * batch)).bind(
+        images.diffusion, args.offline_models_dir
+    )
 
 
 def build(args: AppArgs, ingress_options: dict | None = None) -> Application:
@@ -45,7 +59,7 @@ def build(args: AppArgs, ingress_options: dict | None = None) -> Application:
         scorers["vqascore"],
         scorers["aesthetic"],
         scorers["consistency"],
-        ImageGenerator.bind(args.pipeline),
+        image_generator(args),
         PromptAgents.bind(args.pipeline),
         args,
     )

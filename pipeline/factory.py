@@ -33,12 +33,12 @@ def build_images(settings: ImageSettings) -> ImageProvider:
         return GeminiImages(settings)
     if settings.provider == "openai":
         return CheckedOpenAIImages(settings)
-    # Never fall through to another vendor's client: a provider this factory cannot build
-    # (diffusers runs as its own GPU deployment with its own settings) is a configuration error.
-    raise ProviderError(
-        f"image provider {settings.provider!r} is not built from ImageSettings here: the self-hosted "
-        f"diffusers generator is its own deployment (deployments/diffusion.py, pipeline.diffusion.DiffusionImages)"
-    )
+    if settings.provider == "diffusers":  # in this process (the CLI); under Serve: deployments/diffusion.py
+        from pipeline.diffusion import DiffusionImages
+
+        return DiffusionImages(settings.diffusion)
+    # Never fall through to another vendor's client.
+    raise ProviderError(f"unknown image provider {settings.provider!r}")
 
 
 def build_providers(settings: PipelineSettings) -> tuple[ChatModel, ImageProvider]:

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.diffusion import DiffusionSettings
 from pipeline.objectstore import is_url
 from pipeline.schemas import DIMENSIONS
 
@@ -125,6 +126,9 @@ class ImageSettings(_Settings):
     timeout_s: float = Field(120.0, gt=0)
     max_concurrency: int = Field(8, ge=1)
     retry: RetrySettings = RetrySettings()
+    diffusion: DiffusionSettings = Field(
+        DiffusionSettings(), description="provider diffusers: the self-hosted generator (model, scheduler, steps, seed)"
+    )
 
     @model_validator(mode="after")
     def _provider_defaults(self) -> "ImageSettings":

@@ -190,3 +190,15 @@ def test_shipped_serve_configs_leave_the_scorers_to_the_typed_args():
             assert not named & set(SCORER_DEPLOYMENTS.values()), path.name
             assert "scorers" in app["args"], path.name
             AppArgs.model_validate(app["args"])
+
+
+def test_provider_diffusers_binds_the_self_hosted_generator_under_the_generator_name():
+    from deployments.app import build
+    from deployments.args import AppArgs
+
+    api = build(AppArgs())._bound_deployment.init_args[5]._bound_deployment
+    assert (api.name, api.func_or_class.__name__) == ("ImageGenerator", "ImageGenerator")
+    args = AppArgs.model_validate({"pipeline": {"images": {"provider": "diffusers", "diffusion": {"max_batch_size": 24}}}})
+    own = build(args)._bound_deployment.init_args[5]._bound_deployment
+    assert own.name == "ImageGenerator" and own.func_or_class.__name__ == "DiffusionGenerator"
+    assert own.max_ongoing_requests == 48 and own.init_args[0].max_batch_size == 24

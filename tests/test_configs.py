@@ -61,3 +61,24 @@ def test_the_gemini_config_differs_from_production_only_in_its_providers():
     assert providers == [("openai", "openai"), ("gemini", "gemini")]
     args = AppArgs.model_validate(yaml.safe_load((root / "serve_config.gemini.yaml").read_text())["applications"][0]["args"])
     assert args.pipeline.images.model.startswith("gemini") and args.pipeline.llm.base_url
+
+
+def test_the_diffusers_config_differs_from_production_only_in_its_generator():
+    from pathlib import Path
+
+    import yaml
+
+    from deployments.args import AppArgs
+
+    root = Path(__file__).resolve().parents[1]
+    production, own = (yaml.safe_load((root / name).read_text()) for name in ("serve_config.yaml", "serve_config.diffusers.yaml"))
+    generators = []
+    for config in (production, own):
+        app = config["applications"][0]
+        generators.append((app["args"]["pipeline"].pop("images")["provider"],
+                           next(d for d in app["deployments"] if d["name"] == "ImageGenerator")["ray_actor_options"]["num_gpus"]))
+        app["deployments"] = [d for d in app["deployments"] if d["name"] != "ImageGenerator"]
+    assert production == own
+    assert generators == [("openai", 0), ("diffusers", 1)]
+    args = AppArgs.model_validate(yaml.safe_load((root / "serve_config.diffusers.yaml").read_text())["applications"][0]["args"])
+    assert args.pipeline.images.diffusion.model == "stabilityai/sdxl-turbo"

@@ -81,9 +81,13 @@ async def test_check_reports_the_model_and_warns_of_a_shutdown_date(server, capl
     assert await check_provider(OfflineChat()) is None
 
 
-def test_an_image_provider_the_factory_cannot_build_is_refused_not_sent_to_openai():
-    with pytest.raises(ProviderError, match="'diffusers'.*deployments/diffusion.py"):
-        build_images(ImageSettings(provider="diffusers"))
+def test_the_factory_builds_each_image_provider_by_name():
+    """diffusers is built from its own settings (in this process; under Serve its deployment)."""
+    from scorers.base import ModelNotFoundError
+
+    # Routed to the diffusers loader, which says how to provide weights it cannot find offline.
+    with pytest.raises(ModelNotFoundError, match=r"diffusion model not found: 'some/model'.*save_pretrained"):
+        build_images(ImageSettings(provider="diffusers", diffusion={"model": "some/model", "steps": 2}))
 
 
 @pytest.mark.parametrize(("make", "setting"), [(images, "pipeline.images.model"), (chat, "pipeline.llm.model")])
