@@ -23,8 +23,8 @@ from pydantic import (
 from pipeline.diffusion import DiffusionSettings
 from pipeline.objectstore import is_url
 from pipeline.schemas import DIMENSIONS
+from scorers import SCORER_NAMES  # the one list of the text-image scorers (re-exported here)
 
-SCORER_NAMES = ("pickscore", "clipscore", "vqascore", "aesthetic")  # the text-image scorers
 CONSISTENCY = "consistency"  # the image-image scorer (issue 11): compares with reference images
 
 
