@@ -79,9 +79,11 @@ def scenario(tmp_path_factory) -> dict:
     tail = (work / "scenario.log").read_text()[-4000:]
     assert result is not None, f"the scenario wrote no result within {SCENARIO_TIMEOUT_S} s; its log ends:\n{tail}"
     assert result["ok"], f"the scenario failed:\n{result.get('error')}\nlog:\n{tail}"
-    events = result["events"]
+    events, http = result["events"], result["http"]
     print(f"multinode: {events}; scorers back {events['scorers_back'] - events['node_removed']:.1f} s and "
-          f"generations done {events['generations_done'] - events['node_removed']:.1f} s after the kill")
+          f"generations done {events['generations_done'] - events['node_removed']:.1f} s after the kill; "
+          f"{len(http)} HTTP requests, answers {sorted({r.get('code', r.get('error')) for r in http}, key=str)}, "
+          f"slowest {max(r['latency_s'] for r in http):.2f} s")
     return result
 
 
