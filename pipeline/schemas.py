@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.costs import CostSummary, GenerationTiming, PlanningAccount, SceneTiming
+
 PROMPT_MIN, PROMPT_MAX = 10, 2000
 DURATION_MIN, DURATION_MAX = 9, 60
 
@@ -163,6 +165,9 @@ class ScenePlan(BaseModel):
     description: str | None = None
     markers: list[str] = Field(default_factory=list)
     sheet: ConsistencySheet | None = None
+    # Issue 10: the storyboard call's cost and time, on the first scene's plan only (it is stored
+    # with the storyboard, so a resumed job keeps it); absent elsewhere.
+    planning: PlanningAccount | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class IterationRecord(BaseModel):
@@ -240,6 +245,9 @@ class SceneResult(BaseModel):
     selected_variation: int | None = None
     variations: list[VariationResult] = Field(default_factory=list)
     completed_at: str = Field(default_factory=utcnow)
+    # Issue 10: this scene's provider calls priced (enhancement and its images) and its stage times.
+    cost: CostSummary | None = None
+    timing: SceneTiming | None = None
 
 
 class AdvancedImageSettings(BaseModel):
@@ -271,3 +279,7 @@ class GenerationStatus(BaseModel):
     storyboard_plan: StoryboardPlan
     error: str | None = None
     offline: bool = False
+    # Additive (issue 10): the generation's estimated cost (planning and every finished scene;
+    # usd null when a model has no price) and its time per stage.
+    cost: CostSummary | None = None
+    timing: GenerationTiming | None = None

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.costs import PricingSettings
 from pipeline.diffusion import DiffusionSettings
 from pipeline.objectstore import is_url
 from pipeline.schemas import DIMENSIONS
@@ -393,6 +394,8 @@ class PipelineSettings(_Settings):
         Path("output/artifacts"), description="a directory, file:///abs/path or s3://bucket/prefix"
     )
     s3: S3Settings = S3Settings()
+    # Issue 10: list prices per model id, for the cost shown in the status and traces.
+    pricing: PricingSettings = Field(default_factory=PricingSettings, description="model id -> list prices (pipeline/costs.py)")
 
     @classmethod
     def offline(cls, output: Path = Path("output"), **overrides) -> "PipelineSettings":

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from datetime import datetime, timezone
+
+from pipeline.costs import combine, generation_timing
 from pipeline.schemas import AdvancedImageSettings, GenerationStatus, SceneResult, StoryboardPlan
 
 if TYPE_CHECKING:  # pipeline.jobs re-exports to_status, so import it only for type checking
@@ -48,6 +51,10 @@ def to_status(
             )
             if result.consistency_score is not None:  # additive (issue 11): only where it was measured
                 entry["consistency_score"] = result.consistency_score
+            if result.cost is not None:  # additive (issue 10): absent for scenes stored before it
+                entry["cost"] = result.cost.model_dump(mode="json")
+            if result.timing is not None:
+                entry["timing"] = result.timing.model_dump(mode="json")
         entries.append(entry)
     return GenerationStatus(
         generation_id=record.generation_id,
@@ -65,7 +72,21 @@ def to_status(
         ),
         error=record.error,
         offline=record.offline,
+        **_totals(record, scenes),
     )
+
+
+def _totals(record: JobRecord, scenes: Sequence[SceneResult]) -> dict[str, Any]:
+    """The generation's cost and timing: the storyboard call plus every finished scene. Work
+    of an earlier run that a resume redid (the enhancement of scenes that were not finished) is
+    not in any stored scene, so it is not counted."""
+    planning = next((p.planning for p in record.storyboard or [] if p.planning is not None), None)
+    end = record.finished_at or datetime.now(timezone.utc)
+    elapsed = max(0.0, (end - record.created_at).total_seconds()) if record.created_at else None
+    return {
+        "cost": combine([planning.cost if planning else None, *(s.cost for s in scenes)]),
+        "timing": generation_timing(planning, [s.timing for s in scenes], round(elapsed, 3) if elapsed is not None else None),
+    }
 
 
 __all__ = ["to_status"]
