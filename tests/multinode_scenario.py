@@ -239,12 +239,10 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:
         return placed if ok else None
 
     gpu_ids = {n.node_id for n in gpu_nodes}
-    placed = wait_for(lambda: all_scorers_running(gpu_ids), 300, 0.5, "four scorer replicas running")
-    status = serve.status().applications["sceneref"]
+    wait_for(lambda: all_scorers_running(gpu_ids), 300, 0.5, "every scorer replica running")
     wait_for(lambda: serve.status().applications["sceneref"].status == "RUNNING", 300, 0.5, "app RUNNING")
     result["placement_before"] = replicas_by_deployment()
     events["app_running"] = stamp()
-    del status, placed
 
     # Generations over HTTP, with a JWT per user.
     store = JobStore(f"sqlite:///{work / 'jobs.db'}")

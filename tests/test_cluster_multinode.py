@@ -1,6 +1,7 @@
-"""Issue 9 on a simulated multi-node GPU cluster: the production config's four scorers pack
-onto one GPU node; when that node dies mid-generation they come back on the other one, the
-generation completes with the scenes it had finished unchanged, and no HTTP request hangs.
+"""Issue 9 on a simulated multi-node GPU cluster: the production config's scorers (the four
+quality scorers and Consistency) pack onto one GPU node; when that node dies mid-generation
+they come back on the other one, the generation completes with the scenes it had finished
+unchanged, and no HTTP request hangs.
 
 The cluster runs in a process of its own (tests/multinode_scenario.py: one Ray cluster per
 driver process, and this session may already hold one); this test starts it, reads the JSON it
