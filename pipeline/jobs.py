@@ -9,7 +9,11 @@ outlived its expiry) can no longer change the job. Times are UTC from the writer
 lease lengths (seconds) must stay well above the clock skew between nodes (NTP keeps it in ms).
 
 Scenes are checkpointed as soon as they are selected, so any runner resumes a generation at
-its next scene, and the status endpoint reads everything it shows from here. The schema is
+its next scene, and the status endpoint reads everything it shows from here. Every progress
+event goes to the generation's event log (`events`, numbered by `seq` from 1), so any replica
+streams a generation's progress and a reconnecting client asks for what came after its last
+event; the final status event is written in the same transaction as the final status, so a
+reader that sees a finished job also sees its last event. The schema is
 managed by Alembic (`pipeline/migrations`) and upgraded when a store opens. Methods are
 synchronous and thread-safe; async callers run them in a worker thread.
 """
@@ -117,6 +121,31 @@ scenes_table = Table(
 )
 
 
+# A generation's progress events in order (migration 0005). `kind` says what happened (planning,
+# iteration, variation, scored, selected, status, ...), `stage` is the job's stage at the time.
+events_table = Table(
+    "events",
+    metadata,
+    Column(
+        "generation_id",
+        String(64),
+        ForeignKey("jobs.generation_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("stage", String(64), nullable=False),
+    Column("progress", Integer, nullable=False),
+    Column("scene", Integer, nullable=True),
+    Column("message", Text, nullable=False),
+    Column("data", JSON, nullable=False),
+)
+# The kind of the event that closes a run: written with the final status (completed, failed,
+# cancelled), in the same transaction.
+FINAL_EVENT = "status"
+
+
 class JobNotFound(KeyError):
     pass
 
@@ -157,6 +186,59 @@ class JobRecord(BaseModel):
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest.model_validate(self.request)
+
+
+class EventRecord(BaseModel):
+    """One stored progress event."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int
+    at: datetime
+    kind: str
+    stage: str
+    progress: int
+    scene: int | None = None
+    message: str = ""
+    data: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """Events after a point, and the job's status read *before* them: when that status is
+    final, the final status event is among the events or earlier (it is committed with it)."""
+
+    status: Status
+    events: list[EventRecord]
+
+
+class GenerationSummary(BaseModel):
+    """One line of a user's list of generations."""
+
+    model_config = ConfigDict(frozen=True)
+
+    generation_id: str
+    status: Status
+    stage: str
+    progress: int
+    prompt: str
+    created_at: datetime
+    finished_at: datetime | None = None
+    scene_count: int | None = None  # planned scenes; None before the storyboard exists
+    scenes_completed: int = 0
+    error: str | None = None
+    offline: bool = False
+
+
+def event_row(
+    kind: str, stage: str, progress: int, message: str = "", *, scene: int | None = None,
+    data: dict | None = None, at: datetime | None = None,
+) -> dict[str, Any]:
+    """An event as `append_events` takes it."""
+    return {
+        "kind": kind, "stage": stage, "progress": int(progress), "message": message, "scene": scene,
+        "data": data or {}, "at": at or _now(),
+    }
 
 
 def _now() -> datetime:
@@ -267,6 +349,7 @@ class JobStore:
                     cancel_requested=False,
                 )
             )
+            _append(conn, generation_id, [event_row("queued", "queued", 0, "queued", at=now)])
 
     def get(self, generation_id: str, owner: str | None = None) -> JobRecord | None:
         """`owner` given: another owner's job reads as missing, so ids cannot be probed."""
@@ -416,6 +499,7 @@ class JobStore:
             ).rowcount
             if changed == 0:
                 raise self._missing_or_lost(conn, lease.generation_id, lease)
+            _append_final(conn, lease.generation_id, now)
 
     # --- cancellation and resumption --------------------------------------------------
 
@@ -445,12 +529,14 @@ class JobStore:
         )
         if generation_id is not None:
             statement = statement.where(c.generation_id == generation_id)
-        conn.execute(
+        ended = conn.execute(
             statement.values(
                 status="cancelled", stage="cancelled", lease_holder=None, lease_expires_at=None,
                 finished_at=now, updated_at=now,
-            )
-        )
+            ).returning(c.generation_id)
+        ).scalars().all()
+        for gid in ended:  # ended without a runner: the final event is written here
+            _append_final(conn, gid, now)
 
     def cancel_requested(self, generation_id: str) -> bool:
         with self.engine.connect() as conn:
@@ -475,15 +561,20 @@ class JobStore:
         failed/cancelled."""
         c = jobs_table.c
         with self._write() as conn:
-            return conn.execute(
+            requeued = conn.execute(
                 update(jobs_table)
                 .where(c.generation_id == generation_id, c.owner == owner, c.status.in_(("failed", "cancelled")))
                 .values(
                     status="queued", stage="queued", error=None, cancel_requested=False,
                     lease_holder=None, lease_expires_at=None, finished_at=None, traces_removed_at=None,
                     updated_at=_now(),
-                )
-            ).rowcount == 1
+                ).returning(c.progress)
+            ).first()
+            if requeued is None:
+                return False
+            _append(conn, generation_id, [event_row("queued", "queued", requeued.progress, "queued again (resume)",
+                                                    data={"resumed": True})])
+            return True
 
     # --- admission and retention ------------------------------------------------------
 
@@ -544,6 +635,7 @@ class JobStore:
     def delete(self, generation_id: str) -> bool:
         """Remove the job row and its scenes (artifacts and traces are the caller's)."""
         with self._write() as conn:
+            conn.execute(delete(events_table).where(events_table.c.generation_id == generation_id))
             conn.execute(delete(scenes_table).where(scenes_table.c.generation_id == generation_id))
             return conn.execute(
                 delete(jobs_table).where(jobs_table.c.generation_id == generation_id)
@@ -596,6 +688,128 @@ class JobStore:
         )
         with self.engine.connect() as conn:
             return [SceneResult.model_validate(row.result) for row in conn.execute(query)]
+
+
+    # --- events -----------------------------------------------------------------------
+
+    def append_events(
+        self,
+        generation_id: str,
+        events: Sequence[dict[str, Any]],
+        lease: Lease | None = None,
+        *,
+        progress: int | None = None,
+        stage: str | None = None,
+    ) -> list[int]:
+        """Append events (`event_row`) to the generation's log and answer their `seq`s; with
+        `progress`/`stage`, the job row shows them too, in the same transaction. With `lease`,
+        fenced like `update`: a runner that lost its lease appends nothing (`LeaseLost`)."""
+        if lease and lease.generation_id != generation_id:
+            raise ValueError("lease is for another job")
+        values: dict[str, Any] = {"updated_at": _now()}
+        if progress is not None:
+            if not 0 <= progress <= 100:
+                raise ValueError(f"progress must be 0-100, got {progress}")
+            values["progress"] = int(progress)
+        if stage is not None:
+            values["stage"] = stage
+        where = _fenced(lease) if lease else jobs_table.c.generation_id == generation_id
+        with self._write() as conn:
+            # The job row first: it takes the row lock (PostgreSQL) that numbers one job's
+            # events without gaps or duplicates, and fences the write.
+            if conn.execute(update(jobs_table).where(where).values(**values)).rowcount == 0:
+                raise self._missing_or_lost(conn, generation_id, lease)
+            return _append(conn, generation_id, events)
+
+    def events_after(
+        self, generation_id: str, owner: str | None, after_seq: int = 0, limit: int = 100
+    ) -> EventPage | None:
+        """The generation's events with seq > `after_seq`, oldest first, at most `limit`, and
+        its status; None when it does not exist or (with `owner`) is another owner's."""
+        c = jobs_table.c
+        query = select(c.status).where(c.generation_id == generation_id)
+        if owner is not None:
+            query = query.where(c.owner == owner)
+        e = events_table.c
+        events = (
+            select(events_table)
+            .where(e.generation_id == generation_id, e.seq > after_seq)
+            .order_by(e.seq)
+            .limit(max(1, int(limit)))
+        )
+        with self.engine.connect() as conn:
+            status = conn.execute(query).scalar()  # first: see EventPage
+            if status is None:
+                return None
+            rows = conn.execute(events).mappings().all()
+        return EventPage(status, [_event(row) for row in rows])
+
+    def generations(
+        self, owner: str, *, limit: int = 20, before: tuple[datetime, str] | None = None
+    ) -> list[GenerationSummary]:
+        """This owner's generations, newest first; `before` (created_at, generation_id) of the
+        last one of the previous page continues the list (keyset pagination: stable while new
+        generations arrive)."""
+        c = jobs_table.c
+        done = (
+            select(func.count())
+            .select_from(scenes_table)
+            .where(scenes_table.c.generation_id == c.generation_id)
+            .scalar_subquery()
+        )
+        query = select(
+            c.generation_id, c.status, c.stage, c.progress, c.request, c.created_at, c.finished_at, c.storyboard,
+            c.error, c.offline, done.label("scenes_completed"),
+        ).where(c.owner == owner)
+        if before is not None:
+            at, gid = before
+            query = query.where(or_(c.created_at < at, and_(c.created_at == at, c.generation_id < gid)))
+        query = query.order_by(c.created_at.desc(), c.generation_id.desc()).limit(max(1, int(limit)))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            GenerationSummary(
+                generation_id=row.generation_id, status=row.status, stage=row.stage, progress=row.progress,
+                prompt=str((row.request or {}).get("prompt", "")), created_at=_aware(row.created_at),
+                finished_at=_aware(row.finished_at), scene_count=len(row.storyboard) if row.storyboard else None,
+                scenes_completed=int(row.scenes_completed or 0), error=row.error, offline=bool(row.offline),
+            )
+            for row in rows
+        ]
+
+
+def _append(conn: Connection, generation_id: str, events: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert events after the generation's last one. The caller holds the job row's lock."""
+    if not events:
+        return []
+    e = events_table.c
+    last = conn.execute(select(func.max(e.seq)).where(e.generation_id == generation_id)).scalar() or 0
+    rows = [
+        {
+            "generation_id": generation_id, "seq": last + i, "at": ev.get("at") or _now(), "kind": ev["kind"],
+            "stage": ev.get("stage") or ev["kind"], "progress": int(ev.get("progress") or 0),
+            "scene": ev.get("scene"), "message": ev.get("message") or "", "data": ev.get("data") or {},
+        }
+        for i, ev in enumerate(events, start=1)
+    ]
+    conn.execute(insert(events_table), rows)
+    return [row["seq"] for row in rows]
+
+
+def _append_final(conn: Connection, generation_id: str, now: datetime) -> None:
+    """The final status event, from the row just written (same transaction)."""
+    c = jobs_table.c
+    row = conn.execute(select(c.status, c.progress, c.error).where(c.generation_id == generation_id)).first()
+    message = f"generation {row.status}" + (f": {row.error}" if row.error else "")
+    data = {"status": row.status, "progress": row.progress, "error": row.error}
+    _append(conn, generation_id, [event_row(FINAL_EVENT, row.status, row.progress, message, data=data, at=now)])
+
+
+def _event(row: Any) -> EventRecord:
+    data = dict(row)
+    data["at"] = _aware(data["at"])
+    data.pop("generation_id", None)
+    return EventRecord.model_validate(data)
 
 
 def _record(row: Any) -> JobRecord:

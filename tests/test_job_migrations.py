@@ -73,8 +73,8 @@ def test_fresh_database_migrates_to_the_code_schema(url):
     JobStore(url).close()
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert migrations.current(conn) == migrations.head() == "0004"
-        assert set(inspect(conn).get_table_names()) == {"jobs", "scenes", "alembic_version"}
+        assert migrations.current(conn) == migrations.head() == "0005"
+        assert set(inspect(conn).get_table_names()) == {"jobs", "scenes", "events", "alembic_version"}
     engine.dispose()
     assert _diff(url) == []
 
@@ -114,7 +114,7 @@ def test_many_processes_open_a_new_database_at_once(url):
     context = multiprocessing.get_context("spawn")
     with context.Pool(4) as pool:
         results = pool.map(open_store, [url] * 4)
-    assert results == ["0004"] * 4
+    assert results == ["0005"] * 4
     assert _diff(url) == []
 
 
@@ -155,7 +155,39 @@ def test_0003_database_upgrades_in_place_to_owner_ids_of_any_length(url):
         store.close()
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert migrations.current(conn) == "0004"
+        assert migrations.current(conn) == migrations.head()
         assert "owner" in {c for index in inspect(conn).get_indexes("jobs") for c in index["column_names"]}
     engine.dispose()
+    assert _diff(url) == []
+
+
+def test_0004_database_gets_the_event_log(url):
+    """0005 adds `events` beside live jobs: an old job reads an empty log, then logs as usual."""
+    from alembic import command
+    from sqlalchemy import MetaData as Reflected
+
+    from pipeline.jobs import event_row
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        cfg = migrations.config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+    tables = Reflected()
+    tables.reflect(engine)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(insert(tables.tables["jobs"]).values(
+            generation_id="old-1", owner="alice", status="running", progress=40, stage="generating",
+            request={"prompt": "x"}, storyboard=None, error=None, offline=False, created_at=now, updated_at=now,
+            lease_token=0, cancel_requested=False,
+        ))
+    engine.dispose()
+    store = JobStore(url)
+    try:
+        assert store.events_after("old-1", "alice").events == []
+        assert store.append_events("old-1", [event_row("planning", "planning", 40)]) == [1]
+        assert [g.generation_id for g in store.generations("alice")] == ["old-1"]
+    finally:
+        store.close()
     assert _diff(url) == []
