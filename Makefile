@@ -44,8 +44,16 @@ postgres:
 			&& { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
 			|| echo "PostgreSQL binaries not found and cannot install them: the PostgreSQL tests will skip"; }
 
+# The simulated multi-node cluster test runs in its own process beside the rest (it starts its own
+# Ray cluster); its output is printed after the main run.
+TEST_ENV := RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 test: $(STAMP) postgres
-	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	@mkdir -p output
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider -m multinode > output/test-multinode.log 2>&1 & multi=$$!; \
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not multinode"; main=$$?; \
+	wait $$multi; multinode=$$?; \
+	echo "--- multi-node cluster test (output/test-multinode.log) ---"; tail -n 40 output/test-multinode.log; \
+	test $$main -eq 0 -a $$multinode -eq 0
 
 # The cluster manifests against their schemas (KubeRay CRD, Serve, the launcher) and each other;
 # after changing serve_config.yaml, `$(BIN)/python -m cluster.rayservice` regenerates serveConfigV2.

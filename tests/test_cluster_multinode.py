@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.multinode  # `make test` runs it in its own process beside the rest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO_TIMEOUT_S = 900  # a few minutes on 2 cores; generous so a busy machine does not fail it
 THE_FOUR = {"PickScore", "CLIPScore", "VQAScore", "Aesthetic"}  # the guide's quality scorers, at least
