@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 from pipeline.agents import enhance_scene
@@ -66,11 +67,25 @@ def transient(error: BaseException | None) -> bool:
 
 @dataclass
 class ProgressEvent:
-    stage: str  # planning | enhancing | generating | scoring | scene_completed | completed
+    """What the runner did, for the job's event log, the SSE stream and the CLI's display.
+
+    `stage` is the job's stage (planning | enhancing | generating | scoring | scene_completed |
+    completed); `kind` says what happened and defaults to the stage (planning, planned,
+    iteration, enhanced, generating, variation, scoring, scored, selected, completed); `data`
+    holds that kind's details (an iteration's scores, a variation's outcome, the selection)."""
+
+    stage: str
     progress: int
     message: str
     scene: int | None = None
     total_scenes: int | None = None
+    kind: str | None = None
+    data: dict = field(default_factory=dict)
+    at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            self.kind = self.stage
 
 
 @dataclass
@@ -203,11 +218,14 @@ async def run_generation(
     # what this run reported, also when a resumed job re-enters early stages.
     reached = max(0, min(100, int(start_progress)))
 
-    async def emit(stage: str, progress: int, message: str, scene: int | None = None) -> None:
+    async def emit(
+        stage: str, progress: int, message: str, scene: int | None = None, *, kind: str | None = None,
+        data: dict | None = None,
+    ) -> None:
         nonlocal reached
         reached = max(reached, progress)
         total = len(storyboard) if storyboard else None
-        await _call(on_event, ProgressEvent(stage, reached, message, scene, total))
+        await _call(on_event, ProgressEvent(stage, reached, message, scene, total, kind, data or {}))
 
     if storyboard is None:
         await emit("planning", 0, "planning the storyboard")
@@ -227,11 +245,16 @@ async def run_generation(
     results: dict[int, SceneResult] = {s.scene_number: s for s in completed}
     if results:
         reached = max(reached, _ENHANCED + (100 - _ENHANCED) * len(results) // len(storyboard))
-    await emit("planning", _PLANNED, f"storyboard has {len(storyboard)} scenes")
+    planned = [{"scene_number": s.scene_number, "duration": s.duration, "description": s.description or s.prompt}
+               for s in storyboard]
+    await emit("planning", _PLANNED, f"storyboard has {len(storyboard)} scenes", kind="planned",
+               data={"scenes": planned})
 
     if (reference_image is not None or reference_key is not None) and 1 not in results:
         results[1] = await _user_scene(generation_id, storyboard[0], reference_image, reference_key, services, traces)
         await _call(on_scene, results[1])
+        await emit("scene_completed", reached, "scene 1 is your image", 1, kind="selected",
+                   data={"user_provided": True, "image_key": results[1].reference_image_key})
 
     pending = [scene for scene in storyboard if scene.scene_number not in results]
     enhanced = await _enhance_all(pending, request, services, settings, traces, emit)
@@ -258,7 +281,8 @@ async def run_generation(
         results[n] = result
         await _call(on_scene, result)
         done = sum(1 for s in storyboard if s.scene_number in results)
-        await emit("scene_completed", _ENHANCED + (100 - _ENHANCED) * done // total, f"scene {n} of {total} selected", n)
+        await emit("scene_completed", _ENHANCED + (100 - _ENHANCED) * done // total, f"scene {n} of {total} selected", n,
+                   kind="selected", data=_selected(result, request))
 
     # Every scene is checkpointed: from here on nothing may fail the generation.
     if not settings.traces.keep:
@@ -311,6 +335,9 @@ async def _enhance_all(pending, request, services, settings, traces, emit) -> di
             retries=settings.llm.invalid_output_retries,
         )
         await _blocking(traces.enhancement, scene.scene_number, result, scene=scene)
+        for record in result.iterations:  # after the loop: enhance_scene has no per-iteration hook
+            await emit("enhancing", 0, _iteration_message(scene.scene_number, record), scene.scene_number,
+                       kind="iteration", data=_iteration(record))
         finished += 1
         score = f"{result.final_overall:.1f}" if result.final_overall is not None else "unscored"
         await emit(
@@ -318,6 +345,9 @@ async def _enhance_all(pending, request, services, settings, traces, emit) -> di
             _PLANNED + (_ENHANCED - _PLANNED) * finished // len(pending),
             f"scene {scene.scene_number} prompt enhanced in {result.total_iterations} iteration(s), score {score}",
             scene.scene_number,
+            kind="enhanced",
+            data={"iterations": result.total_iterations, "score": result.final_overall, "approved": result.approved,
+                  "stop_reason": result.stop_reason, "final_prompt": result.final_prompt},
         )
         return result
 
@@ -342,7 +372,8 @@ async def _generate_scene(
     prompt = enhancement.final_prompt
     count = request.advanced_image_num_variations
     progress = _ENHANCED + (100 - _ENHANCED) * (n - 1) // total
-    await emit("generating", progress, f"scene {n}: generating {count} variations", n)
+    await emit("generating", progress, f"scene {n}: generating {count} variations", n,
+               data={"variations": count, "chained": reference is not None})
 
     failures: dict[int, bool] = {}  # variation -> whether its failure was transient
 
@@ -353,13 +384,19 @@ async def _generate_scene(
         except ProviderError as exc:
             log.warning("scene %d variation %d failed: %s", n, k, exc)
             failures[k] = exc.retryable
+            await emit("generating", progress, f"scene {n}: variation {k} failed", n, kind="variation",
+                       data={"variation": k, "ok": False, "error": str(exc)})
             return VariationResult(variation=k, error=str(exc)), None
         except Exception as exc:  # an undecodable image, a client bug: recorded, the scene goes on
             log.warning("scene %d variation %d failed: %r", n, k, exc)
             failures[k] = transient(exc)
+            await emit("generating", progress, f"scene {n}: variation {k} failed", n, kind="variation",
+                       data={"variation": k, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
             return VariationResult(variation=k, error=f"{type(exc).__name__}: {exc}"), None
         key = await _blocking(services.artifacts.put, f"{generation_id}/scene_{n}/variation_{k}.png", data)
         await _blocking(traces.image, n, k, data, artifact_key=key)
+        await emit("generating", progress, f"scene {n}: variation {k} received", n, kind="variation",
+                   data={"variation": k, "ok": True, "image_key": key})
         return VariationResult(variation=k, image_key=key, provider_metadata=image.metadata), data
 
     outcomes = await _all_or_nothing(variation(k) for k in range(1, count + 1))
@@ -393,6 +430,8 @@ async def _generate_scene(
     except Exception as exc:
         await _blocking(traces.quality_scores, n, prompt, weights, variations, scoring=_scoring_info(info, selection, variations, services, references))
         raise GenerationError(f"scene {n}: scoring failed: {exc}", retryable=transient(exc)) from exc
+    await emit("scoring", progress, f"scene {n}: {len(received)} variations scored", n, kind="scored",
+               data={"variations": [_scored(v) for v in variations]})
     best = rank(variations)[0]
     below = best.overall < request.advanced_image_quality_threshold
     if below:
@@ -417,6 +456,46 @@ async def _generate_scene(
     await _blocking(traces.quality_scores, n, prompt, weights, variations, scoring=scoring)
     await _blocking(traces.selected, result, request.advanced_image_quality_threshold, formula=scoring["formula"])
     return result
+
+
+def _iteration(record) -> dict:
+    """An enhancement iteration as its event shows it."""
+    return {
+        "iteration": record.iteration,
+        "overall": record.overall,
+        "scores": record.scores.model_dump() if record.scores is not None else None,
+        "critique": record.critique,
+        "enhanced_prompt": record.enhanced_prompt,
+        "error": record.error,
+    }
+
+
+def _iteration_message(n: int, record) -> str:
+    if record.error:
+        return f"scene {n} iteration {record.iteration}: {record.error}"
+    score = f"{record.overall:.1f}" if record.overall is not None else "unscored"
+    return f"scene {n} iteration {record.iteration}: prompt score {score}"
+
+
+def _scored(v: VariationResult) -> dict:
+    return {
+        "variation": v.variation,
+        "overall": v.overall,
+        "scores": {name: s.score for name, s in v.scores.items()},
+        "consistency": v.consistency.score if v.consistency is not None else None,
+        "error": v.error,
+    }
+
+
+def _selected(result: SceneResult, request: GenerationRequest) -> dict:
+    return {
+        "variation": result.selected_variation,
+        "overall": result.quality_score,
+        "below_threshold": result.below_threshold,
+        "threshold": request.advanced_image_quality_threshold,
+        "consistency": result.consistency_score,
+        "image_key": result.reference_image_key,
+    }
 
 
 def _scoring_info(info: dict, selection: dict, variations, services: Services, references) -> dict:
