@@ -26,11 +26,13 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from pipeline.costs import CallUsage
 from pipeline.providers import GeneratedImage, ProviderError
 from pipeline.retry import Failure, backoff_delay, with_retries
 from pipeline.schemas import ScorerResult
 from pipeline.scoring import ScoringError
 from pipeline.settings import RetrySettings
+from pipeline.telemetry import account
 
 log = logging.getLogger("sceneref.handles")
 
@@ -125,7 +127,7 @@ def _replica_failure(error: BaseException) -> Failure | None:
 
 async def _until_served(call, retry: RetrySettings, what: str):
     """`call()` again (backoff between tries) while its replica is gone, up to max_attempts."""
-    return await with_retries(call, retry, what=what, classify_error=_replica_failure)
+    return await with_retries(call, retry, what=what, classify_error=_replica_failure, kind="handle")
 
 
 def _raise_if_error(result: dict) -> dict:
@@ -142,6 +144,8 @@ class HandleChat:
         timeout = self.retry.provider_call_timeout_s
         call = lambda: bounded(self.handle.complete.remote(messages, task), timeout)  # noqa: E731
         result = await _until_served(call, self.retry.calls, f"{task} agent")
+        for usage in result.get("usage", ()):  # the replica's accounting, into this task's ledgers
+            account(CallUsage.model_validate(usage))
         return _raise_if_error(result)["text"]
 
 

@@ -33,6 +33,7 @@ from deployments.adapters import HandleChat, HandleConsistency, HandleImages, Ha
 from deployments.api import create_api, principal, route
 from deployments.args import AppArgs
 from deployments.auth import Authenticator, Principal
+from deployments.metrics import install as install_metrics, record_final_status
 from deployments.contract import (
     AUTHED, Accepted, CancelRequested, Health, Ready, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses,
 )
@@ -70,6 +71,7 @@ class Ingress:
         agents: DeploymentHandle,
         args: AppArgs,
     ):
+        install_metrics()  # the runner's stages, costs and selections, and final statuses (issue 10)
         self.args = args
         self.settings = args.pipeline
         self.authenticator = Authenticator(args.auth)
@@ -162,6 +164,7 @@ class Ingress:
         def done(_task: asyncio.Task) -> None:
             self.tasks.pop(generation_id, None)
             self.wake.set()
+            asyncio.ensure_future(record_final_status(self.store, generation_id))
 
         task.add_done_callback(done)
 

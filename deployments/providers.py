@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from ray import serve
 
+from deployments.metrics import install as install_metrics
 from pipeline.factory import build_chat, build_images, check_provider
 from pipeline.providers import ProviderError
 from pipeline.settings import PipelineSettings
+from pipeline.telemetry import collect
 
 
 def _error(exc: ProviderError) -> dict:
@@ -22,6 +24,7 @@ def _error(exc: ProviderError) -> dict:
 @serve.deployment(max_ongoing_requests=128)
 class ImageGenerator:
     async def __init__(self, settings: PipelineSettings):
+        install_metrics()  # the provider's calls, retries and errors (pipeline.retry's hooks)
         self.provider = build_images(settings.images)
         # A retired or unknown model id fails the replica at start, with the vendor's message
         # and the setting to change, instead of failing every generation later.
@@ -38,11 +41,16 @@ class ImageGenerator:
 @serve.deployment(max_ongoing_requests=128)
 class PromptAgents:
     async def __init__(self, settings: PipelineSettings):
+        install_metrics()
         self.chat = build_chat(settings.llm)
         self.model = await check_provider(self.chat)
 
     async def complete(self, messages: list[dict[str, str]], task: str) -> dict:
-        try:
-            return {"text": await self.chat.complete(messages, task=task)}
-        except ProviderError as exc:
-            return _error(exc)
+        # The tokens are accounted where the call is made, here; they go back with the answer
+        # (also with a failure: a call that answered was billed) for the caller's ledgers.
+        with collect() as calls:
+            try:
+                answer = {"text": await self.chat.complete(messages, task=task)}
+            except ProviderError as exc:
+                answer = _error(exc)
+        return {**answer, "usage": [usage.model_dump() for usage in calls]}

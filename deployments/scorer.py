@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 import scorers
+from deployments.metrics import install as install_metrics
+from pipeline.telemetry import hooks
 from scorers.images import SCORER_INPUT, open_image, read_header
 
 
@@ -233,6 +235,7 @@ class ScorerDeployment:
     def __init__(self, name: str, options: dict | None = None, offline_models_dir: str | None = None, threads: int = 1):
         # Ray leaves OMP_NUM_THREADS=1 in actors that reserve no CPU; the config says how many.
         torch.set_num_threads(threads)
+        install_metrics()  # batch sizes and forward-pass times (deployments/metrics.py)
         options = dict(options or {})
         if offline_models_dir:
             from scorers.tiny import build_tiny_models
@@ -267,7 +270,9 @@ class ScorerDeployment:
         self.batch_sizes = (self.batch_sizes + [len(requests)])[-1000:]
         # Decoding and the forward pass are CPU/GPU work: off the event loop, so new requests
         # keep arriving meanwhile.
+        started = time.perf_counter()
         outputs = await asyncio.to_thread(self._score, requests)
+        hooks().scorer_batch(self.name, len(requests), time.perf_counter() - started)
         self._check_finite(outputs)
         self.healthy_at = time.monotonic()
         return [{"raw": o.raw, "score": o.score, "truncated": o.truncated} for o in outputs]

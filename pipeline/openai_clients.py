@@ -10,9 +10,11 @@ import base64
 import openai
 from scorers.images import PROVIDER_ANSWER, to_png
 
+from pipeline.costs import CallUsage
 from pipeline.providers import ChatTask, GeneratedImage, ProviderError
 from pipeline.retry import with_retries
 from pipeline.settings import ImageSettings, LLMSettings
+from pipeline.telemetry import account
 
 
 
@@ -54,6 +56,7 @@ class OpenAIChat:
                     timeout=settings.timeout_s,
                     **sampling,
                 )
+            account(_chat_usage(settings, task, response))  # billed whether or not its content is usable
             if not response.choices or response.choices[0].message.content is None:
                 raise ProviderError(
                     f"chat {task} ({settings.model}): response has no message content "
@@ -63,6 +66,23 @@ class OpenAIChat:
             return response.choices[0].message.content
 
         return await with_retries(call, settings.retry, what=f"chat {task} ({settings.model})")
+
+
+def _chat_usage(settings: LLMSettings, task: str, response) -> CallUsage:
+    """The tokens of one chat answer, as the endpoint reports them (None where it does not)."""
+    usage = getattr(response, "usage", None)
+    return CallUsage(
+        kind="chat", provider=settings.provider, model=settings.model, task=task,
+        input_tokens=getattr(usage, "prompt_tokens", None), output_tokens=getattr(usage, "completion_tokens", None),
+    )
+
+
+def _image_usage(response) -> dict | None:
+    """Token usage of an Images API answer (gpt-image models report it), for pricing."""
+    usage = getattr(response, "usage", None)
+    if usage is None:
+        return None
+    return {"input_tokens": getattr(usage, "input_tokens", None), "output_tokens": getattr(usage, "output_tokens", None)}
 
 
 def _wants_b64_parameter(model: str) -> bool:
@@ -136,5 +156,6 @@ class OpenAIImages:
                 "seed": None,
                 "reference_used": reference is not None,
                 "attempts": attempts,
+                "usage": _image_usage(response),
             },
         )

@@ -19,6 +19,7 @@ import openai
 
 from pipeline.providers import ProviderError
 from pipeline.settings import RetrySettings
+from pipeline.telemetry import hooks
 
 logger = logging.getLogger("sceneref.providers")
 
@@ -86,6 +87,29 @@ def classify(error: BaseException) -> Failure | None:
     return None
 
 
+def failure_kind(failure: Failure) -> str:
+    """A bounded label for a failure (metrics): never its message, which may quote a prompt."""
+    code = failure.status_code
+    if code == 429:
+        return "rate_limited"
+    if code is not None:
+        return "server_error" if code >= 500 else f"http_{code}" if code in (408, 409) else "client_error"
+    text = failure.message.lower()
+    if "timed out" in text or "timeout" in text:
+        return "timeout"
+    if "connection" in text:
+        return "connection"
+    if "no replica" in text:
+        return "replica_unavailable"
+    return "retryable" if failure.retryable else "other"
+
+
+def call_kind(what: str) -> str:
+    """The metrics label of a call from its description: chat, image, model_check or other."""
+    first = what.split(" ", 1)[0].lower()
+    return {"chat": "chat", "image": "image", "model": "model_check"}.get(first, "other")
+
+
 def backoff_delay(attempt: int, retry: RetrySettings, retry_after_s: float | None = None) -> float:
     """Delay after failed attempt `attempt` (1-based): the server's Retry-After when given,
     else exponential backoff; both capped at `max_delay_s`."""
@@ -100,6 +124,7 @@ async def with_retries(
     *,
     what: str,
     classify_error: Callable[[BaseException], Failure | None] | None = None,
+    kind: str | None = None,
 ) -> T:
     """Run `call` until it succeeds, retrying transient failures up to `retry.max_attempts`.
     `classify_error` (default: `classify`, provider errors) says what is transient; the Serve
@@ -108,17 +133,26 @@ async def with_retries(
     Non-retryable failures (e.g. 400/401/403/404/422) raise ProviderError at once with the
     server's message and status. Exhausted retries raise ProviderError(retryable=True) that
     names `what` and the number of attempts.
+
+    Every attempt is reported to the telemetry hooks under `kind` (default: from `what`):
+    retries by reason, and each call's outcome once it ends.
     """
+    kind = kind or call_kind(what)
     attempt = 0
     while True:
         attempt += 1
         try:
-            return await call()
+            result = await call()
         except Exception as error:
             failure = (classify_error or classify)(error)
             if failure is None:
+                hooks().provider_call(kind, "error", "bug")
                 raise
             status = f"HTTP {failure.status_code}: " if failure.status_code else ""
+            if not failure.retryable or attempt >= retry.max_attempts:
+                hooks().provider_call(kind, "error", failure_kind(failure))
+            else:
+                hooks().provider_retry(kind, failure_kind(failure))
             if not failure.retryable:
                 if isinstance(error, ProviderError):
                     raise
@@ -146,3 +180,6 @@ async def with_retries(
                 " (Retry-After)" if failure.retry_after_s is not None else "",
             )
             await asyncio.sleep(delay)
+        else:
+            hooks().provider_call(kind, "ok")
+            return result

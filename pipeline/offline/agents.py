@@ -13,8 +13,10 @@ import json
 import re
 from dataclasses import dataclass
 
+from pipeline.costs import CallUsage, estimate_tokens
 from pipeline.offline.common import stable_hash
 from pipeline.providers import ChatTask, ProviderError
+from pipeline.telemetry import account
 
 
 def _pick(options: tuple[str, ...], *key: object) -> str:
@@ -467,4 +469,11 @@ class OfflineChat:
     async def complete(self, messages: list[dict[str, str]], *, task: ChatTask) -> str:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        return json.dumps(offline_reply(task, last_user_payload(messages)))
+        answer = json.dumps(offline_reply(task, last_user_payload(messages)))
+        # Plausible token counts, priced at 0 (provider "offline"), so the demo shows the accounting.
+        prompt = "".join(str(m.get("content", "")) for m in messages)
+        account(CallUsage(
+            kind="chat", provider="offline", model="offline-agents", task=task,
+            input_tokens=estimate_tokens(prompt), output_tokens=estimate_tokens(answer),
+        ))
+        return answer
