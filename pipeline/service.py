@@ -8,6 +8,9 @@ The lifecycle, and why each rule is there:
   the job. The same loop notices a cancel request from another replica and stops the run.
 - Progress writes are best effort (a `database is locked` must never fail a generation);
   checkpoints and the final status are fenced and retried on transient database errors.
+- Every progress event goes to the job's event log (what the SSE stream of any replica reads),
+  batched in the background so the runner never waits for the database, fenced like any write
+  and flushed before the final status, whose own event the store writes with it.
 - A job whose scenes are all checkpointed is `completed`, whatever fails after (trace cleanup,
   a progress write): the user has every image.
 - Cancelled from outside (Ctrl-C, a replica shutting down): the job ends `cancelled` if its
@@ -24,7 +27,7 @@ from typing import Any, Awaitable, Callable
 
 from sqlalchemy.exc import OperationalError
 
-from pipeline.jobs import JobNotFound, JobStore, Lease, LeaseLost
+from pipeline.jobs import JobNotFound, JobStore, Lease, LeaseLost, event_row
 from pipeline.runner import GenerationError, ProgressEvent, Services, run_generation
 from pipeline.schemas import SceneResult
 from pipeline.settings import PipelineSettings
@@ -98,7 +101,7 @@ async def execute_job(
         await _shielded(_end_interrupted(_Job(store, lease, None, [])))
         raise
     job = _Job(store, lease, record.storyboard, completed)
-    progress = _LatestWriter(store, gid, lease)
+    progress = _EventWriter(store, gid, lease)
 
     async def event(e: ProgressEvent) -> None:
         progress.push(e)
@@ -251,38 +254,83 @@ class _LeaseKeeper:
         self.run_future.cancel()
 
 
-class _LatestWriter:
-    """Progress writes off the critical path: the runner never waits for the database between
-    scenes; only the newest event is written, one write at a time. Best effort: a failing write
-    is logged, never raised (the next event writes again). Fenced, so a runner that lost its
-    lease, or whose job already has its final status, writes nothing."""
+class _EventWriter:
+    """Events to the job's log off the critical path: the runner never waits for the database.
+    One write at a time takes everything pending (up to BATCH events) in one fenced transaction
+    that also moves the job's progress and stage to the newest event's, so a busy database gets
+    fewer, larger writes and the log keeps the runner's order. Best effort: a failing write is
+    retried a few times, then its events are dropped with a warning (the job goes on). A runner
+    that lost its lease, or whose job already has its final status, writes nothing."""
+
+    BATCH = 200
+    ATTEMPTS = 3
+    RETRY_S = 0.5
+    MAX_PENDING = 5000  # a database down for long must not grow a replica's memory without bound
+    FLUSH_S = 5.0  # at the end, how long the final status waits for pending events
 
     def __init__(self, store: JobStore, generation_id: str, lease: Lease):
         self.store, self.generation_id, self.lease = store, generation_id, lease
-        self.latest: ProgressEvent | None = None
+        self.pending: list[ProgressEvent] = []
         self.task: asyncio.Task | None = None
+        self.closed = False
+        self.dropped = 0
 
     def push(self, event: ProgressEvent) -> None:
-        self.latest = event
+        if self.closed:
+            return
+        if len(self.pending) >= self.MAX_PENDING:
+            self.dropped += 1
+            return
+        self.pending.append(event)
         if self.task is None or self.task.done():
             self.task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        while self.latest is not None:
-            event, self.latest = self.latest, None
+        failures = 0
+        while self.pending and not self.closed:
+            batch = self.pending[: self.BATCH]
+            rows = [
+                event_row(e.kind or e.stage, e.stage, e.progress, e.message, scene=e.scene, data=e.data, at=e.at)
+                for e in batch
+            ]
             try:
                 await asyncio.to_thread(
-                    self.store.update, self.generation_id, progress=event.progress, stage=event.stage, lease=self.lease
+                    self.store.append_events, self.generation_id, rows, self.lease,
+                    progress=batch[-1].progress, stage=batch[-1].stage,
                 )
+            except (LeaseLost, JobNotFound) as exc:
+                log.warning("generation %s: events not written: %s", self.generation_id, exc)
+                self.closed, self.pending = True, []
+                return
             except Exception as exc:
-                log.warning("generation %s: progress write failed (%s)", self.generation_id, exc)
+                failures += 1
+                if failures < self.ATTEMPTS:
+                    log.warning("generation %s: event write failed (%s); retrying", self.generation_id, exc)
+                    await asyncio.sleep(self.RETRY_S)
+                    continue
+                log.warning("generation %s: %d events dropped after %d failed writes (%s)",
+                            self.generation_id, len(batch), failures, exc)
+            failures = 0
+            del self.pending[: len(batch)]
 
     async def stop(self) -> None:
-        """Drop pending progress: the final status follows (and fences out a late write)."""
-        self.latest = None
+        """Write what is pending (so the log holds every event before the final status's),
+        waiting at most FLUSH_S; then stop writing. A write still landing after that is fenced
+        out by the final status."""
+        if self.task is not None and not self.task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self.task), self.FLUSH_S)
+            except asyncio.TimeoutError:
+                log.warning("generation %s: %d events not written before the final status",
+                            self.generation_id, len(self.pending))
+            except Exception:
+                pass
+        self.closed = True
         if self.task is not None and not self.task.done():
             self.task.cancel()
             try:
                 await self.task
             except asyncio.CancelledError:
                 pass
+        if self.dropped:
+            log.warning("generation %s: %d events dropped (too many pending)", self.generation_id, self.dropped)

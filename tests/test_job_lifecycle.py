@@ -77,16 +77,14 @@ async def test_completes_with_the_stored_user_image_as_scene_one(store, settings
 
 async def test_failing_progress_writes_never_fail_the_job(store, settings, monkeypatch):
     store.create("gen-1", "alice", REQUEST, offline=True)
-    real_update = store.update
     failures = []
 
-    def flaky_update(generation_id, **fields):
-        if fields.get("progress") is not None:
-            failures.append(fields["progress"])
-            raise locked()
-        return real_update(generation_id, **fields)
+    def flaky_append(generation_id, events, lease=None, **fields):  # progress goes with the events
+        failures.append(fields.get("progress"))
+        raise locked()
 
-    monkeypatch.setattr(store, "update", flaky_update)
+    monkeypatch.setattr(store, "append_events", flaky_append)
+    monkeypatch.setattr("pipeline.service._EventWriter.RETRY_S", 0.01)
     scenes = await execute_job(store, store.claim("runner-a", 30), services(settings), settings)
     assert failures and scenes is not None
     assert store.get("gen-1").status == "completed"

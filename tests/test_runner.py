@@ -555,14 +555,14 @@ async def test_resumed_progress_without_a_finished_scene_does_not_go_backwards(s
     lease = resumed(store, gid)
     store.update(gid, progress=25, lease=lease)  # what the first run's last progress write left
     written: list[int] = []
-    update = store.update
+    append = store.append_events
 
-    def recording_update(*args, **kwargs):
+    def recording_append(*args, **kwargs):  # progress is written with the job's events
         if kwargs.get("progress") is not None:
             written.append(kwargs["progress"])
-        return update(*args, **kwargs)
+        return append(*args, **kwargs)
 
-    store.update = recording_update
+    store.append_events = recording_append
     events: list[ProgressEvent] = []
     scenes = await execute_job(store, lease, make_services(settings), settings, on_event=events.append)
     record = store.get(gid)
