@@ -13,10 +13,14 @@ and were not retried into a success (billed by some vendors) are not counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.telemetry import collect, hooks
 
 STAGES = ("planning", "enhancement", "generation", "scoring")
 
@@ -229,3 +233,45 @@ def generation_timing(planning: PlanningAccount | None, scenes: Iterable[SceneTi
     for name in ("enhancement_s", "generation_s", "scoring_s"):
         setattr(timing, name, round(getattr(timing, name), 3))
     return timing
+
+
+class Meter:
+    """One scene's (or the storyboard's) bill and clock while it runs: `stage(name)` times a
+    block and collects the provider calls made in it (`pipeline.telemetry.collect`), `add`
+    takes calls known otherwise (images, from their metadata). `close` prices them, reports
+    them to the telemetry hooks once, and returns what the scene stores."""
+
+    def __init__(self) -> None:
+        self.calls: list[CallUsage] = []
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with collect() as calls:
+            try:
+                yield
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                self.add(calls, stage=name)
+
+    def add(self, calls: Iterable[CallUsage], *, stage: str) -> None:
+        self.calls += [call.model_copy(update={"stage": stage}) for call in calls]
+
+    def close(self, pricing: PricingSettings) -> tuple[CostSummary, SceneTiming]:
+        cost = summarize(self.calls, pricing)
+        timing = SceneTiming(**{f"{k}_s": round(v, 3) for k, v in self.seconds.items() if k != "planning"})
+        timing.total_s = round(sum(self.seconds.values()), 3)
+        sink = hooks()
+        for stage, seconds in self.seconds.items():
+            sink.stage_seconds(stage, seconds)
+            if any(call.stage == stage for call in self.calls):
+                sink.cost(stage, cost.by_stage.get(stage))
+        for call in self.calls:
+            if call.input_tokens or call.output_tokens:
+                sink.usage(call.kind, call.model, call.input_tokens or 0, call.output_tokens or 0)
+        return cost, timing
+
+    def planning(self, pricing: PricingSettings) -> PlanningAccount:
+        cost, timing = self.close(pricing)
+        return PlanningAccount(cost=cost, seconds=timing.total_s)

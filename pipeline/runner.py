@@ -28,6 +28,8 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.providers import ChatModel, ImageProvider, ProviderError
 from pipeline.schemas import EnhancementResult, GenerationRequest, ScenePlan, SceneResult, VariationResult
 from pipeline.consistency import scene_text
+from pipeline.costs import Meter, image_usage, summarize
+from pipeline.telemetry import hooks
 from pipeline.scoring import ConsistencyClient, ScoringClient, formula, measure_consistency, rank, selection_overall
 from pipeline.settings import PipelineSettings
 from pipeline.storyboard import plan_storyboard
@@ -235,12 +237,15 @@ async def run_generation(
                 user_png = await asyncio.to_thread(_as_png, reference_image)
             elif reference_key is not None:
                 user_png = await _blocking(services.artifacts.get, reference_key)
-            storyboard = await plan_storyboard(
-                services.chat, request.prompt, request.target_duration, retries=retries, image=user_png,
-                accepts_images=settings.llm.reads_images(), markers=settings.storyboard.markers,
-            )
+            meter = Meter()  # the storyboard call's cost and time, stored with the storyboard
+            with meter.stage("planning"):
+                storyboard = await plan_storyboard(
+                    services.chat, request.prompt, request.target_duration, retries=retries, image=user_png,
+                    accepts_images=settings.llm.reads_images(), markers=settings.storyboard.markers,
+                )
         except Exception as exc:
             raise GenerationError(f"storyboard planning failed: {exc}", retryable=transient(exc)) from exc
+        storyboard[0] = storyboard[0].model_copy(update={"planning": meter.planning(settings.pricing)})
         await _call(on_plan, storyboard)
     results: dict[int, SceneResult] = {s.scene_number: s for s in completed}
     if results:
@@ -257,7 +262,8 @@ async def run_generation(
                    data={"user_provided": True, "image_key": results[1].reference_image_key})
 
     pending = [scene for scene in storyboard if scene.scene_number not in results]
-    enhanced = await _enhance_all(pending, request, services, settings, traces, emit)
+    meters = {scene.scene_number: Meter() for scene in pending}  # each scene's bill and clock (issue 10)
+    enhanced = await _enhance_all(pending, request, services, settings, traces, emit, meters)
     first_image: bytes | None = None
 
     for scene in pending:
@@ -276,7 +282,8 @@ async def run_generation(
                         first_image = await _blocking(services.artifacts.get, results[1].reference_image_key)
                     references.append((1, ["first"], first_image))
         result = await _generate_scene(
-            generation_id, scene, total, enhanced[n], reference, request, services, settings, traces, emit, references
+            generation_id, scene, total, enhanced[n], reference, request, services, settings, traces, emit, references,
+            meter=meters[n],
         )
         results[n] = result
         await _call(on_scene, result)
@@ -317,7 +324,7 @@ async def _user_scene(
     return result
 
 
-async def _enhance_all(pending, request, services, settings, traces, emit) -> dict[int, EnhancementResult]:
+async def _enhance_all(pending, request, services, settings, traces, emit, meters=None) -> dict[int, EnhancementResult]:
     """Enhancement needs no images, so every scene is enhanced at once, up front."""
     if not pending:
         return {}
@@ -326,15 +333,18 @@ async def _enhance_all(pending, request, services, settings, traces, emit) -> di
     async def one(scene: ScenePlan) -> EnhancementResult:
         nonlocal finished
         await _blocking(traces.original_prompt, scene.scene_number, scene.prompt)
-        result = await enhance_scene(
-            services.chat,
-            scene,
-            request.prompt,
-            max_iterations=request.advanced_image_max_enhancement_iterations,
-            settings=settings.enhancement,
-            retries=settings.llm.invalid_output_retries,
-        )
-        await _blocking(traces.enhancement, scene.scene_number, result, scene=scene)
+        meter = (meters or {}).get(scene.scene_number) or Meter()
+        with meter.stage("enhancement"):
+            result = await enhance_scene(
+                services.chat,
+                scene,
+                request.prompt,
+                max_iterations=request.advanced_image_max_enhancement_iterations,
+                settings=settings.enhancement,
+                retries=settings.llm.invalid_output_retries,
+            )
+        hooks().enhancement_iterations(result.total_iterations)
+        await _blocking(traces.enhancement, scene.scene_number, result, scene=scene, extra=_enhancement_cost(meter, settings))
         for record in result.iterations:  # after the loop: enhance_scene has no per-iteration hook
             await emit("enhancing", 0, _iteration_message(scene.scene_number, record), scene.scene_number,
                        kind="iteration", data=_iteration(record))
@@ -367,8 +377,11 @@ async def _generate_scene(
     traces: TraceWriter,
     emit,
     references: list[tuple[int, list[str], bytes]] = (),
+    *,
+    meter: Meter | None = None,
 ) -> SceneResult:
     n = scene.scene_number
+    meter = meter or Meter()
     prompt = enhancement.final_prompt
     count = request.advanced_image_num_variations
     progress = _ENHANCED + (100 - _ENHANCED) * (n - 1) // total
@@ -399,9 +412,13 @@ async def _generate_scene(
                    data={"variation": k, "ok": True, "image_key": key})
         return VariationResult(variation=k, image_key=key, provider_metadata=image.metadata), data
 
-    outcomes = await _all_or_nothing(variation(k) for k in range(1, count + 1))
+    with meter.stage("generation"):
+        outcomes = await _all_or_nothing(variation(k) for k in range(1, count + 1))
     variations = [v for v, _ in outcomes]
     received = [(v, data) for v, data in outcomes if data is not None]
+    meter.add([image_usage(v.provider_metadata) for v, _ in received], stage="generation")
+    for v, _ in received:
+        hooks().images_generated(str(v.provider_metadata.get("provider", "unknown")), 1)
     if not received:
         reasons = "; ".join(f"variation {v.variation}: {v.error}" for v in variations)
         # Worth resuming when any variation failed for a transient reason: it may succeed later.
@@ -420,9 +437,10 @@ async def _generate_scene(
         return await measure_consistency(services.consistency, [data for _, data in received], list(references))
 
     try:
-        scores, measured = await _all_or_nothing(
-            [services.scoring.score([data for _, data in received], [text] * len(received)), consistency()]
-        )
+        with meter.stage("scoring"):
+            scores, measured = await _all_or_nothing(
+                [services.scoring.score([data for _, data in received], [text] * len(received)), consistency()]
+            )
         for (v, _), per_scorer, kept in zip(received, scores, measured):
             v.scores = per_scorer
             v.consistency = kept
@@ -433,6 +451,8 @@ async def _generate_scene(
     await emit("scoring", progress, f"scene {n}: {len(received)} variations scored", n, kind="scored",
                data={"variations": [_scored(v) for v in variations]})
     best = rank(variations)[0]
+    hooks().selected_quality(best.overall)
+    cost, timing = meter.close(settings.pricing)
     below = best.overall < request.advanced_image_quality_threshold
     if below:
         log.warning(
@@ -451,9 +471,12 @@ async def _generate_scene(
         below_threshold=below,
         selected_variation=best.variation,
         variations=variations,
+        cost=cost,
+        timing=timing,
     )
     scoring = _scoring_info(info, selection, variations, services, references)
-    await _blocking(traces.quality_scores, n, prompt, weights, variations, scoring=scoring)
+    accounting = {"cost": cost.model_dump(mode="json"), "timing": timing.model_dump(mode="json")}
+    await _blocking(traces.quality_scores, n, prompt, weights, variations, scoring=scoring, extra=accounting)
     await _blocking(traces.selected, result, request.advanced_image_quality_threshold, formula=scoring["formula"])
     return result
 
@@ -522,3 +545,9 @@ def _scoring_info(info: dict, selection: dict, variations, services: Services, r
         "formula": formula(selection, renormalised),
         "note": note,
     }
+
+
+def _enhancement_cost(meter: Meter, settings: PipelineSettings) -> dict:
+    """prompt_trace_summary.json's additive keys (issue 10): the agents' calls priced and timed."""
+    cost = summarize([c for c in meter.calls if c.stage == "enhancement"], settings.pricing)
+    return {"cost": cost.model_dump(mode="json"), "timing": {"enhancement_s": round(meter.seconds.get("enhancement", 0.0), 3)}}

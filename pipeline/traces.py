@@ -111,7 +111,9 @@ class TraceWriter(TraceStore):
     def original_prompt(self, scene_number: int, prompt: str) -> None:
         self._write(scene_number, "00_original_prompt.txt", prompt + "\n")
 
-    def enhancement(self, scene_number: int, result: EnhancementResult, *, scene: ScenePlan | None = None) -> None:
+    def enhancement(
+        self, scene_number: int, result: EnhancementResult, *, scene: ScenePlan | None = None, extra: dict | None = None
+    ) -> None:
         """The scene's agent files, summary and final prompt, written as one set: the scene's
         agent files of an earlier run (a resumed job enhancing the scene again, perhaps in fewer
         iterations) are removed first, so no file of a higher iteration stays behind as if this
@@ -149,6 +151,7 @@ class TraceWriter(TraceStore):
                 }
                 for r in result.iterations
             ],
+            **(extra or {}),  # additive keys (issue 10: the agents' cost and time)
         }
         self._write(scene_number, "prompt_trace_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
 
@@ -191,7 +194,8 @@ class TraceWriter(TraceStore):
         return "copy"
 
     def quality_scores(
-        self, scene_number: int, prompt: str, weights: dict, variations: list[VariationResult], *, scoring: dict | None = None
+        self, scene_number: int, prompt: str, weights: dict, variations: list[VariationResult], *, scoring: dict | None = None,
+        extra: dict | None = None,
     ) -> None:
         document = {
             "prompt": prompt,
@@ -210,6 +214,7 @@ class TraceWriter(TraceStore):
                 }
                 for v in variations
             ],
+            **(extra or {}),  # additive keys (issue 10: the scene's cost and time)
         }
         self._write(scene_number, "quality_scores.json", json.dumps(document, indent=2, ensure_ascii=False))
 
