@@ -37,9 +37,11 @@ from deployments.metrics import install as install_metrics, record_final_status
 from deployments.contract import (
     AUTHED, Accepted, CancelRequested, Health, Ready, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses,
 )
+from deployments.events_api import EventRoutes
 from deployments.readiness import ReadinessCheck
 from deployments.signing import SignatureError, sign_url, verify_signed
 from deployments.uploads import UploadError, prepare_upload
+from deployments.viewer import ViewerRoutes
 from pipeline.objectstore import ArtifactNotFound, open_store
 from pipeline.jobs import JobStore
 from pipeline.limits import check_admission
@@ -59,7 +61,7 @@ CANCEL_WATCH_S = 2.0  # how often a replica looks for cancel requests of the job
 
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress()  # the app is built per replica by __serve_build_asgi_app__ (deployments/api.py)
-class Ingress:
+class Ingress(ViewerRoutes, EventRoutes):
     def __init__(
         self,
         pickscore: DeploymentHandle,
