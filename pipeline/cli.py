@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from pipeline.jobs import JobStore
 from pipeline.objectstore import LocalObjectStore, open_store
-from pipeline.runner import ProgressEvent, Services
+from pipeline.live import make_display
+from pipeline.runner import Services
 from pipeline.schemas import GenerationRequest
 from pipeline.scoring import LocalConsistency, LocalScoring
 from scorers.images import ImageLimits, to_png
@@ -91,10 +92,6 @@ def local_consistency(settings: PipelineSettings, *, offline: bool) -> LocalCons
     return LocalConsistency(scorers.load_scorer(CONSISTENCY, **options))
 
 
-def _print_progress(event: ProgressEvent) -> None:
-    print(f"[{event.progress:3d}%] {event.stage}: {event.message}", file=sys.stderr, flush=True)
-
-
 async def _generate(args: argparse.Namespace) -> int:
     output = Path(args.output)
     try:
@@ -122,7 +119,7 @@ async def _generate(args: argparse.Namespace) -> int:
     settings = _settings(args, offline=args.offline, output=output)
     if settings is None:
         return 2
-    services = _services(settings, offline=args.offline)
+    services = _services(settings, offline=args.offline, announce=not args.json)
     if services is None:
         return 2
     store = JobStore(args.database or f"sqlite:///{output / 'sceneref.db'}")
@@ -151,7 +148,7 @@ async def _resume(args: argparse.Namespace) -> int:
     if record.status == "completed":
         _report(store, record.generation_id, settings, args)
         return 0
-    services = _services(settings, offline=record.offline)
+    services = _services(settings, offline=record.offline, announce=not args.json)
     if services is None:
         return 2
     if record.status in ("failed", "cancelled"):
@@ -170,12 +167,13 @@ def _settings(args: argparse.Namespace, *, offline: bool, output: Path) -> Pipel
     return settings
 
 
-def _services(settings: PipelineSettings, *, offline: bool) -> Services | None:
+def _services(settings: PipelineSettings, *, offline: bool, announce: bool = True) -> Services | None:
     from pipeline.factory import build_providers
 
     try:
         chat, images = build_providers(settings)
-        print("loading scorers ...", file=sys.stderr, flush=True)
+        if announce:
+            print("loading scorers ...", file=sys.stderr, flush=True)
         scoring = local_scoring(settings, offline=offline)
         consistency = local_consistency(settings, offline=offline)
     except RuntimeError as exc:  # ProviderError (no API key), ModelNotFoundError (no weights)
@@ -217,14 +215,16 @@ async def _run(store: JobStore, generation_id: str, owner: str, services: Servic
             file=sys.stderr,
         )
         return 1
+    # Live per-scene board on a terminal, plain lines elsewhere, nothing with --json / --quiet.
+    display = make_display(sys.stderr, silent=args.quiet or args.json)
     try:
-        await execute_job(
-            store, lease, services, settings, lease_s=LEASE_S, on_event=None if args.quiet else _print_progress
-        )
+        await execute_job(store, lease, services, settings, lease_s=LEASE_S, on_event=display)
     except asyncio.CancelledError:
         interrupted = True
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+        if display is not None:
+            display.close()
     status = _report(store, generation_id, settings, args)
     if interrupted:
         return 130
@@ -353,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--database", help="job store URL (default: sqlite in --output)")
     gen.add_argument("--offline", action="store_true", help="offline demo providers and tiny local scorer models")
     gen.add_argument("--keep-traces", action="store_true", help="keep trace files after completion")
-    gen.add_argument("--json", action="store_true", help="print the result as the status JSON")
-    gen.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    gen.add_argument("--json", action="store_true", help="print only the result, as the status JSON (no progress)")
+    gen.add_argument("--quiet", action="store_true", help="no progress on stderr (a live board on a terminal, "
+                     "else one line per event)")
 
     res = commands.add_parser(
         "resume",
@@ -369,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--config", type=Path, help="YAML file of PipelineSettings (providers, models, weights)")
     res.add_argument("--database", help="job store URL (default: sqlite in --output)")
     res.add_argument("--keep-traces", action="store_true", help="keep trace files after completion")
-    res.add_argument("--json", action="store_true", help="print the result as the status JSON")
+    res.add_argument("--json", action="store_true", help="print only the result, as the status JSON (no progress)")
     res.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     tok = commands.add_parser("token", help="mint a development JWT (HS256) from the configured secret")
