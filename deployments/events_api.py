@@ -46,6 +46,17 @@ _STREAM_DOC = (
 )
 
 
+def _json_errors(*codes: int) -> dict:
+    """`responses(...)` with each body declared as application/json by reference: with a
+    `model`, FastAPI would list an error body under the route's own media type
+    (text/event-stream), which is not what the server sends for an error."""
+    out = {}
+    for code, spec in responses(*codes).items():
+        schema = {"$ref": f"#/components/schemas/{spec['model'].__name__}"}
+        out[code] = {"description": spec["description"], "content": {"application/json": {"schema": schema}}}
+    return out
+
+
 class EventRoutes:
     """Routes for the `Ingress`: needs `self.store` (JobStore) and `self._api(fn, *args)`."""
 
@@ -59,7 +70,7 @@ class EventRoutes:
             200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": _STREAM_DOC},
             204: {"description": "the generation is finished and has no events after the given id: nothing to "
                                  "stream (EventSource stops reconnecting)"},
-            **responses(*AUTHED, 404),
+            **_json_errors(*AUTHED, 404),
         },
     )
     async def generation_events(

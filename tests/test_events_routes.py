@@ -156,3 +156,14 @@ def test_both_routes_are_in_the_openapi_document(client):
     assert {p["name"] for p in events["parameters"]} == {"generation_id", "after", "Last-Event-ID"}
     listing = paths["/api/generations"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert listing["$ref"].endswith("/GenerationList")
+
+
+def test_error_answers_of_the_stream_are_declared_as_json(client):
+    document = client.get("/openapi.json").json()
+    responses = document["paths"]["/api/generations/{generation_id}/events"]["get"]["responses"]
+    for code in ("401", "404", "422", "503"):
+        (media,) = responses[code]["content"]
+        assert media == "application/json"
+        name = responses[code]["content"][media]["schema"]["$ref"].rsplit("/", 1)[1]
+        assert name in document["components"]["schemas"]
+    assert list(responses["200"]["content"]) == ["text/event-stream"]
