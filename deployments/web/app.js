@@ -185,12 +185,18 @@ function showNew() {
 // --- one generation -------------------------------------------------------------------------
 
 async function showGeneration(id) {
-  page = { id, status: null, files: null, docs: new Map(), blobs: new Map(), selected: new Map(), events: [], mode: "connecting", loading: new Set() };
+  page = { id, status: null, files: null, docs: new Map(), blobs: new Map(), selected: new Map(), events: [], now: new Map(), mode: "connecting", loading: new Set() };
   const state = page;
   clear(main).append(h("p", { class: "muted" }, "Loading…"));
   stopFollowing = follow(id, {
     onStatus: (status) => { state.status = status; render(state); loadTraces(state); },
-    onEvent: (kind, data) => { state.events.push(describe(kind, data)); state.events = state.events.slice(-40); render(state); },
+    onEvent: (kind, data) => {
+      state.events.push(describe(kind, data));
+      state.events = state.events.slice(-40);
+      const scene = data && typeof data === "object" ? data.scene : null;
+      if (scene != null && data.message) state.now.set(scene, data.message);
+      render(state);
+    },
     onMode: (mode) => { state.mode = mode; render(state); },
     onError: (err) => {
       if (err.status === 401) return;
@@ -204,11 +210,12 @@ async function showGeneration(id) {
   });
 }
 
+// One event as a line of text: the runner's own message (it names the scene), else its kind.
 function describe(kind, data) {
   if (data && typeof data === "object") {
     const scene = data.scene ?? data.scene_number;
-    const text = data.message || data.stage || data.status || kind;
-    return `${scene != null ? `scene ${scene}: ` : ""}${text}${typeof data.progress === "number" ? ` (${data.progress}%)` : ""}`;
+    const text = data.message || `${scene != null ? `scene ${scene}: ` : ""}${data.stage || data.status || kind}`;
+    return `${text}${typeof data.progress === "number" ? ` (${data.progress}%)` : ""}`;
   }
   return `${kind}: ${data}`;
 }
@@ -326,6 +333,8 @@ function sceneView(state, scene, previous, threshold, status, isNext) {
       h("h2", {}, `Scene ${n}`, h("span", { class: "muted" }, ` · ${scene.duration} s`)),
       h("span", {}, done ? statusBadge("completed") : failedHere ? statusBadge("failed") : statusBadge(scene.status),
         scene.below_threshold ? h("span", { class: "tag bad", title: `best overall below the threshold ${threshold}` }, "below threshold") : null)),
+    !done && !failedHere && state.now.has(n) && ["queued", "running"].includes(status.status)
+      ? h("p", { class: "now" }, h("span", { class: "muted" }, "Now: "), state.now.get(n)) : null,
     failedHere ? h("p", { class: "error-text", role: "alert" }, `This scene failed: ${status.error || "no reason was recorded"}`) : null,
     h("p", { class: "prompt" }, h("span", { class: "muted" }, "Scene prompt: "), scene.prompt),
     done ? h("div", { class: "selected-wrap" },

@@ -33,39 +33,34 @@ export function statusBadge(status) {
   return h("span", { class: `badge st-${status}` }, status);
 }
 
-// Cost and timing are additive fields (issue 10, slice M); shown as whatever they hold, with
-// "unknown" for a price the table lacks (null), never as 0.
+// Cost and timing are additive fields (issue 10, slice M: pipeline/costs.py CostSummary,
+// SceneTiming, GenerationTiming): a price the table lacks is "unknown" (usd null), never $0.
 export function costTime(cost, timing) {
   const rows = [];
-  const add = (prefix, value, kind) => {
-    if (value === undefined) return;
-    if (value !== null && typeof value === "object") {
-      for (const [k, v] of Object.entries(value)) {
-        if (v === null || typeof v !== "object") add(prefix ? `${prefix} ${k}` : k, v, kind);
-        else add(prefix ? `${prefix} ${k}` : k, v, kind);
-      }
-      return;
-    }
-    rows.push([prefix, show(prefix, value, kind)]);
-  };
-  add("", cost, "cost");
-  add("", timing, "time");
+  if (cost && typeof cost === "object") {
+    const usd = cost.usd === null || cost.unknown
+      ? `unknown${cost.priced_usd ? ` (priced calls: ${money(cost.priced_usd)})` : ""}${cost.unpriced_models && cost.unpriced_models.length ? `; no price for ${cost.unpriced_models.join(", ")}` : ""}`
+      : money(cost.usd);
+    rows.push(["Cost", usd, "cost"]);
+    const calls = [];
+    if (cost.llm_calls) calls.push(`${cost.llm_calls} LLM calls (${cost.input_tokens ?? "?"} in / ${cost.output_tokens ?? "?"} out tokens)`);
+    if (cost.images) calls.push(`${cost.images} images`);
+    if (calls.length) rows.push(["Calls", calls.join(", ")]);
+    const stages = Object.entries(cost.by_stage || {}).map(([stage, value]) => `${stage} ${value === null ? "unknown" : money(value)}`);
+    if (stages.length) rows.push(["By stage", stages.join(", ")]);
+  }
+  if (timing && typeof timing === "object") {
+    const stages = ["planning_s", "enhancement_s", "generation_s", "scoring_s"]
+      .filter((k) => typeof timing[k] === "number").map((k) => `${k.replace(/_s$/, "")} ${timing[k].toFixed(1)} s`);
+    const total = timing.total_s ?? timing.elapsed_s;
+    rows.push(["Time", `${typeof total === "number" ? `${total.toFixed(1)} s` : "–"}${stages.length ? ` (${stages.join(", ")})` : ""}`, "time"]);
+  }
   if (!rows.length) return null;
-  return h("dl", { class: "costs" }, rows.slice(0, 24).map(([k, v]) => [h("dt", {}, label(k)), h("dd", {}, v)]));
+  return h("dl", { class: "costs" }, rows.map(([k, v, key]) => [h("dt", {}, k), h("dd", { dataset: key ? { field: key } : undefined }, v)]));
 }
 
-function label(key) {
-  return key.replace(/_/g, " ").trim() || "total";
-}
-
-function show(key, value, kind) {
-  if (value === null) return "unknown";
-  if (typeof value === "boolean") return value ? "yes" : "no";
-  if (typeof value !== "number") return String(value);
-  if (/usd|cost|price|\$/i.test(key) || (kind === "cost" && !/token|count|images|calls/i.test(key))) return `$${value.toFixed(4)}`;
-  if (/_ms$/.test(key)) return `${(value / 1000).toFixed(1)} s`;
-  if (kind === "time" || /_s$|seconds/.test(key)) return `${value.toFixed(1)} s`;
-  return String(value);
+function money(value) {
+  return typeof value === "number" ? `$${value < 0.01 && value > 0 ? value.toFixed(5) : value.toFixed(4)}` : "unknown";
 }
 
 export function strip(scenes, selectedUrl, onPick) {
