@@ -294,3 +294,40 @@ def test_status_of_scenes_stored_before_accounting_has_no_scene_cost_keys(tmp_pa
     assert status["timing"]["planning_s"] is None and status["timing"]["elapsed_s"] >= 0
     assert SceneTiming().total_s == 0.0
     store.close()
+
+
+# --- across the Serve boundary (no Ray: fake handles) ------------------------------------------
+
+
+async def test_handle_chat_adds_the_replicas_usage_to_the_callers_ledger_even_on_error(sink):
+    from deployments.adapters import HandleChat, HandleRetry
+    from tests.test_adapters import Handle, Method, scripted
+
+    usage = chat(model="gpt-6-luna").model_dump()
+    answers = scripted(
+        {"text": "{}", "usage": [usage]},
+        {"error": "bad output", "retryable": False, "status_code": 400, "usage": [usage, usage]},
+    )
+    client = HandleChat(Handle(complete=Method(answers)), HandleRetry(calls=FAST))
+    with collect() as ledger:
+        assert await client.complete([], task="storyboard") == "{}"
+        with pytest.raises(ProviderError):
+            await client.complete([], task="cinematographer")
+    assert [c.model for c in ledger] == ["gpt-6-luna"] * 3
+    # the ingress's handle calls are their own kind, so a provider call is not counted twice
+    assert sink.named("provider_call") == [("handle", "ok"), ("handle", "ok")]
+
+
+async def test_final_status_is_counted_from_the_store_only_when_the_job_ended(sink, tmp_path):
+    from deployments.metrics import record_final_status
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    for gid in ("done", "released"):
+        store.create(gid, "alice", request().model_dump(mode="json"), offline=True)
+    lease = store.claim("runner", 30, generation_id="done")
+    store.finish(lease, "failed", error="scene 2: scoring failed")
+    await record_final_status(store, "done")
+    await record_final_status(store, "released")  # queued again for another runner: not counted here
+    await record_final_status(store, "missing")
+    assert sink.named("generation_finished") == [("failed",)]
+    store.close()
