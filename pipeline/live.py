@@ -9,6 +9,8 @@ the result.
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -91,7 +93,11 @@ class Board:
 
 
 class LiveBoard:
-    """The board, redrawn in place on a terminal."""
+    """The board, redrawn in place on a terminal.
+
+    Log records (a quality warning, a retry) written straight to the terminal would land inside
+    the board and leave stale copies of it on screen: while it is live, logging handlers that
+    write to this stream write through rich's stderr proxy instead, which prints above it."""
 
     def __init__(self, stream: TextIO):
         from rich.console import Console
@@ -100,7 +106,14 @@ class LiveBoard:
         self.board = Board()
         self.console = Console(file=stream, highlight=False)
         self.live = Live(self._render(), console=self.console, auto_refresh=False, transient=False)
+        self.handlers = [
+            h for h in logging.getLogger().handlers
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is stream
+        ]
         self.live.start()
+        if sys.stderr is not stream:  # rich redirected it: the proxy prints above the board
+            for handler in self.handlers:
+                handler.setStream(sys.stderr)
 
     def __call__(self, event: ProgressEvent) -> None:
         self.board.apply(event)
@@ -108,6 +121,8 @@ class LiveBoard:
 
     def close(self) -> None:
         self.live.stop()
+        for handler in self.handlers:
+            handler.setStream(self.console.file)
 
     def _render(self):
         from rich.console import Group

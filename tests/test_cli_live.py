@@ -4,6 +4,7 @@ the live board redrawn on a real pseudo-terminal."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pty
 import re
@@ -102,3 +103,30 @@ def test_silent_or_not_a_terminal(tmp_path):
         assert isinstance(plain, PlainLines)
         plain(EVENTS[2])
     assert (tmp_path / "log").read_text() == "[  5%] enhancing: scene 1 iteration 1: prompt score 71.0\n"
+
+
+def test_log_records_print_above_the_live_board(monkeypatch):
+    master, slave = pty.openpty()
+    terminal = os.fdopen(slave, "w", encoding="utf-8")
+    monkeypatch.setattr("sys.stderr", terminal)
+    handler = logging.StreamHandler(terminal)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        display = make_display(terminal, silent=False)
+        display(EVENTS[0])
+        assert handler.stream is not terminal  # through rich's proxy while the board is live
+        logging.getLogger("sceneref.runner").warning("scene 3: best quality score 6.30 is below the threshold")
+        display(EVENTS[1])
+        display.close()
+        assert handler.stream is terminal
+    finally:
+        root.removeHandler(handler)
+    terminal.flush()
+    chunks = []
+    while select.select([master], [], [], 0.05)[0]:
+        chunks.append(os.read(master, 65536))
+    terminal.close()
+    os.close(master)
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert screen.count("is below the threshold") == 1
