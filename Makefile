@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SECRET_FILE := output/dev-jwt-secret
 SUB ?= demo
 
-.PHONY: serve token demo test bench postgres cluster-check
+.PHONY: serve token demo test bench postgres browser cluster-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,10 +44,18 @@ postgres:
 			&& { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
 			|| echo "PostgreSQL binaries not found and cannot install them: the PostgreSQL tests will skip"; }
 
+# Chromium for the viewer's browser tests (tests/serve/test_viewer_browser.py drives it with
+# Playwright's `executable_path`; Playwright's own browser download is not used): Debian's package.
+browser:
+	@command -v chromium > /dev/null \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null \
+			&& { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+			|| echo "chromium not found and cannot install it: the browser tests will fail; install Debian's chromium"; }
+
 # The simulated multi-node cluster test runs in its own process beside the rest (it starts its own
 # Ray cluster); its output is printed after the main run.
 TEST_ENV := RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
-test: $(STAMP) postgres
+test: $(STAMP) postgres browser
 	@mkdir -p output
 	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider -m multinode > output/test-multinode.log 2>&1 & multi=$$!; \
 	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not multinode"; main=$$?; \
