@@ -15,6 +15,7 @@ is never the final prompt.
 from __future__ import annotations
 
 import logging
+from typing import Awaitable, Callable
 
 from pipeline.consistency import missing_markers
 from pipeline.providers import ChatModel, ProviderError
@@ -80,8 +81,17 @@ async def enhance_scene(
     max_iterations: int,
     settings: EnhancementSettings,
     retries: int,
+    on_iteration: Callable[[IterationRecord], Awaitable[None]] | None = None,
 ) -> EnhancementResult:
+    """`on_iteration` hears each iteration as soon as it is decided (live progress), failed and
+    refused ones included."""
     iterations: list[IterationRecord] = []
+
+    async def keep(iteration: IterationRecord) -> None:
+        iterations.append(iteration)
+        if on_iteration is not None:
+            await on_iteration(iteration)
+
     best: IterationRecord | None = None
     latest_prompt: str | None = None  # the last rewrite that kept every marker
     previous_prompt: str | None = None  # what agent 1 wrote last, refused or not (it is told why)
@@ -114,12 +124,12 @@ async def enhance_scene(
             stop_reason = f"agent 1 failed at iteration {i}: {exc}"
             # No prompt: agent 1 wrote none this iteration. Carrying the previous one here would
             # make the trace show it as a new rewrite (and blame agent 2 for the error).
-            iterations.append(IterationRecord(iteration=i, enhanced_prompt="", error=str(exc)))
+            await keep(IterationRecord(iteration=i, enhanced_prompt="", error=str(exc)))
             break
         candidate = rewrite.enhanced_prompt.strip()
         dropped = missing_markers(candidate, scene.markers)
         if dropped:
-            iterations.append(
+            await keep(
                 IterationRecord(
                     iteration=i, enhanced_prompt=candidate, dropped_markers=dropped,
                     error=f"rewrite refused: it dropped {len(dropped)} consistency marker(s): " + "; ".join(dropped),
@@ -149,7 +159,7 @@ async def enhance_scene(
             )
         except (InvalidOutputError, ProviderError) as exc:
             stop_reason = f"agent 2 failed at iteration {i}: {exc}"
-            iterations.append(IterationRecord(iteration=i, enhanced_prompt=latest_prompt, error=str(exc)))
+            await keep(IterationRecord(iteration=i, enhanced_prompt=latest_prompt, error=str(exc)))
             break
 
         record = IterationRecord(
@@ -160,7 +170,7 @@ async def enhance_scene(
             critique=review.critique,
             improvements=review.improvements,
         )
-        iterations.append(record)
+        await keep(record)
         if best is None or record.overall > best.overall:
             best = record
         if record.overall >= settings.approval_score:

@@ -334,6 +334,10 @@ async def _enhance_all(pending, request, services, settings, traces, emit, meter
         nonlocal finished
         await _blocking(traces.original_prompt, scene.scene_number, scene.prompt)
         meter = (meters or {}).get(scene.scene_number) or Meter()
+        async def iteration(record) -> None:  # live: each iteration as soon as it is decided
+            await emit("enhancing", 0, _iteration_message(scene.scene_number, record), scene.scene_number,
+                       kind="iteration", data=_iteration(record))
+
         with meter.stage("enhancement"):
             result = await enhance_scene(
                 services.chat,
@@ -342,12 +346,10 @@ async def _enhance_all(pending, request, services, settings, traces, emit, meter
                 max_iterations=request.advanced_image_max_enhancement_iterations,
                 settings=settings.enhancement,
                 retries=settings.llm.invalid_output_retries,
+                on_iteration=iteration,
             )
         hooks().enhancement_iterations(result.total_iterations)
         await _blocking(traces.enhancement, scene.scene_number, result, scene=scene, extra=_enhancement_cost(meter, settings))
-        for record in result.iterations:  # after the loop: enhance_scene has no per-iteration hook
-            await emit("enhancing", 0, _iteration_message(scene.scene_number, record), scene.scene_number,
-                       kind="iteration", data=_iteration(record))
         finished += 1
         score = f"{result.final_overall:.1f}" if result.final_overall is not None else "unscored"
         await emit(

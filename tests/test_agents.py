@@ -193,3 +193,20 @@ def test_the_offline_agents_keep_markers_and_judge_them():
     lost = prompt_engineer(bare.prompt, STORY, rewritten.replace(MARKERS[0], "a lamp"), markers=MARKERS)
     assert lost["scores"]["brand_alignment"] < kept["scores"]["brand_alignment"]
     assert lost["improvements"][0] == f"Restore the consistency marker word for word: {MARKERS[0]}"
+
+
+async def test_each_iteration_is_heard_as_soon_as_it_is_decided():
+    """Live progress (issue 10): `on_iteration` hears iteration i before agent 1 is asked for i+1,
+    failed iterations included."""
+    replies = [rewrite(1), review(60, 60, 60, 60, 60), rewrite(2), "{not json", "nope"]
+    chat = ScriptedChat(replies)
+    heard: list[tuple[int, int, bool]] = []
+
+    async def on_iteration(record):
+        heard.append((record.iteration, len(chat.calls), record.error is not None))
+
+    result = await enhance_scene(chat, SCENE, STORY, max_iterations=4, settings=EnhancementSettings(), retries=1,
+                                 on_iteration=on_iteration)
+    assert [i for i, _, _ in heard] == [r.iteration for r in result.iterations] == [1, 2]
+    assert heard[0] == (1, 2, False)  # after agent 2's first review, before the second rewrite
+    assert heard[1][2] is True  # the failed review of iteration 2 is heard too
