@@ -95,12 +95,13 @@ export function explain(response, data) {
   }
 }
 
-export async function listGenerations() {
-  // Slice E's list (newest first). An older service without it answers 404 or 405: the caller
-  // then shows the generations this browser submitted.
-  const data = await getJson("api/generations?limit=50");
-  const items = Array.isArray(data) ? data : data.generations || data.items || [];
-  return items.map((g) => ({ ...g, generation_id: g.generation_id || g.id }));
+export async function listGenerations(cursor) {
+  // The caller's generations, newest first, a page at a time ({generations, next_cursor}). An
+  // older service without the route answers 404 or 405: the caller then shows the generations
+  // this browser submitted.
+  const data = await getJson(`api/generations?limit=20${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+  const items = Array.isArray(data) ? data : data.generations || [];
+  return { items: items.map((g) => ({ ...g, generation_id: g.generation_id || g.id })), next: data.next_cursor || null };
 }
 
 // Follows one generation live. `onEvent(kind, data)` gets each stream event; `onStatus(status)`

@@ -98,9 +98,10 @@ async function showList() {
       open, h("button", { type: "submit" }, "Open")),
     body));
   let items;
+  let next = null;
   let note = null;
   try {
-    items = await listGenerations();
+    ({ items, next } = await listGenerations());
   } catch (err) {
     if (err.status === 401) return;
     // The list route is newer than the status route: without it, show the generations this
@@ -110,17 +111,37 @@ async function showList() {
     for (const id of remembered()) {
       try {
         const s = await getJson(`api/status/${id}`);
-        items.push({ generation_id: id, status: s.status, progress: s.progress, scene_count: s.storyboard_plan.scenes.length });
+        const scenes = s.storyboard_plan.scenes;
+        items.push({ generation_id: id, status: s.status, progress: s.progress, scene_count: scenes.length,
+          scenes_completed: scenes.filter((x) => x.status === "completed").length, error: s.error });
       } catch { /* gone or not ours */ }
     }
   }
+  const list = h("ul", { class: "gen-list", id: "generations" });
+  const more = h("button", { type: "button", id: "more", class: "secondary", onclick: async () => {
+    more.disabled = true;
+    try {
+      const page = await listGenerations(next);
+      next = page.next;
+      list.append(...page.items.map(listItem));
+    } catch (err) { if (err.status !== 401) say(err.message); }
+    more.disabled = false;
+    more.hidden = !next;
+  } }, "Show older");
+  more.hidden = !next;
+  list.append(...items.map(listItem));
   clear(body).append(note ? h("p", { class: "muted" }, note) : "",
-    items.length ? h("ul", { class: "gen-list", id: "generations" }, items.map((g) => h("li", { dataset: { generation: g.generation_id } },
-      h("a", { href: `#/g/${g.generation_id}` }, g.prompt ? g.prompt.slice(0, 90) : g.generation_id),
-      " ", statusBadge(g.status),
-      h("span", { class: "muted" }, ` ${g.progress ?? "?"}%`,
-        g.scene_count != null ? ` · ${g.scene_count} scenes` : "",
-        g.created_at ? ` · ${new Date(g.created_at).toLocaleString()}` : "")))) : h("p", { id: "no-generations" }, "No generations yet."));
+    ...(items.length ? [list, more] : [h("p", { id: "no-generations" }, "No generations yet.")]));
+}
+
+function listItem(g) {
+  return h("li", { dataset: { generation: g.generation_id } },
+    h("a", { href: `#/g/${g.generation_id}` }, g.prompt ? (g.prompt.length > 90 ? `${g.prompt.slice(0, 90)}…` : g.prompt) : g.generation_id),
+    " ", statusBadge(g.status), g.offline ? h("span", { class: "tag offline" }, "offline demo") : null,
+    h("div", { class: "muted small" }, `${g.progress ?? "?"}%`,
+      g.scene_count != null ? ` · ${g.scenes_completed ?? "?"} of ${g.scene_count} scenes` : "",
+      g.created_at ? ` · ${new Date(g.created_at).toLocaleString()}` : "",
+      g.error ? h("span", { class: "error-text" }, ` · ${g.error}`) : null));
 }
 
 // --- a new generation ---------------------------------------------------------------------
@@ -222,8 +243,10 @@ function describe(kind, data) {
 
 async function loadTraces(state) {
   const status = state.status;
-  if (!status || state.loading.has("listing")) return;
+  if (!status) return;
+  if (state.loading.has("listing")) { state.relist = true; return; } // once more when this one ends
   state.loading.add("listing");
+  state.relist = false;
   try {
     const listing = await getJson(`api/generations/${state.id}/traces`);
     state.files = new Set(listing.files);
@@ -231,9 +254,11 @@ async function loadTraces(state) {
     if (err instanceof ApiError && err.status === 404) state.files = state.files || new Set();
     state.loading.delete("listing");
     render(state);
+    if (state.relist) loadTraces(state);
     return;
   }
   state.loading.delete("listing");
+  if (state.relist) setTimeout(() => loadTraces(state), 0);
   const wanted = [];
   for (const name of state.files) {
     if (/^scene_\d+\/(quality_scores|prompt_trace_summary)\.json$/.test(name) && !state.docs.has(name)) wanted.push(name);

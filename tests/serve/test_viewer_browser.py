@@ -30,6 +30,9 @@ pytestmark = pytest.mark.serve
 
 CHROMIUM = os.environ.get("SCENEREF_CHROMIUM", "/usr/bin/chromium")
 DOCS_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# The screenshots docs/viewer.md shows (the others are test artifacts only).
+DOCS_PICTURES = {"viewer-generation.png", "viewer-live.png", "viewer-phone-top.png", "viewer-failed.png",
+                 "viewer-list.png", "viewer-expired.png"}
 OWNER = "viewer-alice"
 OTHER = "viewer-bob"
 PROMPT = "Fresh orange juice for a sunny afternoon picnic in the park"
@@ -58,7 +61,8 @@ def shots(tmp_path_factory):
     if os.environ.get("SCENEREF_UPDATE_SCREENSHOTS") == "1":
         DOCS_SHOTS.mkdir(exist_ok=True)
         for png in folder.glob("*.png"):
-            shutil.copy(png, DOCS_SHOTS / png.name)
+            if png.name in DOCS_PICTURES:
+                shutil.copy(png, DOCS_SHOTS / png.name)
 
 
 def sign_in(page, base: str, bearer: str) -> None:
@@ -74,11 +78,11 @@ def api(base: str, path: str, sub: str = OWNER):
     return response
 
 
-def all_images_loaded(page) -> None:
+def all_images_loaded(page, timeout_ms: int = 60_000) -> None:
     """Every <img> on the page finished loading with real pixels."""
     page.wait_for_function(
         "() => [...document.images].length > 0 && [...document.images].every((i) => i.complete && i.naturalWidth > 0)",
-        timeout=60_000,
+        timeout=timeout_ms,
     )
 
 
@@ -90,6 +94,12 @@ def generation(offline_app, browser, shots, tmp_path_factory):
     Image.new("RGB", (320, 180), (240, 170, 40)).save(picture)
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # A 404 for the trace listing is the API's answer before a generation's first trace file
+    # exists; any other failed load or script error is a fault of the page.
+    page.on("console", lambda msg: errors.append(f"{msg.text} {msg.location.get('url')}")
+            if msg.type == "error" and not msg.location.get("url", "").endswith("/traces") else None)
     sign_in(page, offline_app, token(OWNER))
     page.click("#new-link")
     page.fill("#prompt", PROMPT)
@@ -108,7 +118,12 @@ def generation(offline_app, browser, shots, tmp_path_factory):
     page.wait_for_function(
         "() => document.querySelector('#scene-2')?.dataset.status === 'completed'"
         " || document.querySelector('.generation')?.dataset.status !== 'running'", timeout=DONE_TIMEOUT_MS)
-    page.screenshot(path=str(shots / "viewer-live.png"), full_page=True)
+    if page.get_attribute(".generation", "data-status") == "running":  # else this run was too quick for it
+        try:
+            all_images_loaded(page, timeout_ms=5_000)
+        except Exception:
+            pass  # a picture of a page still loading its images is a true picture too
+        page.screenshot(path=str(shots / "viewer-live.png"), full_page=True)
     page.wait_for_selector('.generation[data-status="completed"]', timeout=DONE_TIMEOUT_MS)
     status = api(offline_app, f"/api/status/{generation_id}").json()
     traces: dict[int, dict] = {}
@@ -124,7 +139,7 @@ def generation(offline_app, browser, shots, tmp_path_factory):
     all_images_loaded(page)
     page.locator("details.iteration").nth(1).locator("summary").click()  # the docs show one opened
     page.screenshot(path=str(shots / "viewer-generation.png"), full_page=True)
-    yield {"id": generation_id, "page": page, "status": status, "traces": traces, "live_text": live_text}
+    yield {"id": generation_id, "page": page, "status": status, "traces": traces, "live_text": live_text, "errors": errors}
     context.close()
 
 
@@ -133,6 +148,10 @@ def test_generation_is_watched_live_and_completes(generation):
     assert "live (" in generation["live_text"]
     assert generation["status"]["status"] == "completed"
     assert generation["page"].get_attribute(".generation", "data-status") == "completed"
+
+
+def test_the_page_ran_without_script_errors(generation):
+    assert generation["errors"] == []
 
 
 def test_every_scene_shows_its_loaded_images(generation):
@@ -222,12 +241,15 @@ def test_the_iteration_diff_shows_what_changed(generation):
 def test_the_owner_lists_it_and_another_user_cannot_see_it(generation, offline_app, browser, shots):
     page = generation["page"]
     page.goto(f"{offline_app}/viewer#/")
-    page.wait_for_selector(f'[data-generation="{generation["id"]}"]')
+    page.wait_for_selector("#generations, #no-generations")
+    assert page.locator(f'#generations li[data-generation="{generation["id"]}"]').count() == 1, generation["errors"]
+    assert not page.locator("#more").is_visible()  # one page: nothing older to show
+    page.screenshot(path=str(shots / "viewer-list.png"))
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     other = context.new_page()
     sign_in(other, offline_app, token(OTHER))
     other.wait_for_selector("#generations, #no-generations")
-    assert other.locator(f'[data-generation="{generation["id"]}"]').count() == 0
+    assert other.locator(f'#generations li[data-generation="{generation["id"]}"]').count() == 0
     other.goto(f"{offline_app}/viewer#/g/{generation['id']}")
     other.wait_for_selector("#not-found")
     assert "not yours" in other.inner_text("#not-found")
