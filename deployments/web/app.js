@@ -296,7 +296,7 @@ function render(state) {
 function draw(state) {
   const status = state.status;
   if (!status) return;
-  const focused = document.activeElement && document.activeElement.id;
+  const focused = focusKey(document.activeElement);
   const open = new Set([...main.querySelectorAll("details[open]")].map((d) => d.id));
   const plan = status.storyboard_plan;
   const threshold = plan.advanced_image_settings.quality_threshold;
@@ -329,7 +329,22 @@ function draw(state) {
     scenes.map((scene, index) => sceneView(state, scene, scenes[index - 1], threshold, status, scene === firstPending)));
   clear(main).append(view);
   for (const id of open) { const d = document.getElementById(id); if (d) d.open = true; }
-  if (focused) { const el = document.getElementById(focused); if (el) el.focus({ preventScroll: true }); }
+  const again = focused && findFocus(focused);
+  if (again) again.focus({ preventScroll: true });
+}
+
+// Where the focus is, by ids that survive a redraw: the element's own id, or its nearest
+// ancestor's id and its tag (an iteration's <summary> is found again inside its <details>).
+function focusKey(el) {
+  if (!el || el === document.body || !main.contains(el)) return null;
+  if (el.id) return { id: el.id };
+  const holder = el.parentElement && el.parentElement.closest("[id]");
+  return holder && holder !== main ? { id: holder.id, tag: el.tagName.toLowerCase() } : null;
+}
+
+function findFocus(key) {
+  const holder = document.getElementById(key.id);
+  return holder && key.tag ? holder.querySelector(key.tag) : holder;
 }
 
 async function act(state, method, path) {

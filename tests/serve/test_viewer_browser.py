@@ -283,6 +283,11 @@ def test_phone_width_and_keyboard(generation, offline_app, browser, shots):
     page.focus("#strip-2")
     page.keyboard.press("Enter")
     assert page.evaluate("() => document.activeElement.id") == "scene-2"
+    # An agent iteration opens from the keyboard.
+    page.locator("#scene-2 details.iteration summary").first.focus()
+    page.keyboard.press("Enter")
+    assert page.locator("#scene-2 details.iteration").first.evaluate("(d) => d.open")
+    assert page.locator("#scene-2 details.iteration .dims").first.is_visible()
     context.close()
 
 
