@@ -88,4 +88,4 @@ def test_every_module_the_page_imports_is_served():
         if name.endswith(".js"):
             wanted |= set(re.findall(r'from "\./([^"]+)"', item.body.decode()))
     assert wanted and wanted <= set(FILES)
-    assert {"app.js", "api.js", "views.js", "diff.js", "dom.js", "style.css"} <= wanted
+    assert {"app.js", "api.js", "generation.js", "views.js", "diff.js", "dom.js", "style.css"} <= wanted
