@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,16 +47,31 @@ class NoReplicaAnswered(RuntimeError):
 _GONE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError, NoReplicaAnswered)
 
 
-async def bounded(response, timeout_s: float):
-    """Await a DeploymentResponse for at most `timeout_s`; past that, cancel it at Serve (so it
-    leaves the router's queue) and raise NoReplicaAnswered."""
+Served = Callable[[str], Awaitable[bool]]
+"""Whether a deployment (by name) has a live replica now: `deployments.readiness`, asked of
+Serve's controller. A call past its timeout keeps waiting while this says yes: its deployment is
+busy (a flood, replicas still scaling up), not gone."""
+
+
+async def bounded(response, timeout_s: float, still_served: Callable[[], Awaitable[bool]] | None = None):
+    """Await a DeploymentResponse in periods of `timeout_s`. After a period with no answer, keep
+    waiting while `still_served()` says the deployment has a live replica; otherwise cancel the
+    call at Serve (so it leaves the router's queue) and raise NoReplicaAnswered."""
+    waiting = asyncio.ensure_future(_awaited(response))
     try:
-        return await asyncio.wait_for(_awaited(response), timeout_s)
-    except asyncio.TimeoutError:
-        cancel = getattr(response, "cancel", None)
-        if cancel is not None:
-            cancel()
-        raise NoReplicaAnswered(f"no replica answered within {timeout_s:g} s") from None
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiting), timeout_s)
+            except asyncio.TimeoutError:
+                if still_served is not None and await still_served():
+                    continue
+                raise NoReplicaAnswered(f"no replica answered within {timeout_s:g} s") from None
+    finally:
+        if not waiting.done():
+            waiting.cancel()
+            cancel = getattr(response, "cancel", None)
+            if cancel is not None:
+                cancel()
 
 
 class HandleRetry(BaseModel):
@@ -72,8 +88,9 @@ class HandleRetry(BaseModel):
     )
     scoring_call_timeout_s: float = Field(
         60.0, gt=0,
-        description="one scoring call's wait for an answer; Serve's router waits forever for a replica of a deployment "
-        "that has none, so past this the call counts as 'no replica answered' and is retried within scoring_budget_s",
+        description="one scoring call's wait for an answer before Serve's controller is asked whether the scorer has a "
+        "live replica: if it has (busy, e.g. a flood), the call keeps waiting; if not (Serve's router would wait "
+        "forever), it counts as 'no replica answered' and is retried within scoring_budget_s",
     )
     provider_call_timeout_s: float = Field(
         900.0, gt=0,
@@ -136,13 +153,22 @@ def _raise_if_error(result: dict) -> dict:
     return result
 
 
+def _served(handle, name: str, served: Served | None):
+    """`still_served` for one handle's calls (None: bounded by the timeout alone)."""
+    if served is None:
+        return None
+    deployment = getattr(handle, "deployment_name", name)
+    return lambda: served(deployment)
+
+
 class HandleChat:
-    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None):
+    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None, served: Served | None = None):
         self.handle, self.retry = handle, retry or HandleRetry()
+        self.served = _served(handle, "PromptAgents", served)
 
     async def complete(self, messages, *, task) -> str:
         timeout = self.retry.provider_call_timeout_s
-        call = lambda: bounded(self.handle.complete.remote(messages, task), timeout)  # noqa: E731
+        call = lambda: bounded(self.handle.complete.remote(messages, task), timeout, self.served)  # noqa: E731
         result = await _until_served(call, self.retry.calls, f"{task} agent")
         for usage in result.get("usage", ()):  # the replica's accounting, into this task's ledgers
             account(CallUsage.model_validate(usage))
@@ -150,12 +176,13 @@ class HandleChat:
 
 
 class HandleImages:
-    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None):
+    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None, served: Served | None = None):
         self.handle, self.retry = handle, retry or HandleRetry()
+        self.served = _served(handle, "ImageGenerator", served)
 
     async def generate(self, prompt, *, reference, variation) -> GeneratedImage:
         timeout = self.retry.provider_call_timeout_s
-        call = lambda: bounded(self.handle.generate.remote(prompt, reference, variation), timeout)  # noqa: E731
+        call = lambda: bounded(self.handle.generate.remote(prompt, reference, variation), timeout, self.served)  # noqa: E731
         result = _raise_if_error(await _until_served(call, self.retry.calls, f"image generation (variation {variation})"))
         return GeneratedImage(data=result["data"], metadata=result["metadata"])
 
@@ -181,8 +208,10 @@ class HandleScoring:
     `by_reference=False` sends the bytes inside each call (the behaviour before issue 7, kept
     for the serving benchmark's before/after figure)."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle], retry: HandleRetry | None = None, *, by_reference: bool = True):
+    def __init__(self, handles: dict[str, DeploymentHandle], retry: HandleRetry | None = None, *, by_reference: bool = True,
+                 served: Served | None = None):
         self.handles, self.retry, self.by_reference = handles, retry or HandleRetry(), by_reference
+        self.served = {name: _served(handle, name, served) for name, handle in handles.items()}
         self.sent = SentBytes()
         self.put = ray.put  # replaced in tests that run without Ray
 
@@ -216,7 +245,7 @@ class HandleScoring:
     async def _score_one(self, name: str, payload, prompt: str) -> dict:
         handle = self.handles[name]
         try:
-            return await bounded(handle.score.remote(payload, prompt), self.retry.scoring_call_timeout_s)
+            return await bounded(handle.score.remote(payload, prompt), self.retry.scoring_call_timeout_s, self.served[name])
         except Exception as error:
             reason = replica_gone(error)
             if reason is None:
@@ -256,8 +285,8 @@ class HandleConsistency:
     one request per pair, each image put into the object store once, the same retry policy as
     the four text-image scorers."""
 
-    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None):
-        self.scoring = HandleScoring({"consistency": handle}, retry)
+    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None, served: Served | None = None):
+        self.scoring = HandleScoring({"consistency": handle}, retry, served=served)
 
     async def similarity(self, images: list[bytes], references: list[bytes]) -> list[ScorerResult]:
         put = self.scoring.put

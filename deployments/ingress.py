@@ -83,18 +83,20 @@ class Ingress(ViewerRoutes, EventRoutes):
         self.trace_store = open_store(self.settings.traces.root, self.settings.s3)
         weights = self.settings.scoring.weights.as_dict()
         handles = {"pickscore": pickscore, "clipscore": clipscore, "vqascore": vqascore, "aesthetic": aesthetic}
+        # What a generation needs: a submission while one has no live replica answers 503, and a
+        # call past its timeout keeps waiting only while its deployment has a live replica.
+        needed = [generator, agents, *(h for n, h in handles.items() if weights[n] > 0), consistency]
+        self.readiness = ReadinessCheck(serve.status, generator.app_name, [h.deployment_name for h in needed])
+        served = self._served
         self.services = Services(
-            chat=HandleChat(agents, args.handle_retry),
-            images=HandleImages(generator, args.handle_retry),
-            scoring=HandleScoring({n: h for n, h in handles.items() if weights[n] > 0}, args.handle_retry),
-            consistency=HandleConsistency(consistency, args.handle_retry),
+            chat=HandleChat(agents, args.handle_retry, served),
+            images=HandleImages(generator, args.handle_retry, served),
+            scoring=HandleScoring({n: h for n, h in handles.items() if weights[n] > 0}, args.handle_retry, served=served),
+            consistency=HandleConsistency(consistency, args.handle_retry, served),
             artifacts=self.artifacts,
             traces=self.trace_store,
         )
-        # What a generation needs: a submission while one has no live replica answers 503.
         check_services(self.services, self.settings)  # a config that cannot work fails the replica now
-        needed = [generator, agents, *(h for n, h in handles.items() if weights[n] > 0), consistency]
-        self.readiness = ReadinessCheck(serve.status, generator.app_name, [h.deployment_name for h in needed])
         self.offline = self.settings.images.provider == "offline" or self.settings.llm.provider == "offline"
         self.holder = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasks: dict[str, asyncio.Task] = {}
@@ -107,6 +109,12 @@ class Ingress(ViewerRoutes, EventRoutes):
         if args.jobs.run_jobs:
             self.loops.append(loop.create_task(self._claim_loop()))
             self.loops.append(loop.create_task(self._cancel_watch()))
+
+    async def _served(self, deployment: str) -> bool:
+        """Serve's controller reports a live replica of `deployment` (cached; see readiness). When
+        the controller cannot be asked, no: the call's own timeout decides, so nothing waits forever."""
+        readiness = await self.readiness.check()
+        return readiness.checked and deployment not in readiness.missing
 
     def __serve_build_asgi_app__(self):
         """Serve calls this after the constructor: this replica's own app, with its settings."""

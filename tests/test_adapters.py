@@ -326,3 +326,34 @@ async def test_consistency_pairs_put_each_image_once_and_retry_a_dead_replica():
     assert len(method.calls) == 5
     pairs = {(payload.data, reference.data) for payload, reference in method.calls}
     assert pairs == {(a, previous), (a, scene_1), (b, previous), (b, scene_1)}
+
+
+async def test_a_call_past_its_timeout_keeps_waiting_while_its_deployment_is_served():
+    """A flood or a scale-up makes calls wait longer than the timeout while replicas are live:
+    they are not cancelled then. Only when Serve reports no live replica do they fail."""
+    release = asyncio.Event()
+
+    async def busy(n, *args):
+        await release.wait()  # a live but busy replica: the answer comes late
+        return result(42.0)
+
+    asked: list[str] = []
+
+    async def served(deployment: str) -> bool:
+        asked.append(deployment)
+        if len(asked) == 3:
+            release.set()
+        return True
+
+    client, methods, _ = scoring({"vqascore": busy}, retry=BOUNDED)
+    client.served = {name: (lambda n=name: served(n)) for name in NAMES}
+    [scores] = await asyncio.wait_for(client.score([b"img"], ["prompt"]), 5)
+    assert scores["vqascore"].score == 42.0
+    assert len(methods["vqascore"].calls) == 1 and asked.count("vqascore") >= 3  # one call, never cancelled
+
+    async def gone(deployment: str) -> bool:
+        return False
+
+    chat = HandleChat(Handle(complete=Method(hangs())), BOUNDED, served=gone)
+    with pytest.raises(ProviderError, match=r"no replica answered within 0.1 s"):
+        await asyncio.wait_for(chat.complete([{"role": "user", "content": "x"}], task="cinematographer"), 5)
