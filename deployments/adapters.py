@@ -225,24 +225,15 @@ class HandleScoring:
             payloads = list(images)
             self.sent.inline += sum(len(image) for image in images) * len(names)
         self.sent.calls += len(images) * len(names)
-        tasks = [
-            asyncio.ensure_future(self._score_one(name, payload, prompt))
-            for payload, prompt in zip(payloads, prompts)
-            for name in names
-        ]
-        try:
-            outputs = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:  # one scorer failed for good (or we were cancelled): stop the rest
-                task.cancel()
-            await asyncio.wait(tasks)  # and see them stopped (their calls cancelled at Serve)
-            raise
+        outputs = await all_or_none(
+            self.score_one(name, payload, prompt) for payload, prompt in zip(payloads, prompts) for name in names
+        )
         return [
             {name: ScorerResult(**out) for name, out in zip(names, outputs[i * len(names) : (i + 1) * len(names)])}
             for i in range(len(images))
         ]
 
-    async def _score_one(self, name: str, payload, prompt: str) -> dict:
+    async def score_one(self, name: str, payload, prompt) -> dict:
         handle = self.handles[name]
         try:
             return await bounded(handle.score.remote(payload, prompt), self.retry.scoring_call_timeout_s, self.served[name])
@@ -293,18 +284,26 @@ class HandleConsistency:
         unique = {id(data): data for data in [*images, *references]}  # scene 1 is everyone's reference
         refs = await asyncio.to_thread(lambda: {key: put(data) for key, data in unique.items()})
         self.scoring.sent.put += sum(len(data) for data in unique.values())
-        tasks = [
-            asyncio.ensure_future(self.scoring._score_one("consistency", refs[id(i)], refs[id(r)]))
-            for i, r in zip(images, references)
-        ]
-        try:
-            outputs = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:  # one pair failed for good (or we were cancelled): stop the rest
-                task.cancel()
-            await asyncio.wait(tasks)
-            raise
+        outputs = await all_or_none(
+            self.scoring.score_one("consistency", refs[id(i)], refs[id(r)]) for i, r in zip(images, references)
+        )
         return [ScorerResult(**out) for out in outputs]
+
+
+async def all_or_none(calls) -> list:
+    """Run the calls at once and return their results in order; when one fails for good (or we
+    are cancelled), cancel the rest and wait until they have stopped (their calls cancelled at
+    Serve) before raising."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    if not tasks:
+        return []
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        raise
 
 
 async def _awaited(response):

@@ -97,8 +97,7 @@ def create_api(server: Any, *, authenticator: Authenticator, upload_limit_bytes:
     app.add_exception_handler(OperationalError, database_unavailable)
     app.add_exception_handler(ObjectStoreError, object_store_unavailable)
     # Refused while they stream in, before Starlette spools or parses the body.
-    limit = UploadBodyLimit.body_limit(upload_limit_bytes)
-    app.add_middleware(UploadBodyLimit, paths=UPLOAD_PATHS, limit=lambda: limit)
+    app.add_middleware(UploadBodyLimit, paths=UPLOAD_PATHS, limit=UploadBodyLimit.body_limit(upload_limit_bytes))
     app.add_middleware(JsonBodyLimit, paths=JSON_PATHS)  # 413 past 64 KiB, before parsing
 
     for name, spec in routes_of(type(server)):

@@ -32,17 +32,16 @@ class _BodyTooLarge(Exception):
 
 class UploadBodyLimit:
     """Answers 413 with `{"error", "detail"}` for requests to `paths` whose body is over
-    `limit()` bytes: at once when Content-Length says so, else as soon as the streamed body
+    `limit` bytes: at once when Content-Length says so, else as soon as the streamed body
     passes it (also when the route had started parsing: whatever the app answers to the body it
     never got whole is replaced by the 413). The response says `Connection: close`, so the server
     drops the connection instead of reading the rest of the body to reach a next request.
 
-    `limit` is called per request because the ingress only learns its limits after import, in
-    its constructor, while middleware must be added at import. For an upload form, use
+    Each replica's app is built with its own limit (`deployments.api.create_api`). For an upload form, use
     `UploadBodyLimit.body_limit(image_bytes)`: the image limit plus `FORM_ALLOWANCE`.
     """
 
-    def __init__(self, app: ASGIApp, *, paths: tuple[str, ...], limit: Callable[[], int]):
+    def __init__(self, app: ASGIApp, *, paths: tuple[str, ...], limit: int):
         self.app = app
         self.paths = frozenset(paths)
         self.limit = limit
@@ -64,7 +63,7 @@ class UploadBodyLimit:
         if not self._applies(scope):
             await self.app(scope, receive, send)
             return
-        limit = self.limit()
+        limit = self.limit
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _refuse(send, limit, f"Content-Length is {declared}")

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -87,7 +87,56 @@ def _parse_size(size: object) -> tuple[int, int]:
         return DEFAULT_IMAGE_SIZE  # "auto" or absent
 
 
-class FakeOpenAIServer:
+class LoopbackServer:
+    """`self.app` (ASGI) served by uvicorn on 127.0.0.1 in a background thread, for the test
+    doubles that real clients talk to over HTTP. Subclasses set `app`, `name` and `base_path`."""
+
+    name = "loopback"
+    base_path = "/"
+    app: Any
+    _server: "uvicorn.Server | None" = None
+    _thread: "threading.Thread | None" = None
+    port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        return f"http://127.0.0.1:{self.port}{self.base_path}"
+
+    def start(self, timeout_s: float = 10.0):
+        # Bind first, so the port is known and no other process can take it in between.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1, access_log=False
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name=self.name, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{type(self).__name__} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class FakeOpenAIServer(LoopbackServer):
     """An OpenAI-compatible server on 127.0.0.1 in a background thread.
 
     Faults: `add_faults(endpoint, *faults)` queues faults (a Fault or its kind as a string)
@@ -97,6 +146,9 @@ class FakeOpenAIServer:
     Latency: `chat_latency_s` and `image_latency_s`, read per request, so they can be changed
     while the server runs.
     """
+
+    name = "fake-openai"
+    base_path = "/v1"
 
     def __init__(self, *, chat_latency_s: float = 0.0, image_latency_s: float = 0.0):
         self.chat_latency_s = chat_latency_s
@@ -108,51 +160,7 @@ class FakeOpenAIServer:
         self._max_in_flight: dict[Endpoint, int] = dict.fromkeys(ENDPOINTS, 0)
         self._prompt_counts: dict[str, int] = {}
         self._counter = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.port: int | None = None
         self.app = self._build_app()
-
-    # --- lifecycle ---------------------------------------------------------------------
-
-    @property
-    def base_url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("FakeOpenAIServer is not started")
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self, timeout_s: float = 10.0) -> "FakeOpenAIServer":
-        # Bind first, so the port is known and no other process can take it in between.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1, access_log=False
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="fake-openai", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("FakeOpenAIServer did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> "FakeOpenAIServer":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # --- scripting and recording ---------------------------------------------------------
 

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import threading
-import time
 from dataclasses import dataclass
 from typing import Literal
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipeline.offline import render_offline_image
 from pipeline.providers import ProviderError
+from tests.doubles import LoopbackServer
 
 FaultKind = Literal[
     "429", "500", "503", "timeout", "blocked_prompt", "blocked_candidate", "no_image", "malformed_image"
@@ -98,9 +96,11 @@ def _size(aspect_ratio: str | None) -> tuple[int, int]:
     return WIDTH, max(1, round(WIDTH * height / width))
 
 
-class FakeGeminiServer:
+class FakeGeminiServer(LoopbackServer):
     """The fake on 127.0.0.1 in a background thread. `models`: the ids it serves; any other
     answers 404 NOT_FOUND the way the API does for a retired or unknown model."""
+
+    name = "fake-gemini"
 
     def __init__(self, *, models: set[str] | frozenset[str] = frozenset({"gemini-test-image"})):
         self.models = set(models)
@@ -108,44 +108,7 @@ class FakeGeminiServer:
         self._faults: list[Fault] = []
         self._requests: list[RecordedRequest] = []
         self._counter = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.port: int | None = None
         self.app = self._build_app()
-
-    @property
-    def base_url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("FakeGeminiServer is not started")
-        return f"http://127.0.0.1:{self.port}/"
-
-    def start(self, timeout_s: float = 10.0) -> "FakeGeminiServer":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1, access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="fake-gemini", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("FakeGeminiServer did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> "FakeGeminiServer":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def add_faults(self, *faults: Fault | FaultKind) -> None:
         """Faults for the next generateContent requests, one per request, in order."""

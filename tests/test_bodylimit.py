@@ -43,9 +43,9 @@ class Consumed:
         await self.app(scope, counting, send)
 
 
-def make_app(limit: dict) -> Consumed:
+def make_app(limit: int = LIMIT) -> Consumed:
     app = FastAPI()
-    app.add_middleware(UploadBodyLimit, paths=("/upload", "/raw", "/swallow"), limit=lambda: limit["bytes"])
+    app.add_middleware(UploadBodyLimit, paths=("/upload", "/raw", "/swallow"), limit=limit)
 
     @app.post("/upload")
     async def upload(image: UploadFile = File(...), prompt: str = Form(...)) -> dict:
@@ -118,17 +118,12 @@ def assert_refused(response: httpx.Response, limit: int) -> None:
 # --- in process (httpx ASGITransport): exact counts ---------------------------------------
 
 
-@pytest.fixture
-def limit():
-    return {"bytes": LIMIT}
-
-
 async def client_for(app):
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
-async def test_within_limit_passes(limit):
-    app = make_app(limit)
+async def test_within_limit_passes():
+    app = make_app()
     async with await client_for(app) as client:
         body = Body(LIMIT - 4096)
         response = await client.post("/upload", content=body.chunks(), headers=HEADERS)
@@ -138,9 +133,9 @@ async def test_within_limit_passes(limit):
 
 
 @pytest.mark.parametrize("path", ["/upload", "/raw", "/swallow"])
-async def test_streamed_body_refused_once_past_limit(limit, path):
+async def test_streamed_body_refused_once_past_limit(path):
     """No Content-Length (chunked): refused while parsing, after about `limit` bytes of 60 MB."""
-    app = make_app(limit)
+    app = make_app()
     body = Body(60 * 2**20)
     async with await client_for(app) as client:
         response = await client.post(path, content=body.chunks(), headers=HEADERS)
@@ -150,8 +145,8 @@ async def test_streamed_body_refused_once_past_limit(limit, path):
     assert response.headers["connection"] == "close"
 
 
-async def test_declared_length_refused_before_reading(limit):
-    app = make_app(limit)
+async def test_declared_length_refused_before_reading():
+    app = make_app()
     body = Body(60 * 2**20)
     headers = HEADERS | {"content-length": str(body.total())}
     async with await client_for(app) as client:
@@ -161,13 +156,12 @@ async def test_declared_length_refused_before_reading(limit):
     assert app.bytes == 0
 
 
-async def test_limit_is_read_per_request_and_other_paths_are_free(limit):
-    app = make_app(limit)
-    async with await client_for(app) as client:
+async def test_each_app_has_its_limit_and_other_paths_are_free():
+    async with await client_for(make_app()) as client:
         assert (await client.post("/open", content=Body(2 * LIMIT).chunks(), headers=HEADERS)).status_code == 200
-        limit["bytes"] = 4 * LIMIT  # e.g. the ingress learnt its limits after import
+    async with await client_for(make_app(4 * LIMIT)) as client:
         assert (await client.post("/raw", content=Body(2 * LIMIT).chunks())).status_code == 200
-        limit["bytes"] = LIMIT // 2
+    async with await client_for(make_app(LIMIT // 2)) as client:
         assert_refused(await client.post("/raw", content=Body(LIMIT).chunks()), LIMIT // 2)
 
 
@@ -180,10 +174,10 @@ def test_body_limit_adds_the_form_allowance():
 
 
 @pytest.fixture(params=["h11", "httptools"])
-def server(limit, request):
+def server(request):
     """uvicorn (the server of Ray Serve's proxy) with either of its HTTP parsers."""
     pytest.importorskip(request.param)
-    app = make_app(limit)
+    app = make_app()
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http=request.param)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
