@@ -290,6 +290,41 @@ class HandleConsistency:
         return [ScorerResult(**out) for out in outputs]
 
 
+class HandleColocatedScoring:
+    """The text-image scorers when one deployment holds them all (layout colocated): one
+    request per image (put into the object store once) answers every model's score, with the
+    same timeouts and retries as HandleScoring. `names` are the models the pipeline weighs; an
+    answer that lacks one is an error, not a missing score."""
+
+    def __init__(self, handle: DeploymentHandle, names: list[str], retry: HandleRetry | None = None, *,
+                 served: Served | None = None):
+        self.names = list(names)
+        self.calls = HandleScoring({"scoring": handle}, retry, served=served)
+        self.sent = self.calls.sent
+
+    @property
+    def put(self):
+        return self.calls.put
+
+    @put.setter
+    def put(self, put) -> None:
+        self.calls.put = put
+
+    async def score(self, images: list[bytes], prompts: list[str]) -> list[dict[str, ScorerResult]]:
+        refs = await asyncio.to_thread(lambda: [self.calls.put(image) for image in images])
+        self.sent.put += sum(len(image) for image in images)
+        self.sent.calls += len(images)
+        outputs = await all_or_none(self.calls.score_one("scoring", ref, prompt) for ref, prompt in zip(refs, prompts))
+        results = []
+        for output in outputs:
+            missing = [name for name in self.names if name not in output]
+            if missing:
+                raise ScoringError(f"the Scoring deployment gave no {', '.join(missing)} score: it does not hold "
+                                   "that model (its weight was changed without redeploying?)")
+            results.append({name: ScorerResult(**output[name]) for name in self.names})
+        return results
+
+
 async def all_or_none(calls) -> list:
     """Run the calls at once and return their results in order; when one fails for good (or we
     are cancelled), cancel the rest and wait until they have stopped (their calls cancelled at

@@ -10,12 +10,16 @@ from pathlib import Path
 
 from ray.serve import Application
 
+import scorers
+
 from deployments.args import AppArgs
 from deployments.ingress import Ingress
 from deployments.diffusion import DiffusionGenerator
 from deployments.providers import ImageGenerator, PromptAgents
+from deployments.colocated import ColocatedScorer, colocated_deployment_options
 from deployments.scorer import ScorerDeployment, scorer_deployment_options
 
+COLOCATED_DEPLOYMENT = "Scoring"  # the one scoring deployment of the colocated layout
 SCORER_DEPLOYMENTS = {
     "pickscore": "PickScore", "clipscore": "CLIPScore", "vqascore": "VQAScore", "aesthetic": "Aesthetic",
     "consistency": "Consistency",  # image against reference image: reported always, weighted per config
@@ -40,26 +44,37 @@ def image_generator(args: AppArgs) -> Application:
     )
 
 
+def scoring_deployments(args: AppArgs) -> dict[str, Application]:
+    """The text-image scoring deployments of `args.scorers.layout`, keyed as the ingress reads
+    them: per model name (separate), or {"scoring": the Scoring deployment} (colocated), plus
+    "consistency" in both. Only models with a positive weight are loaded in the colocated
+    layout; the separate layout deploys all four (a weight changed by `serve deploy` needs no
+    new deployment)."""
+    scoring = args.pipeline.scoring
+    input_path = getattr(scoring, "input_path", "pil")
+    served = {}
+    names = ["consistency"] if args.scorers.layout == "colocated" else list(SCORER_DEPLOYMENTS)
+    for name in names:
+        serving = getattr(args.scorers, name)
+        served[name] = ScorerDeployment.options(name=SCORER_DEPLOYMENTS[name], **scorer_deployment_options(serving)).bind(
+            name, scoring.options_for(name), args.offline_models_dir, serving.torch_threads(), input_path
+        )
+    if args.scorers.layout == "colocated":
+        serving = args.scorers.colocated
+        weights = scoring.weights.as_dict()
+        active = [name for name in scorers.SCORER_NAMES if weights.get(name, 0) > 0]
+        served["scoring"] = ColocatedScorer.options(name=COLOCATED_DEPLOYMENT, **colocated_deployment_options(serving)).bind(
+            active, {name: scoring.options_for(name) for name in active}, args.offline_models_dir,
+            serving.torch_threads(), input_path,
+        )
+    return served
+
+
 def build(args: AppArgs, ingress_options: dict | None = None) -> Application:
     """`ingress_options` (Serve deployment options) are for tests that deploy without a config
     file; `serve run` sets replicas, resources and autoscaling in the config's `deployments:`."""
     args = args.resolved(Path(os.getcwd()))
-    scoring = args.pipeline.scoring
-    scorers = {}
-    for name, deployment in SCORER_DEPLOYMENTS.items():
-        serving = getattr(args.scorers, name)
-        options = scorer_deployment_options(serving)
-        scorers[name] = ScorerDeployment.options(name=deployment, **options).bind(
-            name, scoring.options_for(name), args.offline_models_dir, serving.torch_threads()
-        )
+    served = scoring_deployments(args)
+    consistency = served.pop("consistency")
     ingress = Ingress.options(**ingress_options) if ingress_options else Ingress
-    return ingress.bind(
-        scorers["pickscore"],
-        scorers["clipscore"],
-        scorers["vqascore"],
-        scorers["aesthetic"],
-        scorers["consistency"],
-        image_generator(args),
-        PromptAgents.bind(args.pipeline),
-        args,
-    )
+    return ingress.bind(served, consistency, image_generator(args), PromptAgents.bind(args.pipeline), args)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.adapters import HandleRetry
 from deployments.auth import AuthSettings, load_secret
+from deployments.colocated import ColocatedServing
 from deployments.scorer import ScorerServing
 from deployments.uploads import UploadLimits
 from pipeline.limits import AdmissionLimits
@@ -31,10 +33,19 @@ class JobSettings(BaseModel):
 
 class ScorersServing(BaseModel):
     """Per scorer, how it is served (batch, CPU/GPU, threads, replicas): one typed place, from
-    which `deployments.app` derives each scorer deployment's Serve options."""
+    which `deployments.app` derives each scorer deployment's Serve options.
+
+    `layout` picks one deployment per text-image model (`separate`: each on its own GPU
+    fraction, scaled on its own; the entries below) or one deployment holding all four
+    (`colocated`: each image sent and decoded once; `colocated` below). Which fits which
+    cluster: docs/serving.md. The consistency model is its own deployment in both."""
 
     model_config = ConfigDict(extra="forbid")
 
+    layout: Literal["separate", "colocated"] = "separate"
+    colocated: ColocatedServing = Field(
+        ColocatedServing(), description="the Scoring deployment of the colocated layout (unused when separate)"
+    )
     pickscore: ScorerServing = ScorerServing()
     clipscore: ScorerServing = ScorerServing()
     vqascore: ScorerServing = ScorerServing()

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.adapters import HandleChat, HandleConsistency, HandleImages, HandleScoring
+from deployments.adapters import HandleChat, HandleColocatedScoring, HandleConsistency, HandleImages, HandleScoring
 from deployments.api import create_api, principal, route
 from deployments.args import AppArgs
 from deployments.auth import Authenticator, Principal
@@ -64,10 +64,7 @@ CANCEL_WATCH_S = 2.0  # how often a replica looks for cancel requests of the job
 class Ingress(ViewerRoutes, EventRoutes):
     def __init__(
         self,
-        pickscore: DeploymentHandle,
-        clipscore: DeploymentHandle,
-        vqascore: DeploymentHandle,
-        aesthetic: DeploymentHandle,
+        scoring: dict[str, DeploymentHandle],
         consistency: DeploymentHandle,
         generator: DeploymentHandle,
         agents: DeploymentHandle,
@@ -82,16 +79,26 @@ class Ingress(ViewerRoutes, EventRoutes):
         self.artifacts = open_store(self.settings.artifacts_dir, self.settings.s3)
         self.trace_store = open_store(self.settings.traces.root, self.settings.s3)
         weights = self.settings.scoring.weights.as_dict()
-        handles = {"pickscore": pickscore, "clipscore": clipscore, "vqascore": vqascore, "aesthetic": aesthetic}
+        # `scoring`: one handle per text-image model (layout separate), or the one Scoring
+        # deployment that holds them all (colocated): deployments.app.scoring_deployments.
+        active = [name for name, weight in weights.items() if weight > 0]
+        if "scoring" in scoring:
+            scoring_handles = [scoring["scoring"]]
+        else:
+            scoring_handles = [scoring[name] for name in active]
         # What a generation needs: a submission while one has no live replica answers 503, and a
         # call past its timeout keeps waiting only while its deployment has a live replica.
-        needed = [generator, agents, *(h for n, h in handles.items() if weights[n] > 0), consistency]
+        needed = [generator, agents, *scoring_handles, consistency]
         self.readiness = ReadinessCheck(serve.status, generator.app_name, [h.deployment_name for h in needed])
         served = self._served
+        if "scoring" in scoring:
+            scoring_client = HandleColocatedScoring(scoring["scoring"], active, args.handle_retry, served=served)
+        else:
+            scoring_client = HandleScoring({n: scoring[n] for n in active}, args.handle_retry, served=served)
         self.services = Services(
             chat=HandleChat(agents, args.handle_retry, served),
             images=HandleImages(generator, args.handle_retry, served),
-            scoring=HandleScoring({n: h for n, h in handles.items() if weights[n] > 0}, args.handle_retry, served=served),
+            scoring=scoring_client,
             consistency=HandleConsistency(consistency, args.handle_retry, served),
             artifacts=self.artifacts,
             traces=self.trace_store,

@@ -224,27 +224,34 @@ class UnhealthyModel(RuntimeError):
 
 
 DEFAULT_BATCH = BatchConfig()
+INPUT_PATHS = ("pil", "tensor")
 
 
-@serve.deployment(
-    # Derived, not written by hand: see scorer_deployment_options.
-    max_ongoing_requests=scorer_deployment_options()["max_ongoing_requests"],
-    health_check_period_s=10,
-)
-class ScorerDeployment:
-    def __init__(self, name: str, options: dict | None = None, offline_models_dir: str | None = None, threads: int = 1):
+def decode_input(data: bytes, input_path: str = "pil"):
+    """One scoring input through the one image intake (scorers.images): a PIL image (the
+    reference path) or, with input_path "tensor", a uint8 RGB tensor the scorer resizes on its
+    device (docs/scoring.md, "Input path")."""
+    if input_path == "tensor":
+        from scorers.images import decode_tensor
+
+        return decode_tensor(data, SCORER_INPUT)
+    return open_image(data, SCORER_INPUT)
+
+
+class ScoringReplica:
+    """What a scoring replica does whatever models it holds: torch threads from its config,
+    batch settings applied by `reconfigure`, one forward pass at a time through the coalescer,
+    health from recent passes or a probe, and figures for the benchmarks."""
+
+    input_path = "pil"  # until _setup: instances made without __init__ (tests) use the reference path
+
+    def _setup(self, threads: int, input_path: str) -> None:
         # Ray leaves OMP_NUM_THREADS=1 in actors that reserve no CPU; the config says how many.
         torch.set_num_threads(threads)
         install_metrics()  # batch sizes and forward-pass times (deployments/metrics.py)
-        options = dict(options or {})
-        if offline_models_dir:
-            from scorers.tiny import build_tiny_models
-
-            options = {**build_tiny_models(Path(offline_models_dir))[name], **options}
-        self.name = name
-        # An image-image scorer (consistency) takes a reference image where the others take a prompt.
-        self.image_pairs = name in scorers.IMAGE_SCORER_NAMES
-        self.model = scorers.load_scorer(name, **options)  # once per replica
+        if input_path not in INPUT_PATHS:
+            raise ValueError(f"unknown input_path {input_path!r}: use one of {', '.join(INPUT_PATHS)}")
+        self.input_path = input_path
         self.batch_sizes: list[int] = []  # recent forward-pass sizes, for tests and the benchmark
         self.coalescer = Coalescer(self._forward, max_items=DEFAULT_BATCH.max_batch_size, describe=describe_request)
         self.health_check_cache_s = DEFAULT_BATCH.health_check_cache_s
@@ -263,39 +270,36 @@ class ScorerDeployment:
         batch_wait_timeout_s=DEFAULT_BATCH.batch_wait_timeout_s,
         max_concurrent_batches=MAX_PENDING_BATCHES,
     )
-    async def score_batch(self, requests: list[tuple[bytes, str]]) -> list[dict | ItemError]:
+    async def score_batch(self, requests: list[tuple[bytes, str]]) -> list:
         return await self.coalescer.submit(requests)
 
-    async def _forward(self, requests: list[tuple[bytes, str]]) -> list[dict]:
+    async def _forward(self, requests: list[tuple[bytes, str]]) -> list:
         self.batch_sizes = (self.batch_sizes + [len(requests)])[-1000:]
         # Decoding and the forward pass are CPU/GPU work: off the event loop, so new requests
         # keep arriving meanwhile.
-        started = time.perf_counter()
         outputs = await asyncio.to_thread(self._score, requests)
-        hooks().scorer_batch(self.name, len(requests), time.perf_counter() - started)
         self._check_finite(outputs)
         self.healthy_at = time.monotonic()
-        return [{"raw": o.raw, "score": o.score, "truncated": o.truncated} for o in outputs]
+        return [self._result(output) for output in outputs]
+
+    @staticmethod
+    def _as_dict(output) -> dict:
+        return {"raw": output.raw, "score": output.score, "truncated": output.truncated}
 
     def _check_finite(self, outputs) -> None:
         """NaN or inf is never a score: it comes from broken weights or a failing device, and
         passing it on would rank images by noise."""
-        if not all(math.isfinite(o.raw) and math.isfinite(o.score) for o in outputs):
-            raise UnhealthyModel(f"{self.name} gave a non-finite score: its weights or device are broken")
-
-    def _score(self, requests: list[tuple[bytes, str]]):
-        # The one image intake: pixel limit from the header, no animation, modes checked; an
-        # ImageError here fails the pass, and the coalescer's isolation names the bad image.
-        images = [open_image(data, SCORER_INPUT) for data, _ in requests]
-        if self.image_pairs:
-            return self.model.score(images, [open_image(reference, SCORER_INPUT) for _, reference in requests])
-        return self.model.score(images, [prompt for _, prompt in requests])
+        for output in outputs:
+            for name, one in self._named(output):
+                if not (math.isfinite(one.raw) and math.isfinite(one.score)):
+                    raise UnhealthyModel(f"{name} gave a non-finite score: its weights or device are broken")
 
     async def score(self, image: bytes | ray.ObjectRef, prompt: str | bytes | ray.ObjectRef) -> dict:
         """`image` is PNG bytes. The ingress puts each image into the object store once and
-        passes the same ObjectRef to all four scorers as a top-level argument, which Ray resolves
-        to the bytes before this runs (a node fetches the object once for all its replicas).
-        Where Serve does not resolve it (local testing mode), the reference is awaited here.
+        passes the same ObjectRef to every scoring deployment as a top-level argument, which Ray
+        resolves to the bytes before this runs (a node fetches the object once for all its
+        replicas). Where Serve does not resolve it (local testing mode), the reference is
+        awaited here.
 
         For the consistency scorer `prompt` is the reference image (bytes or an ObjectRef, like
         `image`). An input the model cannot score raises here, to its own caller only (`ItemError`)."""
@@ -314,18 +318,80 @@ class ScorerDeployment:
     async def check_health(self) -> None:
         """Serve calls this every `health_check_period_s`; raising makes Serve replace the
         replica. A forward pass that gave usable scores within `health_check_cache_s` is proof
-        enough, so a busy replica pays nothing; otherwise one small image and prompt go through
-        the real model, and an error or a non-finite score fails the check."""
+        enough, so a busy replica pays nothing; otherwise one small image goes through the real
+        model(s), and an error or a non-finite score fails the check."""
         if time.monotonic() - self.healthy_at < self.health_check_cache_s:
             return
         self.probes += 1
         try:
-            other = probe_image().transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.image_pairs else "a health check image"
-            outputs = await asyncio.to_thread(self.model.score, [probe_image()], [other])
+            outputs = await asyncio.to_thread(self._probe)
             self._check_finite(outputs)
         except Exception as exc:
-            raise UnhealthyModel(f"{self.name} health probe failed: {type(exc).__name__}: {exc}") from exc
+            raise UnhealthyModel(f"{self.label} health probe failed: {type(exc).__name__}: {exc}") from exc
         self.healthy_at = time.monotonic()
 
     def health_probes(self) -> int:
         return self.probes
+
+    def device_stats(self) -> dict:
+        """The device this replica computes on and, on a GPU, its peak and reserved memory in
+        bytes (None on a CPU: not measured, rather than a zero that looks like a figure)."""
+        device = self.device
+        if device.type != "cuda":
+            return {"device": str(device), "max_memory_allocated": None, "memory_reserved": None}
+        return {
+            "device": f"{device} ({torch.cuda.get_device_name(device)})",
+            "max_memory_allocated": torch.cuda.max_memory_allocated(device),
+            "memory_reserved": torch.cuda.memory_reserved(device),
+        }
+
+
+def load_model(name: str, options: dict | None, offline_models_dir: str | None):
+    options = dict(options or {})
+    if offline_models_dir:
+        from scorers.tiny import build_tiny_models
+
+        options = {**build_tiny_models(Path(offline_models_dir))[name], **options}
+    return scorers.load_scorer(name, **options)
+
+
+@serve.deployment(
+    # Derived, not written by hand: see scorer_deployment_options.
+    max_ongoing_requests=scorer_deployment_options()["max_ongoing_requests"],
+    health_check_period_s=10,
+)
+class ScorerDeployment(ScoringReplica):
+    """One scoring model per replica (the `separate` layout)."""
+
+    def __init__(self, name: str, options: dict | None = None, offline_models_dir: str | None = None, threads: int = 1,
+                 input_path: str = "pil"):
+        self._setup(threads, input_path)
+        self.name = self.label = name
+        # An image-image scorer (consistency) takes a reference image where the others take a prompt.
+        self.image_pairs = name in scorers.IMAGE_SCORER_NAMES
+        self.model = load_model(name, options, offline_models_dir)  # once per replica
+        self.device = self.model.device
+
+    async def _forward(self, requests: list[tuple[bytes, str]]) -> list[dict]:
+        started = time.perf_counter()
+        results = await super()._forward(requests)
+        hooks().scorer_batch(self.name, len(requests), time.perf_counter() - started)
+        return results
+
+    def _named(self, output):
+        return [(self.name, output)]
+
+    def _result(self, output) -> dict:
+        return self._as_dict(output)
+
+    def _score(self, requests: list[tuple[bytes, str]]):
+        # The one image intake: pixel limit from the header, no animation, modes checked; an
+        # ImageError here fails the pass, and the coalescer's isolation names the bad image.
+        images = [decode_input(data, self.input_path) for data, _ in requests]
+        if self.image_pairs:
+            return self.model.score(images, [decode_input(reference, self.input_path) for _, reference in requests])
+        return self.model.score(images, [prompt for _, prompt in requests])
+
+    def _probe(self):
+        other = probe_image().transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.image_pairs else "a health check image"
+        return self.model.score([probe_image()], [other])

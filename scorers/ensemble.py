@@ -1,0 +1,59 @@
+"""Several text-image scorers on one device, fed from one decode of each image.
+
+The co-located scoring layout (docs/serving.md) holds all four quality models in one process:
+each image arrives once, is decoded once, and every model scores it. Beside the four separate
+scorer deployments this saves three transfers and three decodes per image, and lets one
+process own the device (or, on a CPU, all its cores) instead of four processes competing.
+
+Each model keeps its own batch limit (`max_batch`): a batch that suits one model's memory or
+speed need not suit another's (on a CPU a VQAScore batch of 16 costs more per image than a
+batch of 1; on a GPU the large models want smaller batches than CLIP ViT-B-32).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from .base import ScoreOutput, Scorer
+
+
+class Ensemble:
+    """Named scorers scoring the same inputs. Not thread-safe: one `score` at a time (the
+    Serve replica runs one pass at a time)."""
+
+    def __init__(self, models: dict[str, Scorer], max_batch: dict[str, int] | None = None,
+                 on_batch: Callable[[str, int, float], None] | None = None):
+        if not models:
+            raise ValueError("an ensemble needs at least one scorer")
+        unknown = sorted(set(max_batch or {}) - set(models))
+        if unknown:
+            raise ValueError(f"batch limits for scorers that are not loaded: {', '.join(unknown)} "
+                             f"(loaded: {', '.join(models)})")
+        self.models = dict(models)
+        self.max_batch = {name: int((max_batch or {}).get(name, 0)) for name in models}  # 0: no limit
+        if any(limit < 0 for limit in self.max_batch.values()):
+            raise ValueError("a per-model batch limit is at least 1 (or 0 for no limit)")
+        self.on_batch = on_batch  # (scorer, batch size, seconds) of each forward pass
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def score(self, images: Sequence, prompts: Sequence[str]) -> list[dict[str, ScoreOutput]]:
+        """Every model over every image (PIL images or uint8 tensors, as `Scorer.score` takes),
+        in pieces of at most each model's batch limit; per image, its outputs keyed by name."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
+        results: list[dict[str, ScoreOutput]] = [{} for _ in images]
+        for name, model in self.models.items():
+            step = self.max_batch[name] or len(images) or 1
+            for start in range(0, len(images), step):
+                piece = slice(start, start + step)
+                started = time.perf_counter()
+                outputs = model.score(list(images[piece]), list(prompts[piece]))
+                if self.on_batch is not None:
+                    self.on_batch(name, len(outputs), time.perf_counter() - started)
+                for slot, output in zip(results[piece], outputs):
+                    slot[name] = output
+        return results

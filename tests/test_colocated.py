@@ -1,0 +1,199 @@
+"""The co-located scoring layout (issue 13): one replica holding the four text-image models,
+one request per image. Its own logic without Ray: the scores equal each model's own, per-model
+batch limits, a bad image named to its own caller, health, the typed config and the app's
+wiring; and its adapter against a fake handle. Under `serve run`: tests/serve/test_serve_run.py
+(the offline config uses this layout)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+import scorers
+from deployments.colocated import ColocatedBatchConfig, ColocatedScorer, colocated_deployment_options
+from deployments.scorer import ItemError, ScorerDeployment, UnhealthyModel
+from pipeline.scoring import ScoringError
+from scorers.ensemble import Ensemble
+
+NAMES = list(scorers.SCORER_NAMES)
+
+
+def png(size=(64, 36), seed=0) -> bytes:
+    image = Image.effect_noise(size, 40 + seed).convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    from scorers.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_models(root)
+    return str(root)
+
+
+CPU = {"device": "cpu", "dtype": "fp32"}
+
+
+def colocated(models_dir, names=NAMES, **config) -> ColocatedScorer:
+    replica = ColocatedScorer.func_or_class(names, {name: CPU for name in names}, models_dir)
+    replica.reconfigure(config)
+    return replica
+
+
+async def test_one_request_gets_every_models_score_equal_to_the_separate_replicas(models_dir):
+    replica = colocated(models_dir)
+    requests = [(png(seed=i), f"a cup of coffee number {i}") for i in range(3)]
+    results = await replica.coalescer.submit(requests)
+    assert [sorted(r) for r in results] == [sorted(NAMES)] * 3
+    for name in NAMES:
+        alone = ScorerDeployment.func_or_class(name, CPU, models_dir)
+        expected = await alone.coalescer.submit(requests)
+        for got, want in zip(results, expected):
+            assert got[name]["raw"] == pytest.approx(want["raw"], abs=1e-5)
+            assert got[name]["score"] == pytest.approx(want["score"], abs=1e-4)
+            assert got[name]["truncated"] == want["truncated"]
+
+
+async def test_each_model_keeps_its_own_batch_limit(models_dir):
+    replica = colocated(models_dir, batch_wait_timeout_s=0.0, max_batch_size=16, model_max_batch_size={"vqascore": 2})
+    await replica.coalescer.submit([(png(seed=i), "a prompt") for i in range(5)])
+    sizes = replica.model_batch_sizes()
+    assert sizes["vqascore"] == [2, 2, 1]
+    assert sizes["pickscore"] == sizes["clipscore"] == sizes["aesthetic"] == [5]
+    assert replica.recent_batch_sizes() == [5]
+
+
+async def test_a_bad_image_is_named_to_its_own_caller_and_the_others_are_scored(models_dir):
+    replica = colocated(models_dir)
+    results = await replica.coalescer.submit([(png(), "good"), (b"not an image", "junk"), (png(seed=2), "good too")])
+    assert isinstance(results[0], dict) and isinstance(results[2], dict)
+    assert isinstance(results[1], ItemError)
+    assert "item 2 of 3" in str(results[1]) and "12 bytes (not a readable image)" in str(results[1])
+
+
+async def test_the_health_probe_runs_every_model_and_names_a_broken_one(models_dir):
+    replica = colocated(models_dir, health_check_cache_s=0)
+    await replica.check_health()
+    assert replica.probes == 1
+    with torch.no_grad():
+        for parameter in replica.ensemble.models["aesthetic"].head.parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(UnhealthyModel, match="Scoring health probe failed.*aesthetic gave a non-finite score"):
+        await replica.check_health()
+
+
+def test_the_replica_reports_its_device_without_made_up_memory_figures(models_dir):
+    stats = colocated(models_dir, names=["clipscore"]).device_stats()
+    assert stats == {"device": "cpu", "max_memory_allocated": None, "memory_reserved": None}
+
+
+def test_the_config_refuses_unknown_models_and_limits_below_one():
+    with pytest.raises(ValueError, match="unknown scorer.*pickscor"):
+        ColocatedBatchConfig(model_max_batch_size={"pickscor": 4})
+    with pytest.raises(ValueError, match="at least 1"):
+        ColocatedBatchConfig(model_max_batch_size={"vqascore": 0})
+    options = colocated_deployment_options({"batch": {"max_batch_size": 8, "model_max_batch_size": {"vqascore": 2}}, "num_cpus": 2})
+    assert options["max_ongoing_requests"] == 64
+    assert options["user_config"]["model_max_batch_size"] == {"vqascore": 2}
+    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+
+
+def test_a_limit_for_a_model_the_replica_does_not_hold_is_refused(models_dir):
+    replica = colocated(models_dir, names=["clipscore"])
+    with pytest.raises(ValueError, match="does not hold: vqascore"):
+        replica.reconfigure({"model_max_batch_size": {"vqascore": 2}})
+
+
+def test_models_on_two_devices_are_refused(models_dir):
+    options = {"clipscore": CPU, "aesthetic": {**CPU, "device": "meta"}}
+    with pytest.raises(ValueError, match="share one device"):
+        ColocatedScorer.func_or_class(["clipscore", "aesthetic"], options, models_dir)
+
+
+def test_the_ensemble_checks_its_inputs():
+    with pytest.raises(ValueError, match="at least one scorer"):
+        Ensemble({})
+    with pytest.raises(ValueError, match="not loaded: vqascore"):
+        Ensemble({"clipscore": object()}, {"vqascore": 2})
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        Ensemble({"clipscore": object()}).score([1, 2], ["p"])
+
+
+def test_the_app_binds_one_scoring_deployment_in_the_colocated_layout(tmp_path):
+    from deployments.app import COLOCATED_DEPLOYMENT, SCORER_DEPLOYMENTS, scoring_deployments
+    from deployments.args import AppArgs
+
+    base = {"database_url": f"sqlite:///{tmp_path}/db.sqlite", "offline_models_dir": str(tmp_path / "models")}
+    separate = scoring_deployments(AppArgs.model_validate(base))
+    assert {name: app._bound_deployment.name for name, app in separate.items()} == SCORER_DEPLOYMENTS
+
+    args = AppArgs.model_validate({**base, "pipeline": {"scoring": {"weights": {"vqascore": 0}}}, "scorers": {
+        "layout": "colocated", "colocated": {"num_cpus": 2, "batch": {"max_batch_size": 8}}}})
+    apps = scoring_deployments(args)
+    assert sorted(apps) == ["consistency", "scoring"]
+    scoring = apps["scoring"]._bound_deployment
+    assert scoring.name == COLOCATED_DEPLOYMENT
+    assert scoring.ray_actor_options["num_cpus"] == 2 and scoring.max_ongoing_requests == 64
+    bound_names = scoring.init_args[0]
+    assert bound_names == ["pickscore", "clipscore", "aesthetic"]  # weight 0: not loaded
+    assert sorted(scoring.init_args[1]) == sorted(bound_names)
+    with pytest.raises(ValueError, match="layout"):
+        AppArgs.model_validate({"scorers": {"layout": "one-big-box"}})
+
+
+# --- the adapter ----------------------------------------------------------------------------------
+
+
+class Method:
+    def __init__(self, behaviour):
+        self.behaviour, self.calls = behaviour, []
+
+    def remote(self, *args):
+        self.calls.append(args)
+        return self.behaviour(*args)
+
+
+class Handle:
+    deployment_name = "Scoring"
+
+    def __init__(self, behaviour):
+        self.score = Method(behaviour)
+
+
+def answer(names):
+    async def behaviour(image, prompt):
+        await asyncio.sleep(0)
+        return {name: {"raw": float(len(prompt)), "score": 50.0, "truncated": False} for name in names}
+
+    return behaviour
+
+
+async def test_the_adapter_sends_each_image_once_and_reads_every_models_score():
+    from deployments.adapters import HandleColocatedScoring
+
+    handle = Handle(answer(NAMES))
+    client = HandleColocatedScoring(handle, ["pickscore", "clipscore"])
+    puts = []
+    client.put = lambda data: puts.append(data) or f"ref-{len(puts)}"
+    results = await client.score([b"one", b"two"], ["short", "a longer prompt"])
+    assert puts == [b"one", b"two"]
+    assert handle.score.calls == [("ref-1", "short"), ("ref-2", "a longer prompt")]
+    assert [sorted(r) for r in results] == [["clipscore", "pickscore"]] * 2  # the weighed models only
+    assert results[1]["pickscore"].raw == len("a longer prompt")
+    assert client.sent.calls == 2 and client.sent.put == 6
+
+
+async def test_an_answer_without_a_weighed_model_is_an_error_not_a_missing_score():
+    from deployments.adapters import HandleColocatedScoring
+
+    client = HandleColocatedScoring(Handle(answer(["pickscore"])), ["pickscore", "vqascore"])
+    client.put = lambda data: data
+    with pytest.raises(ScoringError, match="gave no vqascore score"):
+        await client.score([b"one"], ["p"])
