@@ -20,7 +20,11 @@ keeps a hostile input cheap:
    for a downscale, then EXIF orientation and conversion to 8-bit RGB: transparency composited
    onto white, 16-bit greyscale scaled (not clipped) to 8 bits.
 
-Lowest layer on purpose: Pillow and numpy only, no pipeline, deployments or web framework, so
+`decode_tensor` is the same intake for the tensor input path (issue 13): steps 1-5 as above on
+the header, then torchvision's decoders into a uint8 (3, H, W) tensor with the same RGB meaning
+(see its docstring for which inputs fall back to the PIL decode). torch is imported only there.
+
+Lowest layer on purpose: Pillow and numpy only (torch lazily, for `decode_tensor`), no pipeline, deployments or web framework, so
 `scorers` stays a plain library and the layers above import it.
 """
 
@@ -37,7 +41,7 @@ from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugi
 __all__ = [
     "MAX_ASPECT", "MAX_PIXELS", "MIN_SIDE", "PROVIDER_ANSWER", "SCORER_INPUT", "SNIFF_BYTES",
     "DecodedImage", "ImageError", "ImageHeader", "ImageLimits", "ImageTooLargeError", "UnsupportedImageError",
-    "decode_image", "encode_png", "fit_within", "image_size", "open_image", "read_header", "sniff_image_type",
+    "decode_image", "decode_tensor", "encode_png", "rgb_tensor", "fit_within", "image_size", "open_image", "read_header", "sniff_image_type",
     "to_png", "to_rgb",
 ]
 
@@ -201,21 +205,34 @@ def fit_within(size: tuple[int, int], max_side: int | None) -> tuple[int, int] |
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def decode_image(data: bytes, limits: ImageLimits = SCORER_INPUT) -> DecodedImage:
-    """Check `data` against `limits` (bytes, format, header size, animation, mode) and decode it
-    to 8-bit RGB, downscaled to `limits.max_side` when given. Raises ImageError (or its
-    subclasses ImageTooLargeError, UnsupportedImageError) and nothing else on bad input."""
+def _open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, ImageHeader]:
+    """Steps 1-5 of the intake (bytes, format, header size, animation, mode) on the header only;
+    the open plugin is returned, not yet decoded. Shared by the PIL and tensor decoders so both
+    refuse exactly the same inputs."""
     if limits.max_bytes is not None and len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"image is larger than {limits.max_bytes} bytes")
     kind = _require_format(data)
     image = _open(data, kind)
-    with image:
+    try:
         header = ImageHeader(kind, image.width, image.height)
         _check_size(header.size, limits)
         if getattr(image, "n_frames", 1) > 1:
             raise ImageError(f"animated {kind} ({image.n_frames} frames): a reference image must be a still image")
         if image.mode not in _ACCEPTED_MODES:
             raise ImageError(f"{kind} in mode {image.mode} is not supported")
+    except BaseException:
+        image.close()
+        raise
+    return image, header
+
+
+def decode_image(data: bytes, limits: ImageLimits = SCORER_INPUT) -> DecodedImage:
+    """Check `data` against `limits` (bytes, format, header size, animation, mode) and decode it
+    to 8-bit RGB, downscaled to `limits.max_side` when given. Raises ImageError (or its
+    subclasses ImageTooLargeError, UnsupportedImageError) and nothing else on bad input."""
+    image, header = _open_checked(data, limits)
+    kind = header.format
+    with image:
         target = fit_within(header.size, limits.max_side)
         try:
             with warnings.catch_warnings():
@@ -254,6 +271,98 @@ def _decode(image: Image.Image, target: tuple[int, int] | None) -> Image.Image:
 def open_image(data: bytes, limits: ImageLimits = SCORER_INPUT) -> Image.Image:
     """Decode image bytes (PNG, JPEG, WEBP) into an 8-bit RGB PIL image, checking size before decoding pixels."""
     return decode_image(data, limits).image
+
+
+# (format, mode) pairs that torchvision decodes to the same RGB meaning as `to_rgb`: 8-bit RGB
+# and greyscale as they are, palettes expanded, alpha composited onto white below. Everything
+# else (1-bit, 16-bit, CMYK/YCbCr JPEG, premultiplied modes) takes the PIL decode.
+_TENSOR_MODES = {
+    "PNG": frozenset({"RGB", "RGBA", "L", "LA", "P"}),
+    "JPEG": frozenset({"RGB", "L"}),
+    "WEBP": frozenset({"RGB", "RGBA"}),
+}
+_ALPHA_MODES = frozenset({"RGBA", "LA"})
+
+
+def decode_tensor(data: bytes, limits: ImageLimits = SCORER_INPUT):
+    """Decode image bytes into a uint8 RGB tensor of shape (3, H, W) on the CPU, for scorers that
+    resize on their device (`ScoringSettings.input_path="tensor"`).
+
+    The same checks as `open_image`, from the header, before any pixel is decoded (byte size,
+    format, pixel limit, aspect, animation, mode), with the same ImageError types. Decoded with
+    torchvision.io where its result equals `open_image`'s pixel for pixel: PNG RGB/RGBA/L/LA/
+    palette (with or without tRNS), JPEG RGB/L, WEBP RGB/RGBA; alpha is composited onto white
+    with Pillow's own integer rule. Everything else goes through `open_image` and is converted,
+    so the meaning is still `to_rgb`'s: 1-bit and 16-bit images, CMYK/YCbCr JPEG, a non-palette
+    image with a transparency key, an EXIF or XMP orientation to apply, a `limits.max_side`
+    downscale, and a 16-bit PNG in an RGB mode (found after the decode)."""
+    image, header = _open_checked(data, limits)
+    with image:
+        fast = (
+            image.mode in _TENSOR_MODES[header.format]
+            and fit_within(header.size, limits.max_side) is None
+            and ("transparency" not in image.info or image.mode == "P")
+            and not _may_be_oriented(image.info)
+        )
+        alpha = image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+    if not fast:
+        return rgb_tensor(open_image(data, limits))
+    import torch
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    try:
+        pixels = tv_decode(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            mode=ImageReadMode.RGB_ALPHA if alpha else ImageReadMode.RGB,
+        )
+    except RuntimeError as exc:
+        kind = header.format
+        raise ImageError(f"cannot decode {kind} image ({len(data)} bytes, truncated or corrupt): {exc}") from exc
+    if pixels.dtype != torch.uint8:  # a 16-bit PNG: Pillow keeps the high byte; its decode is the rule
+        return rgb_tensor(open_image(data, limits))
+    if tuple(pixels.shape[-2:]) != (header.height, header.width):
+        raise ImageError(f"{header.format} decoded to {tuple(pixels.shape)}, header says {header.width}x{header.height}")
+    return _on_white(pixels) if alpha else pixels
+
+
+def _may_be_oriented(info: dict) -> bool:
+    """An orientation `exif_transpose` would apply, read from what the header gave (a PNG eXIf
+    chunk after the pixel data is not seen here: the PNG specification puts it before)."""
+    if "exif" in info:
+        exif = Image.Exif()
+        try:
+            exif.load(info["exif"])
+        except Exception:
+            return True
+        if exif.get(0x0112, 1) != 1:
+            return True
+    xmp = info.get("xmp") or info.get("XML:com.adobe.xmp")
+    if xmp:
+        return b"Orientation" in (xmp if isinstance(xmp, bytes) else str(xmp).encode())
+    return False
+
+
+def _on_white(rgba):
+    """RGBA (4, H, W) uint8 composited onto opaque white with Pillow's `alpha_composite`
+    arithmetic (7-bit fixed point, its divide-by-255 shift), so the result is bit-identical to
+    `to_rgb`; a fully transparent pixel is white."""
+    import torch
+
+    wide = rgba.to(torch.int32)
+    rgb, a = wide[:3], wide[3:]
+    mixed = rgb * a * 128 + 255 * (255 - a) * 128 + (0x80 << 7)
+    out = ((((mixed >> 8) + mixed) >> 8) >> 7)
+    return torch.where(a == 0, torch.full_like(out, 255), out).to(torch.uint8)
+
+
+def rgb_tensor(image: Image.Image):
+    """An image as a uint8 RGB (3, H, W) CPU tensor, through `to_rgb` (so any mode means what
+    it means on the PIL path)."""
+    import torch
+
+    rgb = to_rgb(image, checked=False)
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def encode_png(image: Image.Image) -> bytes:
