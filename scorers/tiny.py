@@ -5,8 +5,10 @@ transformers save_pretrained directories (PickScore's CLIPModel and processor, a
 a DINOv2 model with its image processor for the consistency scorer)
 and open_clip model-config JSON + checkpoint files (CLIP-Score, Aesthetic with a matching tiny head).
 Their numbers mean nothing; their tokenizers and preprocessing are the real ones. Their sizes come from the
-shape files in shapes/: `tiny` (the offline demo, the tests) and `bench` (ViT-B-32-sized towers and a small
-Qwen2-VL, large enough that compute dominates a serving benchmark).
+shape files in shapes/: `tiny` (the offline demo, the tests), `bench` (ViT-B-32-sized towers and a small
+Qwen2-VL, large enough that compute dominates a serving benchmark) and `real` (the production models'
+architectures, Qwen2.5-VL-3B included, for timing on a GPU: benchmarks/gpu_scoring.py). Real shapes are
+built in half precision (`dtype`), since a 3B model in fp32 costs 12 GB of disk and minutes to write.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -48,21 +51,24 @@ def load_shapes(shapes: str) -> dict:
     return json.loads(path.read_text())
 
 
-def build_tiny_models(root: Path, shapes: str = "tiny") -> dict[str, dict]:
+def build_tiny_models(root: Path, shapes: str = "tiny", dtype: str | torch.dtype | None = None) -> dict[str, dict]:
     """Build (once; later calls reuse them) the four random-weight models of `shapes` under root and
     return their load_scorer options.
 
+    `dtype` (fp16, bf16) builds and saves the weights in that precision; None keeps fp32. The
+    scorers cast to their own dtype when they load, so one half-precision copy serves fp16 and bf16 runs.
     Safe to call twice and from concurrent processes: each model is built in a temporary folder and moved
     into place whole.
     """
     shape = load_shapes(shapes)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    pick = _once(root / "pickscore", lambda d: _build_pickscore(d, shape["pickscore"]))
-    clip = _once(root / "clipscore", lambda d: _build_open_clip(d, shape["clipscore"], seed=1))
-    vqa = _once(root / "vqascore", lambda d: _build_vqascore(d, shape["vqascore"]))
-    aes = _once(root / "aesthetic", lambda d: _build_aesthetic(d, shape["aesthetic"]))
-    con = _once(root / "consistency", lambda d: _build_consistency(d, shape["consistency"]))
+    precision = _dtype(dtype)
+    pick = _once(root / "pickscore", lambda d: _build_pickscore(d, shape["pickscore"], precision))
+    clip = _once(root / "clipscore", lambda d: _build_open_clip(d, shape["clipscore"], seed=1, dtype=precision))
+    vqa = _once(root / "vqascore", lambda d: _build_vqascore(d, shape["vqascore"], precision))
+    aes = _once(root / "aesthetic", lambda d: _build_aesthetic(d, shape["aesthetic"], precision))
+    con = _once(root / "consistency", lambda d: _build_consistency(d, shape["consistency"], precision))
     return {
         "pickscore": {
             "model": str(pick / "model"), "processor": str(pick / "processor"), "reference": shape["pickscore"]["reference"],
@@ -76,6 +82,26 @@ def build_tiny_models(root: Path, shapes: str = "tiny") -> dict[str, dict]:
         },
         "consistency": {"model": str(con)},
     }
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    from .base import resolve_dtype
+
+    return resolve_dtype(dtype, torch.device("cpu"))
+
+
+@contextmanager
+def _built_in(dtype: torch.dtype):
+    """Modules constructed inside are made (and randomly initialised) in `dtype`: a 3B model never
+    exists in fp32, which would need 15 GB of memory on the way to a half-precision file."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _once(target: Path, build: Callable[[Path], None]) -> Path:
@@ -118,7 +144,7 @@ def build_clip_tokenizer(directory: Path):
     return tokenizer
 
 
-def _build_pickscore(directory: Path, shape: dict) -> None:
+def _build_pickscore(directory: Path, shape: dict, dtype: torch.dtype = torch.float32) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     tokenizer = build_clip_tokenizer(directory / "processor")
@@ -137,10 +163,12 @@ def _build_pickscore(directory: Path, shape: dict) -> None:
         projection_dim=shape["projection_dim"],
     )
     torch.manual_seed(0)
-    CLIPModel(config).eval().save_pretrained(directory / "model")
+    with _built_in(dtype):
+        model = CLIPModel(config).eval()
+    model.save_pretrained(directory / "model")
 
 
-def _build_open_clip(directory: Path, config: dict, seed: int) -> None:
+def _build_open_clip(directory: Path, config: dict, seed: int, dtype: torch.dtype = torch.float32) -> None:
     """A model-config JSON beside its checkpoint; open_clip_config.json also makes the folder a 'local-dir:' model."""
     import open_clip
     from safetensors.torch import save_file
@@ -151,13 +179,14 @@ def _build_open_clip(directory: Path, config: dict, seed: int) -> None:
     (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}, indent=2))
     torch.manual_seed(seed)
     model = open_clip.create_model(_register(config), pretrained=None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "open_clip_model.safetensors"))
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "open_clip_model.safetensors"))
 
 
-def _build_aesthetic(directory: Path, config: dict) -> None:
+def _build_aesthetic(directory: Path, config: dict, dtype: torch.dtype = torch.float32) -> None:
     from .aesthetic import AestheticHead
 
-    _build_open_clip(directory, config, seed=2)
+    _build_open_clip(directory, config, seed=2, dtype=dtype)
     torch.manual_seed(3)
     head = AestheticHead(config["embed_dim"])
     with torch.no_grad():  # centre the random head on the AVA scale so demo scores spread around the middle
@@ -190,36 +219,55 @@ def _build_qwen_tokenizer():
     return tokenizer
 
 
-def _build_vqascore(directory: Path, shape: dict) -> None:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+def _build_vqascore(directory: Path, shape: dict, dtype: torch.dtype = torch.float32) -> None:
+    """A Qwen2-VL (the default) or, with `"architecture": "qwen2_5_vl"`, a Qwen2.5-VL model and its
+    processor. Both use Qwen2-VL's image processor; the shape may set the real vocabulary size
+    (its embedding and output layer are part of the model's cost), the tokenizer stays the tiny one."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor
 
+    family = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[shape.get("architecture", "qwen2_vl")]
     tokenizer = _build_qwen_tokenizer()
-    parts = {"image_processor": Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=shape["max_pixels"]),
-             "tokenizer": tokenizer, "chat_template": QWEN_CHAT_TEMPLATE}
+    image_processor = Qwen2VLImageProcessor(min_pixels=shape.get("min_pixels", 28 * 28 * 4), max_pixels=shape["max_pixels"])
+    parts = {"image_processor": image_processor, "tokenizer": tokenizer, "chat_template": QWEN_CHAT_TEMPLATE}
     try:
         from transformers import Qwen2VLVideoProcessor  # required by the processor from transformers 5
 
         parts["video_processor"] = Qwen2VLVideoProcessor()
     except ImportError:
         pass
-    Qwen2VLProcessor(**parts).save_pretrained(directory)
+    getattr(transformers, f"{family}Processor")(**parts).save_pretrained(directory)
+    config = getattr(transformers, f"{family}Config")(**qwen_config_kwargs(shape, tokenizer))
+    torch.manual_seed(4)
+    with _built_in(dtype):
+        model = getattr(transformers, f"{family}ForConditionalGeneration")(config).eval()
+    model.save_pretrained(directory)
+
+
+def qwen_config_kwargs(shape: dict, tokenizer=None) -> dict:
+    """The keyword arguments of the Qwen config class for a vqascore shape (also used to count the
+    real shape's parameters on the meta device, without building anything)."""
+    tokenizer = tokenizer or _build_qwen_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config={
-            **shape["text"], "vocab_size": len(tokenizer), "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": shape["mrope_section"]},
-            "rope_scaling": {"type": "mrope", "mrope_section": shape["mrope_section"]},
+    sections = shape["mrope_section"]
+    theta = shape.get("rope_theta", 10000.0)
+    kwargs = {
+        "text_config": {
+            "vocab_size": len(tokenizer), **shape["text"], "max_position_embeddings": shape.get("max_position_embeddings", 4096),
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta, "mrope_section": sections},
+            "rope_scaling": {"type": "mrope", "mrope_section": sections},
             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
         },
-        vision_config={**shape["vision"], "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(4)
-    Qwen2VLForConditionalGeneration(config).eval().save_pretrained(directory)
+        "vision_config": {**shape["vision"], "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    if "tie_word_embeddings" in shape:
+        kwargs["tie_word_embeddings"] = kwargs["text_config"]["tie_word_embeddings"] = shape["tie_word_embeddings"]
+    return kwargs
 
 
-def _build_consistency(directory: Path, shape: dict) -> None:
+def _build_consistency(directory: Path, shape: dict, dtype: torch.dtype = torch.float32) -> None:
     """A Dinov2Model and a BitImageProcessor (DINOv2's own processor class) in one folder, as the
     Hugging Face DINOv2 repositories store them."""
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
@@ -230,4 +278,6 @@ def _build_consistency(directory: Path, shape: dict) -> None:
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3, do_convert_rgb=True,
     ).save_pretrained(directory)
     torch.manual_seed(5)
-    Dinov2Model(Dinov2Config(**shape["model"], image_size=crop)).eval().save_pretrained(directory)
+    with _built_in(dtype):
+        model = Dinov2Model(Dinov2Config(**shape["model"], image_size=crop)).eval()
+    model.save_pretrained(directory)
