@@ -14,14 +14,16 @@ map_location so it also loads on CPU-only machines.
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .base import ModelNotFoundError, ScoreOutput, Scorer, clamp01, map_images, resolve_device, resolve_dtype
+from .base import ModelNotFoundError, ScoreOutput, Scorer, clamp01, resolve_device, resolve_dtype
 from .openclip import load_open_clip
+from .tensors import CropTransform
 
 DEFAULT_MODEL = "ViT-L-14-quickgelu"
 DEFAULT_PRETRAINED = "openai"
@@ -97,9 +99,14 @@ class Aesthetic(Scorer):
         if embed_dim != self.head.input_size:
             raise ValueError(f"aesthetic head takes {self.head.input_size}-d embeddings, the CLIP model gives {embed_dim}")
 
+    @cached_property
+    def tensor_transform(self) -> CropTransform:
+        """The tensor path's preprocessing, read from open_clip's own preprocess transform."""
+        return CropTransform.from_open_clip(self.clip.preprocess)
+
     def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
-        pixels = torch.stack(map_images(self.clip.preprocess, images))
-        emb = self.clip.model.encode_image(pixels.to(self.device, self.dtype)).float()
+        pixels = self.pixel_batch(images, self.clip.preprocess, self.tensor_transform, join=torch.stack)
+        emb = self.clip.model.encode_image(pixels).float()
         emb = emb / emb.norm(dim=-1, keepdim=True)
         ratings = self.head(emb)[:, 0].tolist()
         return [ScoreOutput(raw=r, score=normalise(r), truncated=False) for r in ratings]

@@ -7,15 +7,19 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar, Union
 
 import torch
 from PIL import Image
 
 from .images import to_rgb
+from .tensors import check_tensor
 
 CLIP_CONTEXT_LENGTH = 77
 T = TypeVar("T")
+ImageInput = Union[Image.Image, torch.Tensor]
+"""A PIL image (any mode; the reference path) or a uint8 RGB (3, H, W) tensor on any device (the
+tensor path, preprocessed on the scorer's device: scorers.tensors)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,18 @@ def map_images(fn: Callable[[Image.Image], T], images: Sequence[Image.Image]) ->
     return list(_pool().map(fn, images))
 
 
+def as_input(image: ImageInput) -> ImageInput:
+    """A checked scorer input: tensors must be uint8 (3, H, W) (ValueError otherwise), PIL images
+    become RGB through to_rgb exactly as before the tensor path existed."""
+    if isinstance(image, torch.Tensor):
+        return check_tensor(image)
+    return to_rgb(image)
+
+
+def has_tensors(images: Sequence[ImageInput]) -> bool:
+    return any(isinstance(image, torch.Tensor) for image in images)
+
+
 class Scorer(abc.ABC):
     """A quality model. score() is synchronous and CPU/GPU heavy: call it from a worker thread.
 
@@ -104,19 +120,42 @@ class Scorer(abc.ABC):
     device: torch.device
     dtype: torch.dtype
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[ScoreOutput]:
-        """Score images[i] against prompts[i]; images of any mode are converted to RGB (or rejected: ImageError)."""
+    def score(self, images: Sequence[ImageInput], prompts: Sequence[str]) -> list[ScoreOutput]:
+        """Score images[i] against prompts[i]. PIL images of any mode are converted to RGB (or
+        rejected: ImageError) and preprocessed as the reference does; uint8 RGB (3, H, W) tensors
+        are moved to this scorer's device and preprocessed there (scorers.tensors); a batch may mix both."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
         if not images:
             return []
-        rgb = [to_rgb(image) for image in images]
+        rgb = [as_input(image) for image in images]
         with torch.inference_mode():
             return self._score(rgb, [str(p) for p in prompts])
 
     @abc.abstractmethod
-    def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
-        """Score RGB images, inside inference mode."""
+    def _score(self, images: list[ImageInput], prompts: list[str]) -> list[ScoreOutput]:
+        """Score RGB images (PIL, or checked uint8 tensors), inside inference mode."""
+
+    def pixel_batch(
+        self,
+        images: list[ImageInput],
+        pil_pixels: Callable[[Image.Image], torch.Tensor],
+        tensor_pixels: Callable[[torch.Tensor], torch.Tensor],
+        join: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat,
+    ) -> torch.Tensor:
+        """The model's pixel batch on this scorer's device and dtype. All-PIL batches take exactly
+        the reference code (preprocessed in threads, joined on the CPU, then moved); tensors are
+        moved to the device first (non_blocking) and preprocessed there by tensor_pixels."""
+        if not has_tensors(images):
+            return join(map_images(pil_pixels, images)).to(self.device, self.dtype)
+        parts: list[torch.Tensor | None] = [None] * len(images)
+        pil = [i for i, image in enumerate(images) if not isinstance(image, torch.Tensor)]
+        for i, pixels in zip(pil, map_images(pil_pixels, [images[i] for i in pil])):
+            parts[i] = pixels.to(self.device)
+        for i, image in enumerate(images):
+            if isinstance(image, torch.Tensor):
+                parts[i] = tensor_pixels(image.to(self.device, non_blocking=True))
+        return join(parts).to(self.device, self.dtype)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} on {self.device} {self.dtype}>"

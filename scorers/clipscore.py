@@ -13,12 +13,14 @@ plain ViT-B-32 builds GELU, which loads the same weights without error and silen
 from __future__ import annotations
 
 import os
+from functools import cached_property
 
 import torch
 from PIL import Image
 
-from .base import ScoreOutput, Scorer, clamp01, map_images, resolve_device, resolve_dtype
+from .base import ScoreOutput, Scorer, clamp01, resolve_device, resolve_dtype
 from .openclip import load_open_clip
+from .tensors import CropTransform
 
 DEFAULT_MODEL = "ViT-B-32-quickgelu"
 DEFAULT_PRETRAINED = "openai"
@@ -46,11 +48,16 @@ class ClipScore(Scorer):
         self.dtype = resolve_dtype(dtype, self.device)
         self.clip = load_open_clip(model, pretrained, self.device, self.dtype, allow_random_weights)
 
+    @cached_property
+    def tensor_transform(self) -> CropTransform:
+        """The tensor path's preprocessing, read from open_clip's own preprocess transform."""
+        return CropTransform.from_open_clip(self.clip.preprocess)
+
     def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
         texts = [PREFIX + prompt for prompt in prompts]
         truncated = [len(self.clip.tokenizer.encode(text)) + 2 > self.clip.context_length for text in texts]
-        pixels = torch.stack(map_images(self.clip.preprocess, images))
-        image_emb = self.clip.model.encode_image(pixels.to(self.device, self.dtype)).float()
+        pixels = self.pixel_batch(images, self.clip.preprocess, self.tensor_transform, join=torch.stack)
+        image_emb = self.clip.model.encode_image(pixels).float()
         text_emb = self.clip.model.encode_text(self.clip.tokenizer(texts).to(self.device)).float()
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
         text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)

@@ -20,13 +20,15 @@ ImageNet mean and std), its PIL version as for the other scorers. Nothing is cut
 from __future__ import annotations
 
 import os
+from functools import cached_property
 
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, Dinov2Model
 
-from .base import ScoreOutput, Scorer, clamp01, map_images, resolve_device, resolve_dtype, to_rgb
+from .base import ScoreOutput, Scorer, as_input, clamp01, resolve_device, resolve_dtype
 from .hub import from_pretrained, pil_image_processor_kwargs, trained_model
+from .tensors import CropTransform
 
 DEFAULT_MODEL = "facebook/dinov2-base"
 
@@ -57,22 +59,31 @@ class Consistency(Scorer):
         )
 
     def score(self, images, references) -> list[ScoreOutput]:  # type: ignore[override]
-        """Compare images[i] with references[i] (PIL images of any mode; RGB inside)."""
+        """Compare images[i] with references[i] (PIL images of any mode, RGB inside, or uint8 RGB
+        (3, H, W) tensors preprocessed on this scorer's device; both may be mixed)."""
         if len(images) != len(references):
             raise ValueError(f"{len(images)} images but {len(references)} references: give one reference per image")
         if not images:
             return []
         with torch.inference_mode():
-            return self._score([to_rgb(i) for i in images], [to_rgb(r) for r in references])
+            return self._score([as_input(i) for i in images], [as_input(r) for r in references])
 
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
         """L2-normalised CLS embeddings, fp32."""
-        pixels = torch.cat(map_images(self._pixels, images))
-        emb = self.model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output.float()
+        pixels = self.pixel_batch(images, self._pixels, self._tensor_pixels)
+        emb = self.model(pixel_values=pixels).pooler_output.float()
         return emb / emb.norm(dim=-1, keepdim=True)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         return self.image_processor(images=[image], return_tensors="pt").pixel_values
+
+    @cached_property
+    def tensor_transform(self) -> CropTransform:
+        """The tensor path's preprocessing, from the same image processor the PIL path uses."""
+        return CropTransform.from_hf(self.image_processor)
+
+    def _tensor_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        return self.tensor_transform(image).unsqueeze(0)
 
     def _score(self, images: list[Image.Image], references: list[Image.Image]) -> list[ScoreOutput]:  # type: ignore[override]
         emb = self.embed(images + references)

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import math
 import os
+from functools import cached_property
 
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-from .base import CLIP_CONTEXT_LENGTH, ScoreOutput, Scorer, features, map_images, resolve_device, resolve_dtype
+from .base import CLIP_CONTEXT_LENGTH, ScoreOutput, Scorer, features, resolve_device, resolve_dtype
 from .hub import from_pretrained, pil_image_processor_kwargs, trained_model
+from .tensors import CropTransform
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -64,11 +66,19 @@ class PickScore(Scorer):
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         return self.image_processor(images=[image], return_tensors="pt").pixel_values
 
+    @cached_property
+    def tensor_transform(self) -> CropTransform:
+        """The tensor path's preprocessing, from the same image processor the PIL path uses."""
+        return CropTransform.from_hf(self.image_processor)
+
+    def _tensor_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        return self.tensor_transform(image).unsqueeze(0)
+
     def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False).input_ids]
         text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        pixels = torch.cat(map_images(self._pixels, images))
-        image_emb = features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
+        pixels = self.pixel_batch(images, self._pixels, self._tensor_pixels)
+        image_emb = features(self.model.get_image_features(pixel_values=pixels)).float()
         text_emb = features(self.model.get_text_features(**text.to(self.device))).float()
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
         text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)

@@ -18,13 +18,15 @@ processor, as in the reference (transformers 4).
 from __future__ import annotations
 
 import os
+from functools import cached_property
 
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
-from .base import ScoreOutput, Scorer, resolve_device, resolve_dtype
+from .base import ScoreOutput, Scorer, has_tensors, resolve_device, resolve_dtype
 from .hub import from_pretrained, pil_image_processor_kwargs, trained_model
+from .tensors import PatchTransform
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 SMALL_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
@@ -75,12 +77,46 @@ class VQAScore(Scorer):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question.format(prompt)}]}]
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    @cached_property
+    def tensor_transform(self) -> PatchTransform:
+        """The tensor path's preprocessing, from the same image processor the PIL path uses."""
+        return PatchTransform.from_hf(self.processor.image_processor)
+
     def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
-        inputs = self.processor(
-            text=[self.prompt_text(p) for p in prompts], images=images, padding=True, return_tensors="pt"
-        ).to(self.device)
+        if has_tensors(images):
+            inputs = self._tensor_inputs(images, prompts)
+        else:
+            inputs = self.processor(
+                text=[self.prompt_text(p) for p in prompts], images=images, padding=True, return_tensors="pt"
+            ).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1].float()
         p_yes = torch.softmax(logits, dim=-1)[:, self.answer_id].tolist()
         return [ScoreOutput(raw=p, score=normalise(p), truncated=False) for p in p_yes]
+
+    def _tensor_inputs(self, images: list, prompts: list[str]) -> dict:
+        """The processor's inputs for a batch with tensors: patches made on the device (PIL images
+        in the batch through the PIL processor), each prompt's image token repeated once per merged
+        patch as Qwen2VLProcessor does, then its tokenizer (a test checks the ids match)."""
+        patches, grids = [], []
+        for image in images:
+            if isinstance(image, torch.Tensor):
+                flat, grid = self.tensor_transform(image.to(self.device, non_blocking=True))
+                patches.append(flat)
+                grids.append(list(grid))
+            else:
+                out = self.processor.image_processor(images=[image], return_tensors="pt")
+                patches.append(out["pixel_values"].to(self.device))
+                grids.append(out["image_grid_thw"][0].tolist())
+        token = self.processor.image_token
+        merge = self.processor.image_processor.merge_size ** 2
+        texts = [self.prompt_text(p).replace(token, token * (t * h * w // merge), 1)
+                 for p, (t, h, w) in zip(prompts, grids)]
+        inputs = dict(self.processor.tokenizer(texts, padding=True, return_tensors="pt"))
+        if getattr(self.processor, "return_mm_token_type_ids", False):
+            inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.processor.image_token_id).long()
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}
+        inputs["pixel_values"] = torch.cat(patches)
+        inputs["image_grid_thw"] = torch.tensor(grids, dtype=torch.long, device=self.device)
+        return inputs
