@@ -9,12 +9,14 @@ adapters over deployment handles. Either way a scorer that cannot run raises: no
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, Sequence
+from typing import Literal, Protocol, Sequence
 
 from PIL import Image
 
 from pipeline.schemas import ConsistencyScore, ReferenceSimilarity, ScorerResult, VariationResult
-from scorers.images import SCORER_INPUT, open_image
+from scorers.images import SCORER_INPUT, decode_tensor, open_image
+
+InputPath = Literal["pil", "tensor"]
 
 
 class ScoringError(RuntimeError):
@@ -37,7 +39,7 @@ class ScoreModel(Protocol):
 
     name: str
 
-    def score(self, images: list[Image.Image], prompts: list[str]) -> Sequence: ...
+    def score(self, images: list, prompts: list[str]) -> Sequence: ...
 
 
 def weighted_overall(scores: dict[str, ScorerResult], weights: dict[str, float]) -> float:
@@ -117,15 +119,28 @@ def decode_rgb(data: bytes) -> Image.Image:
     return open_image(data, SCORER_INPUT)
 
 
+def decode_input(data: bytes, input_path: InputPath = "pil"):
+    """Scorer input bytes for `ScoringSettings.input_path`: a PIL RGB image ("pil", the
+    reference path) or a uint8 RGB (3, H, W) CPU tensor that the scorers preprocess on their
+    device ("tensor"). The same intake checks either way; raises ImageError."""
+    if input_path == "tensor":
+        return decode_tensor(data, SCORER_INPUT)
+    if input_path != "pil":
+        raise ValueError(f"unknown input_path {input_path!r}: 'pil' or 'tensor'")
+    return decode_rgb(data)
+
+
 class LocalScoring:
     """In-process scoring: each model scores the whole batch in a worker thread, so the
-    event loop (and the other variations' I/O) keeps going while torch computes."""
+    event loop (and the other variations' I/O) keeps going while torch computes. Each image
+    is decoded once for all models, as `input_path` says (`ScoringSettings.input_path`)."""
 
-    def __init__(self, models: dict[str, ScoreModel], weights: dict[str, float]):
+    def __init__(self, models: dict[str, ScoreModel], weights: dict[str, float], input_path: InputPath = "pil"):
         self.models = {name: model for name, model in models.items() if weights.get(name, 0) > 0}
+        self.input_path = input_path
 
     async def score(self, images: list[bytes], prompts: list[str]) -> list[dict[str, ScorerResult]]:
-        pil = [decode_rgb(data) for data in images]
+        pil = [decode_input(data, self.input_path) for data in images]
         results: list[dict[str, ScorerResult]] = [{} for _ in images]
         for name, model in self.models.items():
             try:
@@ -141,12 +156,13 @@ class LocalConsistency:
     """In-process consistency model (`scorers.load_scorer("consistency")`), scored in a
     worker thread like LocalScoring."""
 
-    def __init__(self, model: ScoreModel):
+    def __init__(self, model: ScoreModel, input_path: InputPath = "pil"):
         self.model = model
+        self.input_path = input_path
 
     async def similarity(self, images: list[bytes], references: list[bytes]) -> list[ScorerResult]:
-        pil = [decode_rgb(data) for data in images]
-        refs = [decode_rgb(data) for data in references]
+        pil = [decode_input(data, self.input_path) for data in images]
+        refs = [decode_input(data, self.input_path) for data in references]
         try:
             outputs = await asyncio.to_thread(self.model.score, pil, refs)
         except Exception as exc:

@@ -276,6 +276,17 @@ class ScoringSettings(_Settings):
 
     weights: ScorerWeights = ScorerWeights()
     text: Literal["scene", "enhanced"] = "scene"
+    input_path: Literal["pil", "tensor"] = Field(
+        "pil",
+        description=(
+            "How image bytes reach the models. 'pil': decoded with Pillow and preprocessed by each "
+            "model's reference (PIL) image processor on the host, exactly as the reference "
+            "implementations. 'tensor': decoded once with torchvision (scorers.images.decode_tensor) and "
+            "resized, cropped and normalised on the scorer's device (scorers.tensors), which takes that work "
+            "off the host CPU on a GPU; scores deviate slightly from 'pil' (antialiased bicubic in float32, "
+            "measured per scorer in docs/scoring.md, 'Input path: PIL (reference) and tensor (device)')."
+        ),
+    )
     device: str = "auto"
     dtype: str = "auto"
     pickscore: PickScoreOptions = PickScoreOptions()

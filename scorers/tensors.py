@@ -47,11 +47,16 @@ def check_tensor(image: Any) -> torch.Tensor:
 
 def resize_uint8(image: torch.Tensor, height: int, width: int, interpolation: InterpolationMode) -> torch.Tensor:
     """Antialiased resize of a (3, H, W) uint8 tensor, returned as float32 values on the uint8
-    grid (rounded and clamped, as PIL's uint8 resize gives)."""
-    if (height, width) == tuple(image.shape[-2:]):
-        return image.float()
-    out = F.resize(image.float(), [height, width], interpolation=interpolation, antialias=True)
-    return out.round_().clamp_(0, 255)
+    grid. Two separable passes, width first, each rounded and clamped to 0-255, as PIL's uint8
+    resize does: one 2-D pass keeps the bicubic overshoot at edges between passes and drifts up
+    to 8 levels from PIL on upscaled images, the two passes stay within about one level."""
+    pixels = image.float()
+    in_height, in_width = image.shape[-2:]
+    if width != in_width:
+        pixels = F.resize(pixels, [in_height, width], interpolation=interpolation, antialias=True).round_().clamp_(0, 255)
+    if height != in_height:
+        pixels = F.resize(pixels, [height, width], interpolation=interpolation, antialias=True).round_().clamp_(0, 255)
+    return pixels
 
 
 def shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
