@@ -26,6 +26,14 @@ size of every argument of every scorer call, and of every `ray.put`, is counted 
 serializer.
 
     .venv/bin/python benchmarks/serving.py --concurrency 1 4 16 --variations 2
+
+Issue 13 (scoring throughput against the models' own limit): `--runs` compares the scorers'
+serving as shipped in serve_config.offline.yaml with the one before issue 13, in either layout,
+and after each run measures the limit: the same four models on the run's own images and texts
+in one process at batch 16 with all cores (the app stopped first, so the machine is quiet).
+
+    .venv/bin/python benchmarks/serving.py --concurrency 16 --modes on --variations 2 --no-e2e \
+        --runs before shipped:separate shipped:colocated
 """
 
 from __future__ import annotations
@@ -55,9 +63,16 @@ os.environ.update(ENV)
 from deployments.app import SCORER_DEPLOYMENTS as SCORERS  # noqa: E402  scorer name -> deployment name
 
 MODES = {
-    "on": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02},
+    "on": None,  # the batching of the config's own `scorers:` section
     "off": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
 }
+# The scorers' serving before issue 13, for the before/after table: one deployment per model,
+# no CPU reserved (so Ray gives each replica one thread), batch 16 for every model.
+BEFORE = {
+    "layout": "separate",
+    **{name: {"batch": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}, "num_cpus": 0} for name in SCORERS},
+}
+PROFILES = ("shipped", "before")
 PROMPT = "Artisan coffee that starts your morning right, in a sunlit corner cafe"
 
 # ---------------------------------------------------------------- models
@@ -88,7 +103,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(directory: Path, port: int, models: dict[str, dict], batching: dict) -> Path:
+def write_config(directory: Path, port: int, models: dict[str, dict], batching: dict | None, profile: str = "shipped",
+                 layout: str | None = None) -> Path:
+    """serve_config.offline.yaml with a free port and the bench models; its `scorers:` section as
+    shipped (profile "shipped") or as it was before issue 13 ("before"), optionally another
+    layout, and with batching "off" every deployment's batch at 1."""
     import yaml
 
     config = yaml.safe_load((ROOT / "serve_config.offline.yaml").read_text())
@@ -97,8 +116,16 @@ def write_config(directory: Path, port: int, models: dict[str, dict], batching: 
     [app] = config["applications"]
     app["args"].pop("offline_models_dir", None)
     app["args"]["pipeline"]["scoring"].update(models)
-    for name in SCORERS:  # the scorers' Serve options derive from the typed args.scorers
-        app["args"]["scorers"][name]["batch"] = dict(batching)
+    if profile == "before":
+        app["args"]["scorers"] = json.loads(json.dumps(BEFORE))
+    section = app["args"]["scorers"]
+    if layout:
+        section["layout"] = layout
+    if batching is not None:  # the scorers' Serve options derive from the typed args.scorers
+        for name in [*SCORERS, "colocated"]:
+            entry = section.setdefault(name, {})
+            entry["batch"] = {**entry.get("batch", {}), **batching}
+            entry["batch"].pop("model_max_batch_size", None)
     path = directory / "serve_config.bench.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -194,6 +221,11 @@ async def run_generations(base: str, headers: dict, count: int, body: dict, poll
         started = time.time()
 
         async def one(i: int) -> dict:
+            # One user per generation, as in production: the admission limits cap one user's
+            # active generations (args.limits.max_active_per_user).
+            from deployments.auth import mint_token
+
+            headers = {"Authorization": f"Bearer {mint_token(SECRET, f'bench-{i}')}"}
             reply = await client.post(f"{base}/api/generate", json={**body, "prompt": f"{PROMPT} (take {i + 1})"}, headers=headers)
             reply.raise_for_status()
             url = urljoin(base + "/", reply.json()["status_url"])  # relative when public_base_url is unset
@@ -207,9 +239,41 @@ async def run_generations(base: str, headers: dict, count: int, body: dict, poll
     return list(statuses), started
 
 
+TEXT_SCORERS = {name: deployment for name, deployment in SCORERS.items() if name != "consistency"}
+
+
+def scoring_handles(layout: str) -> dict:
+    """Handles of the scoring deployments of `layout`: the four text-image scorers by name
+    (separate) or "scoring" (colocated), and "consistency" in both."""
+    from ray import serve
+
+    from deployments.app import COLOCATED_DEPLOYMENT
+
+    names = TEXT_SCORERS if layout == "separate" else {"scoring": COLOCATED_DEPLOYMENT}
+    return {name: serve.get_deployment_handle(dep, app_name="sceneref")
+            for name, dep in {**names, "consistency": SCORERS["consistency"]}.items()}
+
+
+def scoring_client(handles: dict, by_reference: bool = True):
+    """The ingress's adapter for these handles: what the runner scores through."""
+    from deployments.adapters import HandleColocatedScoring, HandleScoring
+
+    if "scoring" in handles:
+        return HandleColocatedScoring(handles["scoring"], list(TEXT_SCORERS))
+    return HandleScoring({name: handles[name] for name in TEXT_SCORERS}, by_reference=by_reference)
+
+
 async def batch_sizes(handles: dict) -> dict[str, list[int]]:
-    sizes = await asyncio.gather(*(handle.recent_batch_sizes.remote() for handle in handles.values()))
-    return dict(zip(handles, sizes))
+    """Recent forward-pass sizes per model (for colocated: each model's passes, and "passes",
+    the images per coalesced pass of the Scoring replica)."""
+    sizes = {}
+    if "scoring" in handles:
+        sizes.update(await handles["scoring"].model_batch_sizes.remote())
+        sizes["passes"] = await handles["scoring"].recent_batch_sizes.remote()
+    for name, handle in handles.items():
+        if name != "scoring":
+            sizes[name] = await handle.recent_batch_sizes.remote()
+    return sizes
 
 
 async def throughput(app: ServeRun, headers: dict, handles: dict, concurrency: int, variations: int) -> dict:
@@ -225,7 +289,7 @@ async def throughput(app: ServeRun, headers: dict, handles: dict, concurrency: i
     wall = max(done for _, done in times.values()) - started
     scenes = sum(len(s["storyboard_plan"]["scenes"]) for s in statuses)
     after = await batch_sizes(handles)
-    sizes = {name: after[name][len(before[name]):] for name in handles}
+    sizes = {name: after[name][len(before[name]):] for name in after}
     images = scenes * variations
     return {
         "concurrency": concurrency, "generations": concurrency, "scenes": scenes, "images": images, "wall_s": wall,
@@ -271,8 +335,6 @@ def trace_timeline(traces: Path, created: float, finished: float) -> dict:
 
 
 async def end_to_end(app: ServeRun, headers: dict, handles: dict, generator) -> dict:
-    from deployments.adapters import HandleScoring
-
     body = {"target_duration": 15, "advanced_image_num_variations": 4, "advanced_image_max_enhancement_iterations": 4}
     [status], started = await run_generations(app.base, headers, 1, body, poll_s=0.2)
     if status["status"] != "completed":
@@ -281,7 +343,7 @@ async def end_to_end(app: ServeRun, headers: dict, handles: dict, generator) -> 
     created, finished = job_times(app.directory / "output/serve/sceneref.db", [gid])[gid]
     timeline = trace_timeline(app.directory / "output/serve/reference_image_traces" / gid, created, finished)
     # The same scenes' critical path, measured afterwards on the idle app through the handles.
-    scoring = HandleScoring(handles)
+    scoring = scoring_client(handles)
     reference, per_scene = None, []
     for scene in status["storyboard_plan"]["scenes"]:
         t_image, t_score, reference = await scene_path(generator, scoring, scene["enhanced_prompt"], reference, 4)
@@ -339,6 +401,7 @@ async def scene_bytes(generator, handles: dict, variations: int) -> dict:
     scene, as Ray serializes them, and the adapter's own count of image bytes."""
     from deployments.adapters import HandleImages, HandleScoring
 
+    handles = {name: handles[name] for name in TEXT_SCORERS}
     images = HandleImages(generator)
     made = await asyncio.gather(*(images.generate(PROMPT, reference=None, variation=k) for k in range(1, variations + 1)))
     data = [m.data for m in made]
@@ -360,45 +423,96 @@ async def scene_bytes(generator, handles: dict, variations: int) -> dict:
 
 async def warm_up(generator, handles: dict) -> None:
     """First forward passes allocate and initialise: keep them out of the figures."""
-    from deployments.adapters import HandleScoring
-
-    scoring = HandleScoring(handles)
+    scoring = scoring_client(handles)
     for _ in range(2):
         _, _, image = await scene_path(generator, scoring, PROMPT, None, 2)
     await scoring.score([image], [PROMPT])
 
 
-def bench_mode(mode: str, args, models: dict) -> dict:
+def scored_inputs(traces: Path) -> list[tuple[bytes, str]]:
+    """Every variation the run scored, with the text it was scored against, from its traces."""
+    pairs = []
+    for path in sorted(traces.glob("*/scene_*/quality_scores.json")):
+        info = json.loads(path.read_text())
+        text = (info.get("scoring") or {}).get("text") or info["prompt"]
+        pairs += [((path.parent / v["image"]).read_bytes(), text) for v in info["variations"] if v.get("image")]
+    return pairs
+
+
+def measure_limit(pairs: list[tuple[bytes, str]], models: dict, batch: int, threads: int, repeats: int = 2) -> dict:
+    """The four models' own limit on this machine: one process, `threads` torch threads, the
+    run's images and texts in batches of `batch`, each batch decoded once and scored by every
+    model through `score()` (what a replica does, without Serve). Also timed: each model alone,
+    and the bare forward passes (preprocessing done beforehand). Best of `repeats`."""
+    import torch
+
+    import scorers
+    from scorers.images import SCORER_INPUT, open_image
+
+    torch.set_num_threads(threads)
+    loaded = {name: scorers.load_scorer(name, **{**models[name], "device": "cpu", "dtype": "fp32"}) for name in TEXT_SCORERS}
+    chunks = [pairs[i : i + batch] for i in range(0, len(pairs), batch)]
+    for model in loaded.values():  # first passes allocate: not timed
+        model.score([open_image(chunks[0][0][0], SCORER_INPUT)], [chunks[0][0][1]])
+    best, per_model = float("inf"), {name: float("inf") for name in loaded}
+    for _ in range(repeats):
+        seconds = {name: 0.0 for name in loaded}
+        started = time.perf_counter()
+        for chunk in chunks:
+            t = time.perf_counter()
+            images = [open_image(data, SCORER_INPUT) for data, _ in chunk]
+            decode = time.perf_counter() - t
+            for name, model in loaded.items():
+                t = time.perf_counter()
+                model.score(images, [text for _, text in chunk])
+                seconds[name] += time.perf_counter() - t + decode / len(loaded)
+        best = min(best, time.perf_counter() - started)
+        per_model = {name: min(per_model[name], seconds[name]) for name in loaded}
+    return {"images": len(pairs), "batch": batch, "threads": threads, "seconds": best, "images_per_s": len(pairs) / best,
+            "model_share": {name: t / sum(per_model.values()) for name, t in per_model.items()}}
+
+
+def config_layout(config: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(config.read_text())["applications"][0]["args"]["scorers"].get("layout", "separate")
+
+
+def bench_mode(mode: str, args, models: dict, run: str = "shipped") -> dict:
     import ray
-    from ray import serve
 
     from deployments.auth import mint_token
 
-    directory = (args.work_dir / mode).resolve()
+    profile, _, layout = run.partition(":")
+    directory = (args.work_dir / f"{run.replace(':', '-')}-{mode}").resolve()
     if directory.exists():
         import shutil
 
         shutil.rmtree(directory)  # a stale job store would make the ingress resume old jobs
     directory.mkdir(parents=True)
     port = args.port or free_port()
-    config = write_config(directory, port, models, MODES[mode])
-    print(f"\n== batching {mode} {MODES[mode]}: serve run {config} (port {port})", flush=True)
+    config = write_config(directory, port, models, MODES[mode], profile, layout or None)
+    layout = config_layout(config)
+    print(f"\n== {run}, layout {layout}, batching {mode}: serve run {config} (port {port})", flush=True)
     app = ServeRun(directory, config, port)
-    result: dict = {"mode": mode, "user_config": MODES[mode]}
+    result: dict = {"run": run, "profile": profile, "layout": layout, "mode": mode, "user_config": MODES[mode]}
     try:
         started = time.perf_counter()
         app.wait_healthy()
         result["startup_s"] = time.perf_counter() - started
         print(f"healthy after {result['startup_s']:.0f} s", flush=True)
         ray.init(address=app.gcs_address(), log_to_driver=False, logging_level="ERROR")
-        handles = {name: serve.get_deployment_handle(dep, app_name="sceneref") for name, dep in SCORERS.items()}
+        from ray import serve
+
+        handles = scoring_handles(layout)
         generator = serve.get_deployment_handle("ImageGenerator", app_name="sceneref")
         headers = {"Authorization": f"Bearer {mint_token(SECRET, 'bench')}"}
         asyncio.run(warm_up(generator, handles))
-        result["bytes"] = asyncio.run(scene_bytes(generator, handles, args.variations))
-        b = result["bytes"]
-        print(f"  bytes per scene to the scorers ({b['variations']} images, {b['scorers']} scorers): "
-              f"inline {b['inline']['total_bytes']:,}, by reference {b['by_reference']['total_bytes']:,}", flush=True)
+        if args.bytes and layout == "separate":
+            result["bytes"] = asyncio.run(scene_bytes(generator, handles, args.variations))
+            b = result["bytes"]
+            print(f"  bytes per scene to the scorers ({b['variations']} images, {b['scorers']} scorers): "
+                  f"inline {b['inline']['total_bytes']:,}, by reference {b['by_reference']['total_bytes']:,}", flush=True)
         result["throughput"] = []
         for concurrency in args.concurrency:
             row = asyncio.run(throughput(app, headers, handles, concurrency, args.variations))
@@ -414,24 +528,46 @@ def bench_mode(mode: str, args, models: dict) -> dict:
         if ray.is_initialized():
             ray.shutdown()
         app.stop()
+    if args.limit and result["throughput"]:
+        # The app is stopped: the machine is quiet again. The same images and texts, in one process.
+        pairs = scored_inputs(directory / "output/serve/reference_image_traces")
+        result["limit"] = measure_limit(pairs, models, args.limit_batch, os.cpu_count() or 1)
+        lim = result["limit"]
+        for row in result["throughput"]:
+            row["of_limit"] = row["images_per_s"] / lim["images_per_s"]
+        print(f"  limit: {lim['images']} images in one process at batch {lim['batch']}, {lim['threads']} threads: "
+              f"{lim['images_per_s']:.2f} images/s; served / limit at {args.concurrency[-1]} generations: "
+              f"{result['throughput'][-1]['of_limit']:.2f}", flush=True)
     return result
 
 
 # ---------------------------------------------------------------- report
+
+BATCH_COLUMNS = [*TEXT_SCORERS, "consistency"]
 
 
 def report(results: list[dict], args) -> None:
     print(f"\nMachine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU; "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"Scoring throughput through the ingress (target_duration 9 -> 3 scenes, {args.variations} variations, "
-          "1 enhancement iteration); batch sizes are mean/max per scorer\n")
-    print("| batching | generations | images | wall | images/s | PickScore | CLIPScore | VQAScore | Aesthetic |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "1 enhancement iteration); an image = all four scorers (and consistency from scene 2); limit = the same "
+          "four models on the run's images in one process; batch sizes are mean/max per model\n")
+    print("| scorers | layout | batching | generations | images | wall | images/s | limit images/s | served / limit | "
+          + " | ".join(BATCH_COLUMNS) + " |")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(BATCH_COLUMNS))
     for result in results:
+        limit = result.get("limit")
         for row in result["throughput"]:
-            batches = " | ".join(f"{b['mean']:.1f} / {b['max']}" for b in row["batches"].values())
-            print(f"| {result['mode']} | {row['concurrency']} | {row['images']} | {row['wall_s']:.1f} s | "
-                  f"{row['images_per_s']:.2f} | {batches} |")
+            batches = " | ".join(
+                f"{row['batches'][n]['mean']:.1f} / {row['batches'][n]['max']}" if n in row["batches"] else "-"
+                for n in BATCH_COLUMNS
+            )
+            lim = f"{limit['images_per_s']:.2f} | {row['of_limit']:.2f}" if limit else "- | -"
+            print(f"| {result['run']} | {result['layout']} | {result['mode']} | {row['concurrency']} | {row['images']} | "
+                  f"{row['wall_s']:.1f} s | {row['images_per_s']:.2f} | {lim} | {batches} |")
+    for result in (r for r in results if r.get("limit")):
+        share = ", ".join(f"{n} {v:.0%}" for n, v in result["limit"]["model_share"].items())
+        print(f"\n{result['run']}: the limit's time per model: {share}")
     for result in (r for r in results if "bytes" in r):
         b = result["bytes"]
         print(f"\nBytes per scene to the scorers (issue 7), batching {result['mode']}: {b['variations']} images of "
@@ -445,14 +581,14 @@ def report(results: list[dict], args) -> None:
     e2es = [r for r in results if "e2e" in r]
     if e2es:
         print("\n4-scene generation (target_duration 15, 4 variations, up to 4 iterations): wall vs critical path\n")
-        print("| batching | wall | critical path | wall / critical | planning + enhancement | per scene: image + scoring 4 (handles) | per scene in the run: images + scoring (traces) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| scorers | batching | wall | critical path | wall / critical | planning + enhancement | per scene: image + scoring 4 (handles) | per scene in the run: images + scoring (traces) |")
+        print("|---|---|---|---|---|---|---|---|")
         for result in e2es:
             e = result["e2e"]
             direct = ", ".join(f"{s['image_s']:.2f}+{s['score4_s']:.2f}" for s in e["critical_per_scene"])
             traced = ", ".join(f"{s['images_s']:.2f}+{s['scoring_s']:.2f}" for s in e["timeline"]["scenes"])
-            print(f"| {result['mode']} | {e['wall_s']:.1f} s | {e['critical_s']:.1f} s | {e['wall_s'] / e['critical_s']:.2f}x | "
-                  f"{e['timeline']['planning_enhancement_s']:.2f} s | {direct} | {traced} |")
+            print(f"| {result['run']} | {result['mode']} | {e['wall_s']:.1f} s | {e['critical_s']:.1f} s | "
+                  f"{e['wall_s'] / e['critical_s']:.2f}x | {e['timeline']['planning_enhancement_s']:.2f} s | {direct} | {traced} |")
 
 
 def main() -> None:
@@ -460,29 +596,44 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent generations")
     parser.add_argument("--variations", type=int, default=2, help="variations per scene in the throughput runs (2-8)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="batching on and/or off")
+    parser.add_argument("--runs", nargs="+", default=["shipped"],
+                        help="scorer serving to compare: PROFILE[:LAYOUT], PROFILE 'shipped' (the `scorers:` of "
+                        "serve_config.offline.yaml) or 'before' (issue 13's starting point), LAYOUT separate or colocated")
     parser.add_argument("--skip-build", action="store_true", help="use the models already in --models-dir")
     parser.add_argument("--no-e2e", action="store_true", help="skip the 4-scene end-to-end generation")
+    parser.add_argument("--no-limit", dest="limit", action="store_false", help="skip the in-process limit")
+    parser.add_argument("--limit-batch", type=int, default=16, help="batch size of the in-process limit")
+    parser.add_argument("--bytes", action="store_true", help="also measure bytes per scene (issue 7; separate layout)")
     parser.add_argument("--port", type=int, default=0, help="HTTP port of serve run (default: a free one)")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "output/bench-models")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "output/bench-serving")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    for run in args.runs:
+        profile, _, layout = run.partition(":")
+        if profile not in PROFILES or layout not in ("", "separate", "colocated"):
+            parser.error(f"--runs {run!r}: use PROFILE[:LAYOUT] with PROFILE in {PROFILES} and LAYOUT separate or colocated")
 
     models = bench_models(args.models_dir, build=not args.skip_build)
     started = time.perf_counter()
-    if len(args.modes) == 1:
-        results = [bench_mode(args.modes[0], args, models)]
+    if len(args.modes) == 1 and len(args.runs) == 1:
+        results = [bench_mode(args.modes[0], args, models, args.runs[0])]
     else:
-        # One process per mode: Serve's handles and routers in a driver outlive ray.shutdown() and
+        # One process per run: Serve's handles and routers in a driver outlive ray.shutdown() and
         # would keep talking to the first cluster's replicas.
         results = []
-        for mode in args.modes:
-            out = (args.work_dir / f"{mode}.json").resolve()
-            argv = [sys.executable, __file__, "--skip-build", "--modes", mode, "--json", str(out),
-                    "--concurrency", *map(str, args.concurrency), "--variations", str(args.variations),
-                    "--port", str(args.port), "--models-dir", str(args.models_dir), "--work-dir", str(args.work_dir)]
-            subprocess.run(argv + (["--no-e2e"] if args.no_e2e else []), check=True)
-            results += json.loads(out.read_text())
+        for run in args.runs:
+            for mode in args.modes:
+                out = (args.work_dir / f"{run.replace(':', '-')}-{mode}.json").resolve()
+                argv = [sys.executable, __file__, "--skip-build", "--modes", mode, "--runs", run, "--json", str(out),
+                        "--concurrency", *map(str, args.concurrency), "--variations", str(args.variations),
+                        "--limit-batch", str(args.limit_batch), "--port", str(args.port),
+                        "--models-dir", str(args.models_dir), "--work-dir", str(args.work_dir)]
+                argv += ["--no-e2e"] if args.no_e2e else []
+                argv += ["--no-limit"] if not args.limit else []
+                argv += ["--bytes"] if args.bytes else []
+                subprocess.run(argv, check=True)
+                results += json.loads(out.read_text())
     report(results, args)
     print(f"\nbenchmark time {time.perf_counter() - started:.0f} s")
     if args.json:

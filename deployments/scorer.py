@@ -15,6 +15,7 @@ at a time over everything waiting when the model frees, up to `max_batch_size` i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from ray import serve
 import scorers
 from deployments.metrics import install as install_metrics
 from pipeline.telemetry import hooks
+from scorers.ensemble import EmbeddingCache
 from scorers.images import SCORER_INPUT, open_image, read_header
 
 
@@ -227,6 +229,12 @@ DEFAULT_BATCH = BatchConfig()
 INPUT_PATHS = ("pil", "tensor")
 
 
+def content_key(data: bytes) -> bytes:
+    """What identifies an input image across requests: a digest of its bytes (the same image
+    arrives again as the reference of later scenes)."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
 def decode_input(data: bytes, input_path: str = "pil"):
     """One scoring input through the one image intake (scorers.images): a PIL image (the
     reference path) or, with input_path "tensor", a uint8 RGB tensor the scorer resizes on its
@@ -371,6 +379,7 @@ class ScorerDeployment(ScoringReplica):
         self.image_pairs = name in scorers.IMAGE_SCORER_NAMES
         self.model = load_model(name, options, offline_models_dir)  # once per replica
         self.device = self.model.device
+        self.pairs = EmbeddingCache(self.model) if self.image_pairs else None
 
     async def _forward(self, requests: list[tuple[bytes, str]]) -> list[dict]:
         started = time.perf_counter()
@@ -387,9 +396,10 @@ class ScorerDeployment(ScoringReplica):
     def _score(self, requests: list[tuple[bytes, str]]):
         # The one image intake: pixel limit from the header, no animation, modes checked; an
         # ImageError here fails the pass, and the coalescer's isolation names the bad image.
+        if self.image_pairs:  # each image decoded and embedded once, however often it is compared
+            pairs = [(content_key(image), image, content_key(reference), reference) for image, reference in requests]
+            return self.pairs.similarity(pairs, lambda data: decode_input(data, self.input_path))
         images = [decode_input(data, self.input_path) for data, _ in requests]
-        if self.image_pairs:
-            return self.model.score(images, [decode_input(reference, self.input_path) for _, reference in requests])
         return self.model.score(images, [prompt for _, prompt in requests])
 
     def _probe(self):

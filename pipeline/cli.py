@@ -80,7 +80,7 @@ def local_scoring(settings: PipelineSettings, *, offline: bool) -> LocalScoring:
             for name in SCORER_NAMES
             if weights[name] > 0
         }
-    return LocalScoring(models, weights)
+    return LocalScoring(models, weights, input_path=settings.scoring.input_path)
 
 
 def local_consistency(settings: PipelineSettings, *, offline: bool) -> LocalConsistency:
@@ -89,7 +89,7 @@ def local_consistency(settings: PipelineSettings, *, offline: bool) -> LocalCons
     from scorers.tiny import build_tiny_models
 
     options = build_tiny_models(offline_models_dir())[CONSISTENCY] if offline else settings.scoring.options_for(CONSISTENCY)
-    return LocalConsistency(scorers.load_scorer(CONSISTENCY, **options))
+    return LocalConsistency(scorers.load_scorer(CONSISTENCY, **options), input_path=settings.scoring.input_path)
 
 
 async def _generate(args: argparse.Namespace) -> int:

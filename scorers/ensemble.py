@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
+import torch
+
 from .base import ScoreOutput, Scorer
 
 
@@ -57,3 +59,50 @@ class Ensemble:
                 for slot, output in zip(results[piece], outputs):
                     slot[name] = output
         return results
+
+
+class EmbeddingCache:
+    """Image-image similarity with each image embedded once per replica, however often it is
+    compared (`scorers.consistency.Consistency`'s `embed`, keyed by the caller's content key).
+
+    A scene's selected image is the reference of every variation of the scenes after it, and
+    scene 1's of all of them: without the cache each pair embeds both images again, twice the
+    work of embedding each new image once. The most recent `max_items` embeddings are kept
+    (a few KB each); an image whose embedding is kept is not even decoded again.
+    """
+
+    def __init__(self, model, max_items: int = 1024):
+        from collections import OrderedDict
+
+        self.model, self.max_items = model, max_items
+        self.kept: "OrderedDict[object, object]" = OrderedDict()
+        self.embedded = 0  # images embedded, for tests and the benchmarks
+
+    def similarity(self, pairs: Sequence[tuple[object, object, object, object]],
+                   decode: Callable[[object], object] = lambda data: data) -> list[ScoreOutput]:
+        """pairs: (key, image, reference key, reference); images and references are what
+        `decode` turns into the model's input (bytes through the image intake, or images
+        already). Per pair the model's raw cosine and its 0-100 score."""
+        from .consistency import normalise
+
+        missing: dict[object, object] = {}
+        for key, image, reference_key, reference in pairs:
+            for k, data in ((key, image), (reference_key, reference)):
+                if k not in self.kept and k not in missing:
+                    missing[k] = data
+        if missing:
+            inputs = [decode(data) for data in missing.values()]
+            with torch.inference_mode():
+                embeddings = self.model.embed(inputs).float().cpu()
+            self.embedded += len(inputs)
+            for k, row in zip(missing, embeddings):
+                self.kept[k] = row
+        outputs = []
+        for key, _, reference_key, _ in pairs:
+            self.kept.move_to_end(key)
+            self.kept.move_to_end(reference_key)
+            cos = float((self.kept[key] * self.kept[reference_key]).sum())
+            outputs.append(ScoreOutput(raw=cos, score=normalise(cos), truncated=False))
+        while len(self.kept) > self.max_items:
+            self.kept.popitem(last=False)
+        return outputs

@@ -122,3 +122,23 @@ def _raise_item(results):
         if isinstance(result, Exception):
             raise result
     return results
+
+
+async def test_the_consistency_replica_embeds_each_image_once_however_often_it_is_compared(models_dir):
+    """Scene 1's selected image is the reference of every later variation: before, each pair
+    embedded both of its images again (two embeddings per pair)."""
+    import scorers
+    from scorers.tiny import build_tiny_models
+
+    scorer = ScorerDeployment.func_or_class("consistency", {"device": "cpu", "dtype": "fp32"}, models_dir)
+    first, second, third = png((64, 36)), png((40, 40)), png((50, 30))
+    outputs = scorer._score([(second, first), (third, first)])
+    assert scorer.pairs.embedded == 3
+    later = scorer._score([(third, second), (third, first)])  # all three seen: nothing embedded, nothing decoded
+    assert scorer.pairs.embedded == 3
+    model = scorers.load_scorer("consistency", **{**build_tiny_models(models_dir)["consistency"], "device": "cpu"})
+    opened = {key: scorers.open_image(key) for key in (first, second, third)}
+    expected = model.score([opened[second], opened[third], opened[third], opened[third]],
+                           [opened[first], opened[first], opened[second], opened[first]])
+    got = [o.raw for o in outputs + later]
+    assert got == pytest.approx([e.raw for e in expected], abs=1e-5)
