@@ -276,8 +276,12 @@ class HandleConsistency:
     one request per pair, each image put into the object store once, the same retry policy as
     the four text-image scorers."""
 
-    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None, served: Served | None = None):
+    def __init__(self, handle: DeploymentHandle, retry: HandleRetry | None = None, served: Served | None = None, *,
+                 colocated: bool = False):
+        # colocated: the Scoring deployment holds the consistency model too and answers a pair
+        # with {"consistency": result} (deployments/colocated.py).
         self.scoring = HandleScoring({"consistency": handle}, retry, served=served)
+        self.colocated = colocated
 
     async def similarity(self, images: list[bytes], references: list[bytes]) -> list[ScorerResult]:
         put = self.scoring.put
@@ -287,6 +291,10 @@ class HandleConsistency:
         outputs = await all_or_none(
             self.scoring.score_one("consistency", refs[id(i)], refs[id(r)]) for i, r in zip(images, references)
         )
+        if self.colocated:
+            if any("consistency" not in out for out in outputs):
+                raise ScoringError("the Scoring deployment gave no consistency score: it does not hold that model")
+            outputs = [out["consistency"] for out in outputs]
         return [ScorerResult(**out) for out in outputs]
 
 

@@ -46,14 +46,14 @@ def image_generator(args: AppArgs) -> Application:
 
 def scoring_deployments(args: AppArgs) -> dict[str, Application]:
     """The text-image scoring deployments of `args.scorers.layout`, keyed as the ingress reads
-    them: per model name (separate), or {"scoring": the Scoring deployment} (colocated), plus
-    "consistency" in both. Only models with a positive weight are loaded in the colocated
+    them: per model name and "consistency" (separate), or {"scoring": the Scoring deployment,
+    which holds the consistency model too} (colocated). Only models with a positive weight are loaded in the colocated
     layout; the separate layout deploys all four (a weight changed by `serve deploy` needs no
     new deployment)."""
     scoring = args.pipeline.scoring
     input_path = getattr(scoring, "input_path", "pil")
     served = {}
-    names = ["consistency"] if args.scorers.layout == "colocated" else list(SCORER_DEPLOYMENTS)
+    names = [] if args.scorers.layout == "colocated" else list(SCORER_DEPLOYMENTS)
     for name in names:
         serving = getattr(args.scorers, name)
         served[name] = ScorerDeployment.options(name=SCORER_DEPLOYMENTS[name], **scorer_deployment_options(serving)).bind(
@@ -64,8 +64,8 @@ def scoring_deployments(args: AppArgs) -> dict[str, Application]:
         weights = scoring.weights.as_dict()
         active = [name for name in scorers.SCORER_NAMES if weights.get(name, 0) > 0]
         served["scoring"] = ColocatedScorer.options(name=COLOCATED_DEPLOYMENT, **colocated_deployment_options(serving)).bind(
-            active, {name: scoring.options_for(name) for name in active}, args.offline_models_dir,
-            serving.torch_threads(), input_path,
+            active, {name: scoring.options_for(name) for name in [*active, "consistency"]}, args.offline_models_dir,
+            serving.torch_threads(), input_path, True,
         )
     return served
 
@@ -75,6 +75,6 @@ def build(args: AppArgs, ingress_options: dict | None = None) -> Application:
     file; `serve run` sets replicas, resources and autoscaling in the config's `deployments:`."""
     args = args.resolved(Path(os.getcwd()))
     served = scoring_deployments(args)
-    consistency = served.pop("consistency")
+    consistency = served.pop("consistency", None)  # colocated: held by the Scoring deployment
     ingress = Ingress.options(**ingress_options) if ingress_options else Ingress
     return ingress.bind(served, consistency, image_generator(args), PromptAgents.bind(args.pipeline), args)

@@ -5,8 +5,9 @@ Each image is sent once (one request, not four), decoded once and scored by ever
 the same pass; the replica owns its device, or on a CPU machine its cores, instead of four
 processes competing for them. The separate layout (one deployment per model, each on its own
 GPU fraction) scales each model on its own; which fits which cluster is measured in
-docs/benchmarks.md and summed up in docs/serving.md. The consistency model stays its own
-deployment in both layouts: it takes image pairs, not prompts.
+docs/benchmarks.md and summed up in docs/serving.md. The consistency model (image pairs, not
+prompts) is held here too, so the image is decoded once for all five models; its embeddings are
+kept per replica (`scorers.ensemble.EmbeddingCache`).
 
 The engine is `scorers.ensemble.Ensemble` (no Serve in it); this module is the Serve layer:
 batching and coalescing, health and figures, shared with the separate layout through
@@ -15,16 +16,19 @@ batching and coalescing, health and figures, shared with the separate layout thr
 
 from __future__ import annotations
 
+import time
+
 
 from pydantic import Field, field_validator
 from ray import serve
 
 import scorers
 from deployments.scorer import (
-    BatchConfig, ScorerServing, ScoringReplica, decode_input, load_model, probe_image, scorer_deployment_options,
+    BatchConfig, ScorerServing, ScoringReplica, content_key, decode_input, load_model, probe_image,
+    scorer_deployment_options,
 )
 from pipeline.telemetry import hooks
-from scorers.ensemble import Ensemble
+from scorers.ensemble import EmbeddingCache, Ensemble
 
 
 class ColocatedBatchConfig(BatchConfig):
@@ -74,19 +78,23 @@ class ColocatedScorer(ScoringReplica):
     label = "Scoring"
 
     def __init__(self, names: list[str], options: dict[str, dict], offline_models_dir: str | None = None,
-                 threads: int = 1, input_path: str = "pil"):
+                 threads: int = 1, input_path: str = "pil", consistency: bool = False):
         self._setup(threads, input_path)
         unknown = sorted(set(names) - set(scorers.SCORER_NAMES))
         if unknown or not names:
             raise ValueError(f"the Scoring deployment holds text-image scorers ({', '.join(scorers.SCORER_NAMES)}); "
                              f"got {names!r}")
         models = {name: load_model(name, options.get(name), offline_models_dir) for name in names}
-        devices = {str(model.device) for model in models.values()}
+        # With consistency, image pairs are scored here too: each image decoded once for all five
+        # models, and no second process competing for the same cores or device.
+        self.consistency = load_model("consistency", options.get("consistency"), offline_models_dir) if consistency else None
+        devices = {str(model.device) for model in [*models.values(), *([self.consistency] if consistency else [])]}
         if len(devices) > 1:
             raise ValueError(f"the co-located models must share one device; the config puts them on {sorted(devices)}")
         self.device = next(iter(models.values())).device
-        self.model_sizes: dict[str, list[int]] = {name: [] for name in names}
+        self.model_sizes: dict[str, list[int]] = {name: [] for name in [*names, *(["consistency"] if consistency else [])]}
         self.ensemble = Ensemble(models, on_batch=self._model_pass)
+        self.pairs = EmbeddingCache(self.consistency) if consistency else None
 
     def reconfigure(self, user_config: dict) -> None:
         super().reconfigure({k: v for k, v in (user_config or {}).items() if k != "model_max_batch_size"})
@@ -106,14 +114,46 @@ class ColocatedScorer(ScoringReplica):
     def _result(self, output: dict) -> dict:
         return {name: self._as_dict(one) for name, one in output.items()}
 
-    def _score(self, requests: list[tuple[bytes, str]]):
-        # Decoded once for all the models, through the one image intake; an ImageError fails the
-        # pass and the coalescer's isolation names the bad image to its own caller.
-        images = [decode_input(data, self.input_path) for data, _ in requests]
-        return self.ensemble.score(images, [prompt for _, prompt in requests])
+    def _score(self, requests: list[tuple[bytes, str | bytes]]):
+        """A request with a prompt is scored by the text-image models; one whose second input is
+        an image (bytes) is a consistency pair. Each distinct image is decoded once in the pass,
+        through the one image intake; an ImageError fails the pass and the coalescer's isolation
+        names the bad image to its own caller."""
+        decoded: dict[bytes, object] = {}
+
+        def decode(data: bytes):
+            key = content_key(data)
+            if key not in decoded:
+                decoded[key] = decode_input(data, self.input_path)
+            return decoded[key]
+
+        texts = [i for i, (_, second) in enumerate(requests) if not isinstance(second, (bytes, bytearray))]
+        text_set = set(texts)
+        pairs = [i for i in range(len(requests)) if i not in text_set]
+        if pairs and self.pairs is None:
+            raise ValueError("this Scoring replica does not hold the consistency model: image pairs cannot be scored here")
+        outputs: list = [None] * len(requests)
+        if texts:
+            scored = self.ensemble.score([decode(requests[i][0]) for i in texts], [requests[i][1] for i in texts])
+            for i, output in zip(texts, scored):
+                outputs[i] = output
+        if pairs:
+            started = time.perf_counter()
+            keyed = [(content_key(requests[i][0]), requests[i][0], content_key(requests[i][1]), requests[i][1]) for i in pairs]
+            similar = self.pairs.similarity(keyed, decode)
+            self._model_pass("consistency", len(pairs), time.perf_counter() - started)
+            for i, output in zip(pairs, similar):
+                outputs[i] = {"consistency": output}
+        return outputs
 
     def _probe(self):
-        return self.ensemble.score([probe_image()], ["a health check image"])
+        outputs = self.ensemble.score([probe_image()], ["a health check image"], record=False)
+        if self.consistency is not None:
+            from PIL import Image
+
+            flipped = probe_image().transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            outputs.append({"consistency": self.consistency.score([probe_image()], [flipped])[0]})
+        return outputs
 
     def model_batch_sizes(self) -> dict[str, list[int]]:
         """Recent forward-pass sizes of each model (a pass over more than a model's limit is

@@ -65,7 +65,7 @@ class Ingress(ViewerRoutes, EventRoutes):
     def __init__(
         self,
         scoring: dict[str, DeploymentHandle],
-        consistency: DeploymentHandle,
+        consistency: DeploymentHandle | None,
         generator: DeploymentHandle,
         agents: DeploymentHandle,
         args: AppArgs,
@@ -88,7 +88,7 @@ class Ingress(ViewerRoutes, EventRoutes):
             scoring_handles = [scoring[name] for name in active]
         # What a generation needs: a submission while one has no live replica answers 503, and a
         # call past its timeout keeps waiting only while its deployment has a live replica.
-        needed = [generator, agents, *scoring_handles, consistency]
+        needed = [generator, agents, *scoring_handles, *([consistency] if consistency is not None else [])]
         self.readiness = ReadinessCheck(serve.status, generator.app_name, [h.deployment_name for h in needed])
         served = self._served
         if "scoring" in scoring:
@@ -99,7 +99,9 @@ class Ingress(ViewerRoutes, EventRoutes):
             chat=HandleChat(agents, args.handle_retry, served),
             images=HandleImages(generator, args.handle_retry, served),
             scoring=scoring_client,
-            consistency=HandleConsistency(consistency, args.handle_retry, served),
+            # Colocated: the Scoring deployment holds the consistency model as well.
+            consistency=HandleConsistency(consistency, args.handle_retry, served) if consistency is not None
+            else HandleConsistency(scoring["scoring"], args.handle_retry, served, colocated=True),
             artifacts=self.artifacts,
             traces=self.trace_store,
         )

@@ -42,9 +42,10 @@ class Ensemble:
     def names(self) -> list[str]:
         return list(self.models)
 
-    def score(self, images: Sequence, prompts: Sequence[str]) -> list[dict[str, ScoreOutput]]:
+    def score(self, images: Sequence, prompts: Sequence[str], record: bool = True) -> list[dict[str, ScoreOutput]]:
         """Every model over every image (PIL images or uint8 tensors, as `Scorer.score` takes),
-        in pieces of at most each model's batch limit; per image, its outputs keyed by name."""
+        in pieces of at most each model's batch limit; per image, its outputs keyed by name.
+        `record=False` keeps the pass out of `on_batch` (a health probe is not traffic)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
         results: list[dict[str, ScoreOutput]] = [{} for _ in images]
@@ -54,7 +55,7 @@ class Ensemble:
                 piece = slice(start, start + step)
                 started = time.perf_counter()
                 outputs = model.score(list(images[piece]), list(prompts[piece]))
-                if self.on_batch is not None:
+                if record and self.on_batch is not None:
                     self.on_batch(name, len(outputs), time.perf_counter() - started)
                 for slot, output in zip(results[piece], outputs):
                     slot[name] = output

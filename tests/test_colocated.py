@@ -41,8 +41,9 @@ def models_dir(tmp_path_factory):
 CPU = {"device": "cpu", "dtype": "fp32"}
 
 
-def colocated(models_dir, names=NAMES, **config) -> ColocatedScorer:
-    replica = ColocatedScorer.func_or_class(names, {name: CPU for name in names}, models_dir)
+def colocated(models_dir, names=NAMES, consistency=False, **config) -> ColocatedScorer:
+    options = {name: CPU for name in [*names, "consistency"]}
+    replica = ColocatedScorer.func_or_class(names, options, models_dir, 1, "pil", consistency)
     replica.reconfigure(config)
     return replica
 
@@ -68,6 +69,33 @@ async def test_each_model_keeps_its_own_batch_limit(models_dir):
     assert sizes["vqascore"] == [2, 2, 1]
     assert sizes["pickscore"] == sizes["clipscore"] == sizes["aesthetic"] == [5]
     assert replica.recent_batch_sizes() == [5]
+
+
+async def test_text_requests_and_image_pairs_share_one_pass_and_each_image_is_decoded_once(models_dir, monkeypatch):
+    import deployments.colocated as module
+
+    replica = colocated(models_dir, consistency=True)
+    decoded = []
+    real = module.decode_input
+    monkeypatch.setattr(module, "decode_input", lambda data, path: decoded.append(data) or real(data, path))
+    first, second, third = png(seed=1), png(seed=2), png(seed=3)
+    results = await replica.coalescer.submit([(second, "scene two"), (third, "scene two"), (second, first), (third, first)])
+    assert sorted(results[0]) == sorted(NAMES) and sorted(results[1]) == sorted(NAMES)
+    assert list(results[2]) == list(results[3]) == ["consistency"]
+    assert sorted(decoded) == sorted([first, second, third])  # once each, for all five models
+    alone = ScorerDeployment.func_or_class("consistency", CPU, models_dir)
+    expected = await alone.coalescer.submit([(second, first), (third, first)])
+    assert [r["consistency"]["raw"] for r in results[2:]] == pytest.approx([e["raw"] for e in expected], abs=1e-5)
+    assert replica.model_batch_sizes()["consistency"] == [2]
+    replica.health_check_cache_s = 0
+    await replica.check_health()  # the probe runs the consistency model too
+    assert replica.probes == 1
+
+
+async def test_pairs_sent_to_a_replica_without_the_consistency_model_are_refused(models_dir):
+    replica = colocated(models_dir, names=["clipscore"])
+    [result] = await replica.coalescer.submit([(png(), png(seed=2))])
+    assert isinstance(result, ItemError) and "does not hold the consistency model" in str(result)
 
 
 async def test_a_bad_image_is_named_to_its_own_caller_and_the_others_are_scored(models_dir):
@@ -137,13 +165,14 @@ def test_the_app_binds_one_scoring_deployment_in_the_colocated_layout(tmp_path):
     args = AppArgs.model_validate({**base, "pipeline": {"scoring": {"weights": {"vqascore": 0}}}, "scorers": {
         "layout": "colocated", "colocated": {"num_cpus": 2, "batch": {"max_batch_size": 8}}}})
     apps = scoring_deployments(args)
-    assert sorted(apps) == ["consistency", "scoring"]
+    assert sorted(apps) == ["scoring"]  # the consistency model is held by Scoring too
     scoring = apps["scoring"]._bound_deployment
     assert scoring.name == COLOCATED_DEPLOYMENT
     assert scoring.ray_actor_options["num_cpus"] == 2 and scoring.max_ongoing_requests == 64
     bound_names = scoring.init_args[0]
     assert bound_names == ["pickscore", "clipscore", "aesthetic"]  # weight 0: not loaded
-    assert sorted(scoring.init_args[1]) == sorted(bound_names)
+    assert sorted(scoring.init_args[1]) == sorted([*bound_names, "consistency"])
+    assert scoring.init_args[5] is True  # with the consistency model
     with pytest.raises(ValueError, match="layout"):
         AppArgs.model_validate({"scorers": {"layout": "one-big-box"}})
 
@@ -188,6 +217,20 @@ async def test_the_adapter_sends_each_image_once_and_reads_every_models_score():
     assert [sorted(r) for r in results] == [["clipscore", "pickscore"]] * 2  # the weighed models only
     assert results[1]["pickscore"].raw == len("a longer prompt")
     assert client.sent.calls == 2 and client.sent.put == 6
+
+
+async def test_the_consistency_adapter_reads_the_pair_answer_of_the_scoring_deployment():
+    from deployments.adapters import HandleConsistency
+
+    async def pair(image, reference):
+        return {"consistency": {"raw": 0.5, "score": 50.0, "truncated": False}}
+
+    handle = Handle(pair)
+    client = HandleConsistency(handle, colocated=True)
+    client.scoring.put = lambda data: data
+    first = b"first"
+    [a, b] = await client.similarity([b"two", b"three"], [first, first])
+    assert a.raw == b.raw == 0.5 and len(handle.score.calls) == 2
 
 
 async def test_an_answer_without_a_weighed_model_is_an_error_not_a_missing_score():
