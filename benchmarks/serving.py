@@ -243,15 +243,14 @@ TEXT_SCORERS = {name: deployment for name, deployment in SCORERS.items() if name
 
 
 def scoring_handles(layout: str) -> dict:
-    """Handles of the scoring deployments of `layout`: the four text-image scorers by name
-    (separate) or "scoring" (colocated), and "consistency" in both."""
+    """Handles of the scoring deployments of `layout`: the four text-image scorers and
+    consistency by name (separate), or "scoring" (colocated: it holds all five models)."""
     from ray import serve
 
     from deployments.app import COLOCATED_DEPLOYMENT
 
-    names = TEXT_SCORERS if layout == "separate" else {"scoring": COLOCATED_DEPLOYMENT}
-    return {name: serve.get_deployment_handle(dep, app_name="sceneref")
-            for name, dep in {**names, "consistency": SCORERS["consistency"]}.items()}
+    names = SCORERS if layout == "separate" else {"scoring": COLOCATED_DEPLOYMENT}  # Scoring holds consistency too
+    return {name: serve.get_deployment_handle(dep, app_name="sceneref") for name, dep in names.items()}
 
 
 def scoring_client(handles: dict, by_reference: bool = True):
