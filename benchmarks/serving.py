@@ -438,7 +438,8 @@ def scored_inputs(traces: Path) -> list[tuple[bytes, str]]:
     return pairs
 
 
-def measure_limit(pairs: list[tuple[bytes, str]], models: dict, batch: int, threads: int, repeats: int = 2) -> dict:
+def measure_limit(pairs: list[tuple[bytes, str]], models: dict, batch: int, threads: int, repeats: int = 2,
+                  sweep: list[int] | None = None) -> dict:
     """The four models' own limit on this machine: one process, `threads` torch threads, the
     run's images and texts in batches of `batch`, each batch decoded once and scored by every
     model through `score()` (what a replica does, without Serve). Also timed: each model alone,
@@ -467,8 +468,23 @@ def measure_limit(pairs: list[tuple[bytes, str]], models: dict, batch: int, thre
                 seconds[name] += time.perf_counter() - t + decode / len(loaded)
         best = min(best, time.perf_counter() - started)
         per_model = {name: min(per_model[name], seconds[name]) for name in loaded}
-    return {"images": len(pairs), "batch": batch, "threads": threads, "seconds": best, "images_per_s": len(pairs) / best,
-            "model_share": {name: t / sum(per_model.values()) for name, t in per_model.items()}}
+    result = {"images": len(pairs), "batch": batch, "threads": threads, "seconds": best, "images_per_s": len(pairs) / best,
+              "model_share": {name: t / sum(per_model.values()) for name, t in per_model.items()}}
+    if sweep:
+        # Per model, milliseconds per image at each batch size (decoded beforehand): where a
+        # smaller batch is cheaper per image, `model_max_batch_size` caps that model's passes.
+        images = [(open_image(data, SCORER_INPUT), text) for data, text in pairs]
+        result["sweep"] = {}
+        for name, model in loaded.items():
+            row = {}
+            for size in sweep:
+                started = time.perf_counter()
+                for i in range(0, len(images), size):
+                    chunk = images[i : i + size]
+                    model.score([image for image, _ in chunk], [text for _, text in chunk])
+                row[size] = 1000 * (time.perf_counter() - started) / len(images)
+            result["sweep"][name] = row
+    return result
 
 
 def config_layout(config: Path) -> str:
@@ -530,7 +546,7 @@ def bench_mode(mode: str, args, models: dict, run: str = "shipped") -> dict:
     if args.limit and result["throughput"]:
         # The app is stopped: the machine is quiet again. The same images and texts, in one process.
         pairs = scored_inputs(directory / "output/serve/reference_image_traces")
-        result["limit"] = measure_limit(pairs, models, args.limit_batch, os.cpu_count() or 1)
+        result["limit"] = measure_limit(pairs, models, args.limit_batch, os.cpu_count() or 1, sweep=args.sweep)
         lim = result["limit"]
         for row in result["throughput"]:
             row["of_limit"] = row["images_per_s"] / lim["images_per_s"]
@@ -567,6 +583,13 @@ def report(results: list[dict], args) -> None:
     for result in (r for r in results if r.get("limit")):
         share = ", ".join(f"{n} {v:.0%}" for n, v in result["limit"]["model_share"].items())
         print(f"\n{result['run']}: the limit's time per model: {share}")
+        sweep = result["limit"].get("sweep")
+        if sweep:
+            sizes = list(next(iter(sweep.values())))
+            print("\n| ms per image at batch | " + " | ".join(map(str, sizes)) + " |")
+            print("|---|" + "---|" * len(sizes))
+            for name, row in sweep.items():
+                print(f"| {name} | " + " | ".join(f"{row[size]:.1f}" for size in sizes) + " |")
     for result in (r for r in results if "bytes" in r):
         b = result["bytes"]
         print(f"\nBytes per scene to the scorers (issue 7), batching {result['mode']}: {b['variations']} images of "
@@ -602,6 +625,7 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true", help="skip the 4-scene end-to-end generation")
     parser.add_argument("--no-limit", dest="limit", action="store_false", help="skip the in-process limit")
     parser.add_argument("--limit-batch", type=int, default=16, help="batch size of the in-process limit")
+    parser.add_argument("--sweep", type=int, nargs="*", help="after the limit, each model's ms per image at these batch sizes")
     parser.add_argument("--bytes", action="store_true", help="also measure bytes per scene (issue 7; separate layout)")
     parser.add_argument("--port", type=int, default=0, help="HTTP port of serve run (default: a free one)")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "output/bench-models")
@@ -631,6 +655,7 @@ def main() -> None:
                 argv += ["--no-e2e"] if args.no_e2e else []
                 argv += ["--no-limit"] if not args.limit else []
                 argv += ["--bytes"] if args.bytes else []
+                argv += ["--sweep", *map(str, args.sweep)] if args.sweep else []
                 subprocess.run(argv, check=True)
                 results += json.loads(out.read_text())
     report(results, args)
