@@ -275,12 +275,61 @@ async def batch_sizes(handles: dict) -> dict[str, list[int]]:
     return sizes
 
 
+def cpu_snapshot(group: int) -> dict:
+    """CPU seconds so far of `serve run` and all its descendants, by process title
+    (Ray names its workers `ray::ServeReplica:APP:DEPLOYMENT`), and the machine's busy and idle
+    seconds (/proc/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
+        except (OSError, ProcessLookupError):
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        procs[int(proc.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, title)
+    # serve run's descendants (Ray's workers are the raylet's children, in sessions of their own)
+    ours, grew = {group}, True
+    while grew:
+        grew = False
+        for pid, (parent, _, _) in procs.items():
+            if parent in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    by_title: dict[str, float] = {}
+    for pid in ours & set(procs):
+        _, seconds, title = procs[pid]
+        title = title.split(" ")[0].rsplit("/", 1)[-1] or "?"
+        by_title[title] = by_title.get(title, 0.0) + seconds
+    cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = (cpu[3] + cpu[4]) / tick
+    return {"processes": by_title, "busy": sum(cpu) / tick - idle, "idle": idle}
+
+
+def cpu_share(before: dict, after: dict) -> dict:
+    """Where the machine's CPU went between two snapshots: each process title's share of all
+    CPU time (busy + idle), the idle share, and 'other' (processes outside serve run's group:
+    this benchmark, the rest of the machine)."""
+    total = (after["busy"] - before["busy"]) + (after["idle"] - before["idle"])
+    shares = {title: (after["processes"].get(title, 0.0) - before["processes"].get(title, 0.0)) / total
+              for title in after["processes"]}
+    shares = {title: share for title, share in sorted(shares.items(), key=lambda kv: -kv[1]) if share >= 0.005}
+    shares["idle"] = (after["idle"] - before["idle"]) / total
+    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
+
+
 async def throughput(app: ServeRun, headers: dict, handles: dict, concurrency: int, variations: int) -> dict:
     before = await batch_sizes(handles)
+    cpu_before = cpu_snapshot(app.process.pid)
     body = {"target_duration": 9, "advanced_image_num_variations": variations, "advanced_image_max_enhancement_iterations": 1}
     # Completion times come from the job store, so slow polling loses no precision and keeps
     # the status route's load (JWT, SQLite, URL signing on the ingress) off the busy cores.
     statuses, started = await run_generations(app.base, headers, concurrency, body, poll_s=2.0)
+    cpu = cpu_share(cpu_before, cpu_snapshot(app.process.pid))
     failed = [s for s in statuses if s["status"] != "completed"]
     if failed:
         raise RuntimeError(f"{len(failed)} generation(s) failed: {failed[0].get('error')}")
@@ -292,7 +341,7 @@ async def throughput(app: ServeRun, headers: dict, handles: dict, concurrency: i
     images = scenes * variations
     return {
         "concurrency": concurrency, "generations": concurrency, "scenes": scenes, "images": images, "wall_s": wall,
-        "images_per_s": images / wall,
+        "images_per_s": images / wall, "cpu": cpu,
         "batches": {name: {"count": len(s), "mean": statistics.fmean(s) if s else 0.0, "max": max(s, default=0),
                            "images": sum(s)} for name, s in sizes.items()},
     }
@@ -438,8 +487,25 @@ def scored_inputs(traces: Path) -> list[tuple[bytes, str]]:
     return pairs
 
 
+def consistency_inputs(traces: Path) -> list[tuple[bytes, bytes]]:
+    """Every (variation, reference) pair the run's consistency model compared, from its traces:
+    each variation of scene 2 on against the selected image of each scene it names."""
+    pairs = []
+    for generation in sorted(p for p in traces.iterdir() if p.is_dir()):
+        selected = {}
+        for scene in generation.glob("scene_*"):
+            first = (scene / "selected_best.txt").read_text().splitlines()[0] if (scene / "selected_best.txt").exists() else ""
+            if first.startswith("selected: "):
+                selected[int(scene.name.split("_")[1])] = (scene / first.split(": ", 1)[1].strip()).read_bytes()
+        for path in sorted(generation.glob("scene_*/quality_scores.json")):
+            for v in json.loads(path.read_text())["variations"]:
+                for ref in ((v.get("consistency") or {}).get("references") or []) if v.get("image") else []:
+                    pairs.append(((path.parent / v["image"]).read_bytes(), selected[ref["scene_number"]]))
+    return pairs
+
+
 def measure_limit(pairs: list[tuple[bytes, str]], models: dict, batch: int, threads: int, repeats: int = 2,
-                  sweep: list[int] | None = None) -> dict:
+                  sweep: list[int] | None = None, consistency_pairs: list[tuple[bytes, bytes]] = ()) -> dict:
     """The four models' own limit on this machine: one process, `threads` torch threads, the
     run's images and texts in batches of `batch`, each batch decoded once and scored by every
     model through `score()` (what a replica does, without Serve). Also timed: each model alone,
@@ -470,6 +536,26 @@ def measure_limit(pairs: list[tuple[bytes, str]], models: dict, batch: int, thre
         per_model = {name: min(per_model[name], seconds[name]) for name in loaded}
     result = {"images": len(pairs), "batch": batch, "threads": threads, "seconds": best, "images_per_s": len(pairs) / best,
               "model_share": {name: t / sum(per_model.values()) for name, t in per_model.items()}}
+    if consistency_pairs:
+        # The run's consistency work, as the service does it: each distinct image decoded and
+        # embedded once (scorers.ensemble.EmbeddingCache), then one cosine per pair.
+        from deployments.scorer import content_key
+        from scorers.ensemble import EmbeddingCache
+
+        model = scorers.load_scorer("consistency", **{**models["consistency"], "device": "cpu", "dtype": "fp32"})
+        model.score([open_image(consistency_pairs[0][0], SCORER_INPUT)], [open_image(consistency_pairs[0][1], SCORER_INPUT)])
+        keyed = [(content_key(a), a, content_key(b), b) for a, b in consistency_pairs]
+        seconds = float("inf")
+        for _ in range(repeats):
+            cache = EmbeddingCache(model)
+            started = time.perf_counter()
+            for i in range(0, len(keyed), batch // 2):  # about `batch` images embedded per pass
+                cache.similarity(keyed[i : i + batch // 2], lambda data: open_image(data, SCORER_INPUT))
+            seconds = min(seconds, time.perf_counter() - started)
+        result["consistency"] = {"pairs": len(keyed), "embedded": cache.embedded, "seconds": seconds}
+        result["four_models_images_per_s"] = result["images_per_s"]
+        result["seconds"] = best + seconds
+        result["images_per_s"] = len(pairs) / result["seconds"]
     if sweep:
         # Per model, milliseconds per image at each batch size (decoded beforehand): where a
         # smaller batch is cheaper per image, `model_max_batch_size` caps that model's passes.
@@ -545,14 +631,21 @@ def bench_mode(mode: str, args, models: dict, run: str = "shipped") -> dict:
         app.stop()
     if args.limit and result["throughput"]:
         # The app is stopped: the machine is quiet again. The same images and texts, in one process.
-        pairs = scored_inputs(directory / "output/serve/reference_image_traces")
-        result["limit"] = measure_limit(pairs, models, args.limit_batch, os.cpu_count() or 1, sweep=args.sweep)
+        traces = directory / "output/serve/reference_image_traces"
+        pairs = scored_inputs(traces)
+        result["limit"] = measure_limit(pairs, models, args.limit_batch, os.cpu_count() or 1, sweep=args.sweep,
+                                        consistency_pairs=consistency_inputs(traces))
         lim = result["limit"]
         for row in result["throughput"]:
             row["of_limit"] = row["images_per_s"] / lim["images_per_s"]
-        print(f"  limit: {lim['images']} images in one process at batch {lim['batch']}, {lim['threads']} threads: "
-              f"{lim['images_per_s']:.2f} images/s; served / limit at {args.concurrency[-1]} generations: "
-              f"{result['throughput'][-1]['of_limit']:.2f}", flush=True)
+            row["of_four_model_limit"] = row["images_per_s"] / lim.get("four_models_images_per_s", lim["images_per_s"])
+        c = lim.get("consistency", {"pairs": 0, "embedded": 0, "seconds": 0.0})
+        print(f"  limit: {lim['images']} images in one process at batch {lim['batch']}, {lim['threads']} threads, "
+              f"the four models and the run's {c['pairs']} consistency pairs ({c['embedded']} images embedded, "
+              f"{c['seconds']:.1f} s): {lim['images_per_s']:.2f} images/s (four models alone "
+              f"{lim.get('four_models_images_per_s', lim['images_per_s']):.2f}); served / limit at "
+              f"{args.concurrency[-1]} generations: {result['throughput'][-1]['of_limit']:.2f} "
+              f"(against the four alone {result['throughput'][-1]['of_four_model_limit']:.2f})", flush=True)
     return result
 
 
@@ -568,8 +661,8 @@ def report(results: list[dict], args) -> None:
           "1 enhancement iteration); an image = all four scorers (and consistency from scene 2); limit = the same "
           "four models on the run's images in one process; batch sizes are mean/max per model\n")
     print("| scorers | layout | batching | generations | images | wall | images/s | limit images/s | served / limit | "
-          + " | ".join(BATCH_COLUMNS) + " |")
-    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(BATCH_COLUMNS))
+          "four-model limit | served / four-model limit | " + " | ".join(BATCH_COLUMNS) + " |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(BATCH_COLUMNS))
     for result in results:
         limit = result.get("limit")
         for row in result["throughput"]:
@@ -577,9 +670,16 @@ def report(results: list[dict], args) -> None:
                 f"{row['batches'][n]['mean']:.1f} / {row['batches'][n]['max']}" if n in row["batches"] else "-"
                 for n in BATCH_COLUMNS
             )
-            lim = f"{limit['images_per_s']:.2f} | {row['of_limit']:.2f}" if limit else "- | -"
+            lim = (f"{limit['images_per_s']:.2f} | {row['of_limit']:.2f} | "
+                   f"{limit.get('four_models_images_per_s', limit['images_per_s']):.2f} | {row['of_four_model_limit']:.2f}"
+                   if limit else "- | - | - | -")
             print(f"| {result['run']} | {result['layout']} | {result['mode']} | {row['concurrency']} | {row['images']} | "
                   f"{row['wall_s']:.1f} s | {row['images_per_s']:.2f} | {lim} | {batches} |")
+    for result in results:
+        for row in result["throughput"]:
+            if row.get("cpu"):
+                shares = ", ".join(f"{title} {share:.0%}" for title, share in row["cpu"].items())
+                print(f"\n{result['run']}, {row['concurrency']} generations: the machine's CPU during the run: {shares}")
     for result in (r for r in results if r.get("limit")):
         share = ", ".join(f"{n} {v:.0%}" for n, v in result["limit"]["model_share"].items())
         print(f"\n{result['run']}: the limit's time per model: {share}")
