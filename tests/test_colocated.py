@@ -240,3 +240,20 @@ async def test_an_answer_without_a_weighed_model_is_an_error_not_a_missing_score
     client.put = lambda data: data
     with pytest.raises(ScoringError, match="gave no vqascore score"):
         await client.score([b"one"], ["p"])
+
+
+async def test_the_tensor_input_path_scores_within_the_documented_tolerance(models_dir):
+    """`scoring.input_path: tensor` (docs/scoring.md, "Input path"): the replica decodes to a
+    uint8 tensor once and each model resizes on its device; scores stay within 0.05 points of
+    the PIL reference path, consistency pairs included."""
+    options = {name: CPU for name in [*NAMES, "consistency"]}
+    reference = ColocatedScorer.func_or_class(NAMES, options, models_dir, 1, "pil", True)
+    tensor = ColocatedScorer.func_or_class(NAMES, options, models_dir, 1, "tensor", True)
+    requests = [(png((300, 200), seed=4), "a cup of coffee"), (png((96, 54), seed=5), png((300, 200), seed=4))]
+    expected, got = await reference.coalescer.submit(requests), await tensor.coalescer.submit(requests)
+    for want, have in zip(expected, got):
+        assert sorted(want) == sorted(have)
+        for name in want:
+            assert have[name]["score"] == pytest.approx(want[name]["score"], abs=0.05)
+    with pytest.raises(ValueError, match="unknown input_path"):
+        ColocatedScorer.func_or_class(["clipscore"], options, models_dir, 1, "gpu")
