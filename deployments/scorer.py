@@ -371,6 +371,8 @@ def load_model(name: str, options: dict | None, offline_models_dir: str | None):
 class ScorerDeployment(ScoringReplica):
     """One scoring model per replica (the `separate` layout)."""
 
+    image_pairs = False  # until __init__: instances made without it (tests) take prompts
+
     def __init__(self, name: str, options: dict | None = None, offline_models_dir: str | None = None, threads: int = 1,
                  input_path: str = "pil"):
         self._setup(threads, input_path)
