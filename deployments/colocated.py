@@ -72,8 +72,9 @@ def colocated_deployment_options(serving: ColocatedServing | dict | None = None)
     health_check_period_s=10,
 )
 class ColocatedScorer(ScoringReplica):
-    """All the text-image models in one replica; `score(image, prompt)` answers every model's
-    score for that image, keyed by model name."""
+    """All the weighed text-image models in one replica, and (with `consistency`) the
+    image-image model: `score(image, prompt)` answers every text-image model's score for that
+    image, keyed by model name; `score(image, reference_image)` answers {"consistency": ...}."""
 
     label = "Scoring"
 
