@@ -66,6 +66,8 @@ def write_config(work: Path, port: int, models: Path, autoscaling: dict, users: 
     args["pipeline"]["artifacts_dir"] = str(work / "artifacts")
     args["limits"] = {"max_active_per_user": 4, "max_unfinished": max(200, users * 4)}
     for serving in args["scorers"].values():
+        if not isinstance(serving, dict):  # `layout`
+            continue
         serving.pop("num_replicas", None)
         serving["autoscaling_config"] = dict(autoscaling)
     path = work / "serve_config.autoscale.yaml"

@@ -93,7 +93,8 @@ def production_config(port: int, work: Path, models: Path) -> dict:
     pipeline["artifacts_dir"] = str(work / "artifacts")
     pipeline.pop("s3", None)
     for serving in args["scorers"].values():
-        serving["threads"] = 1
+        if isinstance(serving, dict):  # not `layout`
+            serving["threads"] = 1
     return config
 
 
@@ -101,7 +102,10 @@ def scorer_node_cpus(config: dict) -> float:
     """Logical CPUs of a GPU node: the scorers' CPU reservations in the config, summed. A node
     sized for exactly one set of scorers keeps the CPU-only replicas on the head, so the node
     that is killed holds scorers only (unless --spare-cpus adds room)."""
-    return sum(float(s.get("num_cpus", 1)) for s in config["applications"][0]["args"]["scorers"].values())
+    section = config["applications"][0]["args"]["scorers"]
+    if section.get("layout", "separate") != "separate":
+        raise ValueError("the scenario kills the node of the separate layout's scorer deployments")
+    return sum(float(s.get("num_cpus", 1)) for name, s in section.items() if isinstance(s, dict) and name != "colocated")
 
 
 def replicas_by_deployment() -> dict[str, list[dict]]:
