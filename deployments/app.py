@@ -45,13 +45,13 @@ def image_generator(args: AppArgs) -> Application:
 
 
 def scoring_deployments(args: AppArgs) -> dict[str, Application]:
-    """The text-image scoring deployments of `args.scorers.layout`, keyed as the ingress reads
-    them: per model name and "consistency" (separate), or {"scoring": the Scoring deployment,
-    which holds the consistency model too} (colocated). Only models with a positive weight are loaded in the colocated
-    layout; the separate layout deploys all four (a weight changed by `serve deploy` needs no
-    new deployment)."""
+    """The scoring deployments of `args.scorers.layout`, keyed as the ingress reads them: per
+    model name and "consistency" (separate), or {"scoring": the Scoring deployment, which holds
+    the consistency model too} (colocated). The colocated layout loads only the text-image
+    models with a positive weight; the separate layout deploys all four (a weight changed by
+    `serve deploy` needs no new deployment)."""
     scoring = args.pipeline.scoring
-    input_path = getattr(scoring, "input_path", "pil")
+    input_path = scoring.input_path
     served = {}
     names = [] if args.scorers.layout == "colocated" else list(SCORER_DEPLOYMENTS)
     for name in names:

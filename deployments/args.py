@@ -35,10 +35,10 @@ class ScorersServing(BaseModel):
     """Per scorer, how it is served (batch, CPU/GPU, threads, replicas): one typed place, from
     which `deployments.app` derives each scorer deployment's Serve options.
 
-    `layout` picks one deployment per text-image model (`separate`: each on its own GPU
-    fraction, scaled on its own; the entries below) or one deployment holding all four
-    (`colocated`: each image sent and decoded once; `colocated` below). Which fits which
-    cluster: docs/serving.md. The consistency model is its own deployment in both."""
+    `layout` picks one deployment per model (`separate`: each on its own GPU fraction, scaled
+    on its own; the entries below) or one deployment holding the four text-image models and the
+    consistency model (`colocated`: each image sent and decoded once; `colocated` below). Which
+    fits which cluster: docs/serving.md."""
 
     model_config = ConfigDict(extra="forbid")
 

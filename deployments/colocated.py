@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 
-
 from pydantic import Field, field_validator
 from ray import serve
 
@@ -99,11 +98,7 @@ class ColocatedScorer(ScoringReplica):
 
     def reconfigure(self, user_config: dict) -> None:
         super().reconfigure({k: v for k, v in (user_config or {}).items() if k != "model_max_batch_size"})
-        config = ColocatedBatchConfig.model_validate(user_config or {})
-        unknown = sorted(set(config.model_max_batch_size) - set(self.ensemble.models))
-        if unknown:
-            raise ValueError(f"model_max_batch_size names scorers this replica does not hold: {', '.join(unknown)}")
-        self.ensemble.max_batch = {name: config.model_max_batch_size.get(name, 0) for name in self.ensemble.models}
+        self.ensemble.set_max_batch(ColocatedBatchConfig.model_validate(user_config or {}).model_max_batch_size)
 
     def _model_pass(self, name: str, size: int, seconds: float) -> None:
         self.model_sizes[name] = (self.model_sizes[name] + [size])[-1000:]

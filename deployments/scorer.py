@@ -19,6 +19,7 @@ import hashlib
 import math
 import time
 from pathlib import Path
+from typing import get_args
 
 import ray
 import torch
@@ -28,9 +29,10 @@ from ray import serve
 
 import scorers
 from deployments.metrics import install as install_metrics
+from pipeline.scoring import InputPath, decode_input
 from pipeline.telemetry import hooks
 from scorers.ensemble import EmbeddingCache
-from scorers.images import SCORER_INPUT, open_image, read_header
+from scorers.images import read_header
 
 
 class BatchConfig(BaseModel):
@@ -226,24 +228,13 @@ class UnhealthyModel(RuntimeError):
 
 
 DEFAULT_BATCH = BatchConfig()
-INPUT_PATHS = ("pil", "tensor")
+INPUT_PATHS = get_args(InputPath)
 
 
 def content_key(data: bytes) -> bytes:
     """What identifies an input image across requests: a digest of its bytes (the same image
     arrives again as the reference of later scenes)."""
     return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def decode_input(data: bytes, input_path: str = "pil"):
-    """One scoring input through the one image intake (scorers.images): a PIL image (the
-    reference path) or, with input_path "tensor", a uint8 RGB tensor the scorer resizes on its
-    device (docs/scoring.md, "Input path")."""
-    if input_path == "tensor":
-        from scorers.images import decode_tensor
-
-        return decode_tensor(data, SCORER_INPUT)
-    return open_image(data, SCORER_INPUT)
 
 
 class ScoringReplica:

@@ -28,19 +28,19 @@ class Ensemble:
                  on_batch: Callable[[str, int, float], None] | None = None):
         if not models:
             raise ValueError("an ensemble needs at least one scorer")
-        unknown = sorted(set(max_batch or {}) - set(models))
+        self.models = dict(models)
+        self.on_batch = on_batch  # (scorer, batch size, seconds) of each forward pass
+        self.set_max_batch(max_batch or {})
+
+    def set_max_batch(self, max_batch: dict[str, int]) -> None:
+        """Per model, the most images one forward pass takes (unnamed models: no limit)."""
+        unknown = sorted(set(max_batch) - set(self.models))
         if unknown:
             raise ValueError(f"batch limits for scorers that are not loaded: {', '.join(unknown)} "
-                             f"(loaded: {', '.join(models)})")
-        self.models = dict(models)
-        self.max_batch = {name: int((max_batch or {}).get(name, 0)) for name in models}  # 0: no limit
-        if any(limit < 0 for limit in self.max_batch.values()):
-            raise ValueError("a per-model batch limit is at least 1 (or 0 for no limit)")
-        self.on_batch = on_batch  # (scorer, batch size, seconds) of each forward pass
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.models)
+                             f"(loaded: {', '.join(self.models)})")
+        if any(int(limit) < 1 for limit in max_batch.values()):
+            raise ValueError("a per-model batch limit is at least 1")
+        self.max_batch = {name: int(max_batch.get(name, 0)) for name in self.models}  # 0: no limit
 
     def score(self, images: Sequence, prompts: Sequence[str], record: bool = True) -> list[dict[str, ScoreOutput]]:
         """Every model over every image (PIL images or uint8 tensors, as `Scorer.score` takes),

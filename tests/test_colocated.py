@@ -29,32 +29,23 @@ def png(size=(64, 36), seed=0) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    from scorers.tiny import build_tiny_models
-
-    root = tmp_path_factory.mktemp("tiny")
-    build_tiny_models(root)
-    return str(root)
-
-
 CPU = {"device": "cpu", "dtype": "fp32"}
 
 
-def colocated(models_dir, names=NAMES, consistency=False, **config) -> ColocatedScorer:
+def colocated(tiny_models_dir, names=NAMES, consistency=False, **config) -> ColocatedScorer:
     options = {name: CPU for name in [*names, "consistency"]}
-    replica = ColocatedScorer.func_or_class(names, options, models_dir, 1, "pil", consistency)
+    replica = ColocatedScorer.func_or_class(names, options, tiny_models_dir, 1, "pil", consistency)
     replica.reconfigure(config)
     return replica
 
 
-async def test_one_request_gets_every_models_score_equal_to_the_separate_replicas(models_dir):
-    replica = colocated(models_dir)
+async def test_one_request_gets_every_models_score_equal_to_the_separate_replicas(tiny_models_dir):
+    replica = colocated(tiny_models_dir)
     requests = [(png(seed=i), f"a cup of coffee number {i}") for i in range(3)]
     results = await replica.coalescer.submit(requests)
     assert [sorted(r) for r in results] == [sorted(NAMES)] * 3
     for name in NAMES:
-        alone = ScorerDeployment.func_or_class(name, CPU, models_dir)
+        alone = ScorerDeployment.func_or_class(name, CPU, tiny_models_dir)
         expected = await alone.coalescer.submit(requests)
         for got, want in zip(results, expected):
             assert got[name]["raw"] == pytest.approx(want["raw"], abs=1e-5)
@@ -62,8 +53,8 @@ async def test_one_request_gets_every_models_score_equal_to_the_separate_replica
             assert got[name]["truncated"] == want["truncated"]
 
 
-async def test_each_model_keeps_its_own_batch_limit(models_dir):
-    replica = colocated(models_dir, batch_wait_timeout_s=0.0, max_batch_size=16, model_max_batch_size={"vqascore": 2})
+async def test_each_model_keeps_its_own_batch_limit(tiny_models_dir):
+    replica = colocated(tiny_models_dir, batch_wait_timeout_s=0.0, max_batch_size=16, model_max_batch_size={"vqascore": 2})
     await replica.coalescer.submit([(png(seed=i), "a prompt") for i in range(5)])
     sizes = replica.model_batch_sizes()
     assert sizes["vqascore"] == [2, 2, 1]
@@ -71,10 +62,10 @@ async def test_each_model_keeps_its_own_batch_limit(models_dir):
     assert replica.recent_batch_sizes() == [5]
 
 
-async def test_text_requests_and_image_pairs_share_one_pass_and_each_image_is_decoded_once(models_dir, monkeypatch):
+async def test_text_requests_and_image_pairs_share_one_pass_and_each_image_is_decoded_once(tiny_models_dir, monkeypatch):
     import deployments.colocated as module
 
-    replica = colocated(models_dir, consistency=True)
+    replica = colocated(tiny_models_dir, consistency=True)
     decoded = []
     real = module.decode_input
     monkeypatch.setattr(module, "decode_input", lambda data, path: decoded.append(data) or real(data, path))
@@ -83,7 +74,7 @@ async def test_text_requests_and_image_pairs_share_one_pass_and_each_image_is_de
     assert sorted(results[0]) == sorted(NAMES) and sorted(results[1]) == sorted(NAMES)
     assert list(results[2]) == list(results[3]) == ["consistency"]
     assert sorted(decoded) == sorted([first, second, third])  # once each, for all five models
-    alone = ScorerDeployment.func_or_class("consistency", CPU, models_dir)
+    alone = ScorerDeployment.func_or_class("consistency", CPU, tiny_models_dir)
     expected = await alone.coalescer.submit([(second, first), (third, first)])
     assert [r["consistency"]["raw"] for r in results[2:]] == pytest.approx([e["raw"] for e in expected], abs=1e-5)
     assert replica.model_batch_sizes()["consistency"] == [2]
@@ -92,22 +83,22 @@ async def test_text_requests_and_image_pairs_share_one_pass_and_each_image_is_de
     assert replica.probes == 1
 
 
-async def test_pairs_sent_to_a_replica_without_the_consistency_model_are_refused(models_dir):
-    replica = colocated(models_dir, names=["clipscore"])
+async def test_pairs_sent_to_a_replica_without_the_consistency_model_are_refused(tiny_models_dir):
+    replica = colocated(tiny_models_dir, names=["clipscore"])
     [result] = await replica.coalescer.submit([(png(), png(seed=2))])
     assert isinstance(result, ItemError) and "does not hold the consistency model" in str(result)
 
 
-async def test_a_bad_image_is_named_to_its_own_caller_and_the_others_are_scored(models_dir):
-    replica = colocated(models_dir)
+async def test_a_bad_image_is_named_to_its_own_caller_and_the_others_are_scored(tiny_models_dir):
+    replica = colocated(tiny_models_dir)
     results = await replica.coalescer.submit([(png(), "good"), (b"not an image", "junk"), (png(seed=2), "good too")])
     assert isinstance(results[0], dict) and isinstance(results[2], dict)
     assert isinstance(results[1], ItemError)
     assert "item 2 of 3" in str(results[1]) and "12 bytes (not a readable image)" in str(results[1])
 
 
-async def test_the_health_probe_runs_every_model_and_names_a_broken_one(models_dir):
-    replica = colocated(models_dir, health_check_cache_s=0)
+async def test_the_health_probe_runs_every_model_and_names_a_broken_one(tiny_models_dir):
+    replica = colocated(tiny_models_dir, health_check_cache_s=0)
     await replica.check_health()
     assert replica.probes == 1
     with torch.no_grad():
@@ -117,8 +108,8 @@ async def test_the_health_probe_runs_every_model_and_names_a_broken_one(models_d
         await replica.check_health()
 
 
-def test_the_replica_reports_its_device_without_made_up_memory_figures(models_dir):
-    stats = colocated(models_dir, names=["clipscore"]).device_stats()
+def test_the_replica_reports_its_device_without_made_up_memory_figures(tiny_models_dir):
+    stats = colocated(tiny_models_dir, names=["clipscore"]).device_stats()
     assert stats == {"device": "cpu", "max_memory_allocated": None, "memory_reserved": None}
 
 
@@ -133,16 +124,16 @@ def test_the_config_refuses_unknown_models_and_limits_below_one():
     assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
 
 
-def test_a_limit_for_a_model_the_replica_does_not_hold_is_refused(models_dir):
-    replica = colocated(models_dir, names=["clipscore"])
-    with pytest.raises(ValueError, match="does not hold: vqascore"):
+def test_a_limit_for_a_model_the_replica_does_not_hold_is_refused(tiny_models_dir):
+    replica = colocated(tiny_models_dir, names=["clipscore"])
+    with pytest.raises(ValueError, match="not loaded: vqascore"):
         replica.reconfigure({"model_max_batch_size": {"vqascore": 2}})
 
 
-def test_models_on_two_devices_are_refused(models_dir):
+def test_models_on_two_devices_are_refused(tiny_models_dir):
     options = {"clipscore": CPU, "aesthetic": {**CPU, "device": "meta"}}
     with pytest.raises(ValueError, match="share one device"):
-        ColocatedScorer.func_or_class(["clipscore", "aesthetic"], options, models_dir)
+        ColocatedScorer.func_or_class(["clipscore", "aesthetic"], options, tiny_models_dir)
 
 
 def test_the_ensemble_checks_its_inputs():
@@ -242,13 +233,13 @@ async def test_an_answer_without_a_weighed_model_is_an_error_not_a_missing_score
         await client.score([b"one"], ["p"])
 
 
-async def test_the_tensor_input_path_scores_within_the_documented_tolerance(models_dir):
+async def test_the_tensor_input_path_scores_within_the_documented_tolerance(tiny_models_dir):
     """`scoring.input_path: tensor` (docs/scoring.md, "Input path"): the replica decodes to a
     uint8 tensor once and each model resizes on its device; scores stay within 0.05 points of
     the PIL reference path, consistency pairs included."""
     options = {name: CPU for name in [*NAMES, "consistency"]}
-    reference = ColocatedScorer.func_or_class(NAMES, options, models_dir, 1, "pil", True)
-    tensor = ColocatedScorer.func_or_class(NAMES, options, models_dir, 1, "tensor", True)
+    reference = ColocatedScorer.func_or_class(NAMES, options, tiny_models_dir, 1, "pil", True)
+    tensor = ColocatedScorer.func_or_class(NAMES, options, tiny_models_dir, 1, "tensor", True)
     requests = [(png((300, 200), seed=4), "a cup of coffee"), (png((96, 54), seed=5), png((300, 200), seed=4))]
     expected, got = await reference.coalescer.submit(requests), await tensor.coalescer.submit(requests)
     for want, have in zip(expected, got):
@@ -256,4 +247,4 @@ async def test_the_tensor_input_path_scores_within_the_documented_tolerance(mode
         for name in want:
             assert have[name]["score"] == pytest.approx(want[name]["score"], abs=0.05)
     with pytest.raises(ValueError, match="unknown input_path"):
-        ColocatedScorer.func_or_class(["clipscore"], options, models_dir, 1, "gpu")
+        ColocatedScorer.func_or_class(["clipscore"], options, tiny_models_dir, 1, "gpu")

@@ -18,17 +18,8 @@ def png(size=(64, 36)) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    from scorers.tiny import build_tiny_models
-
-    root = tmp_path_factory.mktemp("tiny")
-    build_tiny_models(root)
-    return str(root)
-
-
-def replica(models_dir, cache_s: float) -> ScorerDeployment:
-    scorer = ScorerDeployment.func_or_class("clipscore", {"device": "cpu", "dtype": "fp32"}, models_dir)
+def replica(tiny_models_dir, cache_s: float) -> ScorerDeployment:
+    scorer = ScorerDeployment.func_or_class("clipscore", {"device": "cpu", "dtype": "fp32"}, tiny_models_dir)
     scorer.health_check_cache_s = cache_s
     return scorer
 
@@ -39,8 +30,8 @@ def break_weights(scorer: ScorerDeployment) -> None:
             parameter.fill_(float("nan"))
 
 
-async def test_the_health_check_runs_the_model_unless_a_pass_just_succeeded(models_dir):
-    scorer = replica(models_dir, cache_s=60)
+async def test_the_health_check_runs_the_model_unless_a_pass_just_succeeded(tiny_models_dir):
+    scorer = replica(tiny_models_dir, cache_s=60)
     await scorer.check_health()  # nothing ran yet: a real probe
     assert scorer.probes == 1
     await scorer.check_health()  # the probe itself counts as a recent success
@@ -49,9 +40,9 @@ async def test_the_health_check_runs_the_model_unless_a_pass_just_succeeded(mode
     assert scorer.probes == 1
 
 
-async def test_a_broken_model_fails_the_health_check_and_gives_no_scores(models_dir):
+async def test_a_broken_model_fails_the_health_check_and_gives_no_scores(tiny_models_dir):
     """Before: check_health only tested `self.model is None`, and NaN weights gave NaN scores."""
-    scorer = replica(models_dir, cache_s=0)
+    scorer = replica(tiny_models_dir, cache_s=0)
     await scorer.check_health()
     break_weights(scorer)
     with pytest.raises(UnhealthyModel, match="clipscore health probe failed.*non-finite score"):
@@ -60,8 +51,8 @@ async def test_a_broken_model_fails_the_health_check_and_gives_no_scores(models_
     assert isinstance(result, ItemError) and "non-finite score" in str(result)
 
 
-async def test_the_cache_does_not_hide_a_model_that_broke_after_it(models_dir):
-    scorer = replica(models_dir, cache_s=60)
+async def test_the_cache_does_not_hide_a_model_that_broke_after_it(tiny_models_dir):
+    scorer = replica(tiny_models_dir, cache_s=60)
     await scorer._forward([(png(), "a cup of coffee")])
     break_weights(scorer)
     with pytest.raises(UnhealthyModel):
@@ -72,15 +63,15 @@ async def test_the_cache_does_not_hide_a_model_that_broke_after_it(models_dir):
         await scorer.check_health()
 
 
-async def test_a_request_error_names_its_image(models_dir):
-    scorer = replica(models_dir, cache_s=5)
+async def test_a_request_error_names_its_image(tiny_models_dir):
+    scorer = replica(tiny_models_dir, cache_s=5)
     results = await scorer.coalescer.submit([(png(), "good"), (png((8, 8)), "tiny"), (b"not an image", "junk")])
     assert isinstance(results[0], dict)
     assert "item 2 of 3" in str(results[1]) and "PNG 8x8 px" in str(results[1])
     assert "item 3 of 3" in str(results[2]) and "12 bytes (not a readable image)" in str(results[2])
 
 
-def test_the_replica_sets_torch_threads_from_its_config(models_dir):
+def test_the_replica_sets_torch_threads_from_its_config(tiny_models_dir):
     """Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPU; the replica sets torch's
     threads from `args.scorers.<name>.threads` (default max(1, num_cpus)) instead."""
     import torch
@@ -89,7 +80,7 @@ def test_the_replica_sets_torch_threads_from_its_config(models_dir):
 
     before = torch.get_num_threads()
     try:
-        ScorerDeployment.func_or_class("clipscore", {"device": "cpu", "dtype": "fp32"}, models_dir, threads=2)
+        ScorerDeployment.func_or_class("clipscore", {"device": "cpu", "dtype": "fp32"}, tiny_models_dir, threads=2)
         assert torch.get_num_threads() == 2
         assert ScorerServing(num_cpus=3).torch_threads() == 3 and ScorerServing(num_cpus=0).torch_threads() == 1
         assert ScorerServing(num_cpus=0, threads=4).torch_threads() == 4
@@ -97,16 +88,16 @@ def test_the_replica_sets_torch_threads_from_its_config(models_dir):
         torch.set_num_threads(before)
 
 
-async def test_the_consistency_replica_scores_image_pairs_and_names_a_bad_reference(models_dir):
+async def test_the_consistency_replica_scores_image_pairs_and_names_a_bad_reference(tiny_models_dir):
     """The fifth model (issue 11) is served by the same class: its second input is a reference
     image, decoded through the same intake; health probes compare two images."""
     import scorers
     from scorers.tiny import build_tiny_models
 
-    scorer = ScorerDeployment.func_or_class("consistency", {"device": "cpu", "dtype": "fp32"}, models_dir)
+    scorer = ScorerDeployment.func_or_class("consistency", {"device": "cpu", "dtype": "fp32"}, tiny_models_dir)
     a, b = png((64, 36)), png((40, 40))
     outputs = scorer._score([(a, a), (a, b)])
-    model = scorers.load_scorer("consistency", **{**build_tiny_models(models_dir)["consistency"], "device": "cpu"})
+    model = scorers.load_scorer("consistency", **{**build_tiny_models(tiny_models_dir)["consistency"], "device": "cpu"})
     expected = model.score([scorers.open_image(a)] * 2, [scorers.open_image(a), scorers.open_image(b)])
     assert [round(o.score, 4) for o in outputs] == [round(e.score, 4) for e in expected]
     assert outputs[0].score == pytest.approx(100.0, abs=1e-3)  # an image against itself
@@ -124,19 +115,19 @@ def _raise_item(results):
     return results
 
 
-async def test_the_consistency_replica_embeds_each_image_once_however_often_it_is_compared(models_dir):
+async def test_the_consistency_replica_embeds_each_image_once_however_often_it_is_compared(tiny_models_dir):
     """Scene 1's selected image is the reference of every later variation: before, each pair
     embedded both of its images again (two embeddings per pair)."""
     import scorers
     from scorers.tiny import build_tiny_models
 
-    scorer = ScorerDeployment.func_or_class("consistency", {"device": "cpu", "dtype": "fp32"}, models_dir)
+    scorer = ScorerDeployment.func_or_class("consistency", {"device": "cpu", "dtype": "fp32"}, tiny_models_dir)
     first, second, third = png((64, 36)), png((40, 40)), png((50, 30))
     outputs = scorer._score([(second, first), (third, first)])
     assert scorer.pairs.embedded == 3
     later = scorer._score([(third, second), (third, first)])  # all three seen: nothing embedded, nothing decoded
     assert scorer.pairs.embedded == 3
-    model = scorers.load_scorer("consistency", **{**build_tiny_models(models_dir)["consistency"], "device": "cpu"})
+    model = scorers.load_scorer("consistency", **{**build_tiny_models(tiny_models_dir)["consistency"], "device": "cpu"})
     opened = {key: scorers.open_image(key) for key in (first, second, third)}
     expected = model.score([opened[second], opened[third], opened[third], opened[third]],
                            [opened[first], opened[first], opened[second], opened[first]])
