@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.adapters import HandleRetry
 from deployments.auth import AuthSettings, load_secret
@@ -65,7 +65,12 @@ class AppArgs(BaseModel):
         "database_url (keeps a password out of the config; a Kubernetes Secret sets it)",
     )
     offline_models_dir: str | None = Field(
-        None, description="offline demo: build tiny scorer models here on first use and load them"
+        None, description="offline demo: build tiny random-weight scorer models here on first use and load them "
+        "(under any provider); refused unless allow_random_weights is true",
+    )
+    allow_random_weights: bool = Field(
+        False, description="consent to offline_models_dir's random-weight models, whose scores are noise: set only "
+        "in offline and test configs; every status then says offline: true",
     )
     url_secret_env: str = Field(
         "SCENEREF_URL_SECRET", description="key for signed image URLs; falls back to the HS256 JWT secret"
@@ -84,6 +89,22 @@ class AppArgs(BaseModel):
     )
     limits: AdmissionLimits = AdmissionLimits()
     retention: RetentionSettings = RetentionSettings()
+
+    @model_validator(mode="after")
+    def _no_silent_random_weights(self) -> "AppArgs":
+        """A production config with `offline_models_dir` left in would score real images with
+        noise and look healthy: refuse it when the config is validated, before anything starts."""
+        if self.offline_models_dir and not self.allow_random_weights:
+            raise ValueError(
+                f"offline_models_dir is set ({self.offline_models_dir}): every scorer would load tiny models with "
+                "random weights, whose scores are noise. Remove offline_models_dir for real models, or set "
+                "allow_random_weights: true for an offline demo or a test"
+            )
+        return self
+
+    def random_weights(self) -> bool:
+        """The scorers (and a diffusers generator) run on random weights: the app is a demo."""
+        return bool(self.offline_models_dir) and self.allow_random_weights
 
     def job_store_url(self) -> str:
         return os.environ.get(self.database_url_env) or self.database_url

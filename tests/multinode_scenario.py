@@ -81,6 +81,7 @@ def production_config(port: int, work: Path, models: Path) -> dict:
     args = config["applications"][0]["args"]
     args["database_url"] = f"sqlite:///{work / 'jobs.db'}"
     args["offline_models_dir"] = str(models)
+    args["allow_random_weights"] = True  # the tiny CPU models: refused without it
     args["public_base_url"] = f"http://127.0.0.1:{port}"
     args["auth"] = {"mode": "hs256", "secret_env": "SCENEREF_JWT_SECRET"}
     args["jobs"].update(lease_s=6, poll_s=0.5)

@@ -149,7 +149,8 @@ def test_the_app_binds_one_scoring_deployment_in_the_colocated_layout(tmp_path):
     from deployments.app import COLOCATED_DEPLOYMENT, SCORER_DEPLOYMENTS, scoring_deployments
     from deployments.args import AppArgs
 
-    base = {"database_url": f"sqlite:///{tmp_path}/db.sqlite", "offline_models_dir": str(tmp_path / "models")}
+    base = {"database_url": f"sqlite:///{tmp_path}/db.sqlite", "offline_models_dir": str(tmp_path / "models"),
+            "allow_random_weights": True}
     separate = scoring_deployments(AppArgs.model_validate(base))
     assert {name: app._bound_deployment.name for name, app in separate.items()} == SCORER_DEPLOYMENTS
 

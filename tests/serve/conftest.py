@@ -58,6 +58,7 @@ def app_args(tmp_path_factory, tiny_models, ray_cluster):
         {
             "database_url": f"sqlite:///{out / 'jobs.db'}",
             "offline_models_dir": str(tiny_models),
+            "allow_random_weights": True,  # the tiny models: every status says offline
             "pipeline": {
                 "llm": {"provider": "offline", "model": "offline-agents"},
                 "images": {"provider": "offline", "model": "offline-procedural", "size": "256x144"},
