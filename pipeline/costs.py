@@ -72,6 +72,10 @@ class CallUsage(BaseModel):
     images: int = 0
     size: str | None = None
     quality: str | None = None
+    # Chat calls: how the reply was constrained ("json_schema" or "json_object"), and the
+    # endpoint's refusal where it would not take json_schema; the traces show both.
+    response_format: str | None = None
+    response_format_fallback: str | None = None
 
 
 def price(usage: CallUsage, pricing: PricingSettings) -> float | None:

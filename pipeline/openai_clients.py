@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 
 import openai
 from scorers.images import PROVIDER_ANSWER, to_png
@@ -14,9 +15,10 @@ from pipeline.costs import CallUsage
 from pipeline.providers import ChatTask, GeneratedImage, ProviderError
 from pipeline.retry import with_retries
 from pipeline.settings import ImageSettings, LLMSettings
+from pipeline.structured import ResponseFormat, response_format
 from pipeline.telemetry import account
 
-
+log = logging.getLogger("sceneref.providers")
 
 
 def make_client(settings: LLMSettings | ImageSettings, *, role: str) -> openai.AsyncOpenAI:
@@ -34,29 +36,48 @@ def make_client(settings: LLMSettings | ImageSettings, *, role: str) -> openai.A
 
 
 class OpenAIChat:
-    """ChatModel over chat.completions with JSON-object output; the agents validate the JSON."""
+    """ChatModel over chat.completions. Each request carries its task's reply schema
+    (`llm.structured_output: json_schema`) or asks for JSON mode; the agents validate either way.
+
+    An endpoint that refuses json_schema (a 400 naming response_format or json_schema) is asked
+    again at once in JSON mode, and this client stays in JSON mode from then on: the refusal is
+    logged once and recorded with every later call, so the traces say why no schema was sent."""
 
     def __init__(self, settings: LLMSettings, client: openai.AsyncOpenAI | None = None):
         self.settings = settings
         self._client = client or make_client(settings, role="LLM")
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self.response_format: ResponseFormat = settings.structured_output
+        self.fallback: str | None = None  # the endpoint's refusal of json_schema, once it came
 
     async def complete(self, messages: list[dict[str, str]], *, task: ChatTask) -> str:
         settings = self.settings
 
+        async def create(mode: ResponseFormat):
+            # Reasoning models refuse a sampling temperature: unset, none is sent.
+            sampling = {} if settings.temperature is None else {"temperature": settings.temperature}
+            return await self._client.chat.completions.create(
+                model=settings.model,
+                messages=messages,  # type: ignore[arg-type]
+                response_format=response_format(task, mode),  # type: ignore[arg-type]
+                timeout=settings.timeout_s,
+                **sampling,
+            )
+
         async def call() -> str:
             # Held per attempt, not across backoff sleeps, so waiting calls free the slot.
             async with self._semaphore:
-                # Reasoning models refuse a sampling temperature: unset, none is sent.
-                sampling = {} if settings.temperature is None else {"temperature": settings.temperature}
-                response = await self._client.chat.completions.create(
-                    model=settings.model,
-                    messages=messages,  # type: ignore[arg-type]
-                    response_format={"type": "json_object"},
-                    timeout=settings.timeout_s,
-                    **sampling,
-                )
-            account(_chat_usage(settings, task, response))  # billed whether or not its content is usable
+                mode = self.response_format
+                try:
+                    response = await create(mode)
+                except openai.BadRequestError as error:
+                    if mode != "json_schema" or not _refuses_schema(error):
+                        raise
+                    self._fall_back(error)
+                    mode = "json_object"
+                    response = await create(mode)
+            # Billed whether or not its content is usable.
+            account(_chat_usage(settings, task, response, mode, self.fallback if mode == "json_object" else None))
             if not response.choices or response.choices[0].message.content is None:
                 raise ProviderError(
                     f"chat {task} ({settings.model}): response has no message content "
@@ -67,13 +88,38 @@ class OpenAIChat:
 
         return await with_retries(call, settings.retry, what=f"chat {task} ({settings.model})")
 
+    def _fall_back(self, error: openai.BadRequestError) -> None:
+        if self.response_format == "json_object":  # a concurrent call fell back first
+            return
+        self.response_format = "json_object"
+        self.fallback = f"json_schema refused (HTTP 400: {_message(error)})"
+        log.warning(
+            "chat (%s): the endpoint refused response_format json_schema, so replies are asked in "
+            "json_object mode from now on (set llm.structured_output: json_object to skip the try): %s",
+            self.settings.model, _message(error),
+        )
 
-def _chat_usage(settings: LLMSettings, task: str, response) -> CallUsage:
-    """The tokens of one chat answer, as the endpoint reports them (None where it does not)."""
+
+def _message(error: openai.APIStatusError) -> str:
+    body = error.body if isinstance(error.body, dict) else {}
+    inner = body.get("error") if isinstance(body.get("error"), dict) else body
+    return str(inner.get("message") or error.message)[:300]
+
+
+def _refuses_schema(error: openai.BadRequestError) -> bool:
+    """A 400 about the response format (not, say, a bad message), so JSON mode may work."""
+    text = f"{_message(error)} {error.message}".lower()
+    return "response_format" in text or "json_schema" in text
+
+
+def _chat_usage(settings: LLMSettings, task: str, response, mode: str, fallback: str | None) -> CallUsage:
+    """The tokens of one chat answer, as the endpoint reports them (None where it does not),
+    and how its reply was constrained."""
     usage = getattr(response, "usage", None)
     return CallUsage(
         kind="chat", provider=settings.provider, model=settings.model, task=task,
         input_tokens=getattr(usage, "prompt_tokens", None), output_tokens=getattr(usage, "completion_tokens", None),
+        response_format=mode, response_format_fallback=fallback,
     )
 
 

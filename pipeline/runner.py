@@ -33,6 +33,7 @@ from pipeline.telemetry import hooks
 from pipeline.scoring import ConsistencyClient, ScoringClient, formula, measure_consistency, rank, selection_overall
 from pipeline.settings import PipelineSettings
 from pipeline.storyboard import plan_storyboard
+from pipeline.structured import structured_output_summary
 from pipeline.traces import TraceWriter
 from scorers.images import PROVIDER_ANSWER, to_png
 
@@ -550,6 +551,9 @@ def _scoring_info(info: dict, selection: dict, variations, services: Services, r
 
 
 def _enhancement_cost(meter: Meter, settings: PipelineSettings) -> dict:
-    """prompt_trace_summary.json's additive keys (issue 10): the agents' calls priced and timed."""
-    cost = summarize([c for c in meter.calls if c.stage == "enhancement"], settings.pricing)
-    return {"cost": cost.model_dump(mode="json"), "timing": {"enhancement_s": round(meter.seconds.get("enhancement", 0.0), 3)}}
+    """prompt_trace_summary.json's additive keys: the agents' calls priced and timed, and how
+    their replies were constrained (structured outputs, JSON mode, a fallback)."""
+    calls = [c for c in meter.calls if c.stage == "enhancement"]
+    cost = summarize(calls, settings.pricing)
+    return {"cost": cost.model_dump(mode="json"), "timing": {"enhancement_s": round(meter.seconds.get("enhancement", 0.0), 3)},
+            "structured_output": structured_output_summary(calls)}

@@ -47,13 +47,15 @@ class LLMSettings(_Settings):
     """An OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama, a gateway).
 
     `gemini` is Google's OpenAI-compatible endpoint driven by the same client (docs/providers.md
-    says why): unless set, its model, key variable and base_url are the ones in PROVIDER_DEFAULTS."""
+    says why): unless set, its model, key variable, base_url and structured_output are the ones in
+    PROVIDER_DEFAULTS."""
 
     PROVIDER_DEFAULTS: ClassVar[dict[str, dict[str, str]]] = {
         "gemini": {
             "model": "gemini-3.5-flash",
             "api_key_env": "GEMINI_API_KEY",
             "base_url": "https://generativelanguage.googleapis.com/v1beta/openai/",
+            "structured_output": "json_object",
         },
     }
 
@@ -67,6 +69,12 @@ class LLMSettings(_Settings):
     )
     timeout_s: float = Field(60.0, gt=0)
     invalid_output_retries: int = Field(2, ge=0, le=10)
+    structured_output: Literal["json_schema", "json_object"] = Field(
+        "json_schema", description="json_schema: each request carries its reply's schema (strict structured "
+        "outputs), so the model cannot answer another shape; json_object: JSON mode only, for endpoints without "
+        "structured outputs (gemini's default). An endpoint that refuses json_schema with a 400 naming "
+        "response_format is asked again in json_object mode, and the log and traces say so",
+    )
     max_concurrency: int = Field(16, ge=1)
     accepts_images: bool | None = Field(
         None, description="the model reads images: the storyboard planner is shown the user's image "
@@ -346,6 +354,11 @@ class S3Settings(_Settings):
         False, description="create a missing bucket (tests, demos); else a missing one is an error"
     )
     max_connections: int = Field(32, ge=1, description="HTTP connection pool; worker threads share one client")
+    outage_wait_s: float = Field(
+        120.0, ge=0,
+        description="how long a running generation waits for an S3 server that stopped answering, retrying "
+        "its reads and writes with backoff, before it ends resumable; keep it above the job lease (lease_s)",
+    )
 
     def endpoint(self) -> str | None:
         return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None

@@ -79,6 +79,40 @@ def _error(status: int, message: str, kind: str, request_id: str, headers: dict[
     return JSONResponse(body, status_code=status, headers={"x-request-id": request_id, **(headers or {})})
 
 
+# What the double, like OpenAI, accepts in a strict json_schema (structure and a subset of
+# constraints); checked independently of pipeline.structured, which builds the schemas.
+_STRICT_ALLOWED = {
+    "type", "properties", "required", "additionalProperties", "items", "anyOf", "$ref", "$defs", "enum",
+    "const", "description", "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "multipleOf", "minItems", "maxItems",
+}
+
+
+def strict_schema_problems(node: Any, where: str = "root") -> list[str]:
+    """Why a strict structured-output schema would be refused (empty: it would be accepted):
+    every object closed with every property required, no keyword outside the subset, nothing
+    beside a $ref."""
+    if not isinstance(node, dict):
+        return [f"{where}: not a schema object"]
+    problems = [f"{where}: '{key}' is not permitted" for key in node if key not in _STRICT_ALLOWED]
+    if "$ref" in node and len(node) > 1:
+        problems.append(f"{where}: $ref cannot have keywords {sorted(set(node) - {'$ref'})}")
+    if node.get("type") == "object":
+        if node.get("additionalProperties") is not False:
+            problems.append(f"{where}: 'additionalProperties' is required to be supplied and to be false")
+        missing = sorted(set(node.get("properties", {})) - set(node.get("required", [])))
+        if missing:
+            problems.append(f"{where}: 'required' must include every key in properties; missing {missing}")
+    for group in ("properties", "$defs"):
+        for name, sub in (node.get(group) or {}).items():
+            problems += strict_schema_problems(sub, f"{where}.{name}")
+    if "items" in node:
+        problems += strict_schema_problems(node["items"], f"{where}[]")
+    for i, sub in enumerate(node.get("anyOf") or []):
+        problems += strict_schema_problems(sub, f"{where}.anyOf[{i}]")
+    return problems
+
+
 def _parse_size(size: object) -> tuple[int, int]:
     try:
         width, height = str(size).lower().split("x")
@@ -145,6 +179,9 @@ class FakeOpenAIServer(LoopbackServer):
     (peak concurrent requests per endpoint), `reset()`.
     Latency: `chat_latency_s` and `image_latency_s`, read per request, so they can be changed
     while the server runs.
+    Structured outputs: a `json_schema` response_format is checked as OpenAI checks a strict one
+    (400 naming the problem); with `json_schema_support = False` the server refuses any json_schema
+    with a 400 naming response_format, as endpoints without structured outputs do.
     """
 
     name = "fake-openai"
@@ -153,6 +190,7 @@ class FakeOpenAIServer(LoopbackServer):
     def __init__(self, *, chat_latency_s: float = 0.0, image_latency_s: float = 0.0):
         self.chat_latency_s = chat_latency_s
         self.image_latency_s = image_latency_s
+        self.json_schema_support = True
         self._lock = threading.Lock()
         self._faults: dict[Endpoint, deque[Fault]] = {endpoint: deque() for endpoint in ENDPOINTS}
         self._requests: list[RecordedRequest] = []
@@ -184,7 +222,9 @@ class FakeOpenAIServer(LoopbackServer):
             return dict(self._max_in_flight)
 
     def reset(self) -> None:
-        """Forget requests, pending faults and peaks (between tests sharing one server)."""
+        """Forget requests, pending faults and peaks, and take json_schema again (between tests
+        sharing one server)."""
+        self.json_schema_support = True
         with self._lock:
             self._requests.clear()
             self._prompt_counts.clear()
@@ -251,6 +291,7 @@ class FakeOpenAIServer(LoopbackServer):
             record = RecordedRequest("chat", request.url.path, dict(request.headers), json=body)
 
             async def answer(fault: FaultKind | None) -> dict:
+                _check_response_format(body.get("response_format"), self.json_schema_support)
                 if fault == "malformed":
                     content = "Sure! Here is the JSON you asked for: {not valid json"
                 elif fault == "malformed_schema":
@@ -329,6 +370,19 @@ class FakeOpenAIServer(LoopbackServer):
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(data).decode(), "revised_prompt": f"{prompt} (revised)"}],
         }
+
+
+def _check_response_format(requested: Any, json_schema_support: bool) -> None:
+    """Refuse (ProviderError, answered as a 400) a response_format this server would not take."""
+    if not isinstance(requested, dict) or requested.get("type") != "json_schema":
+        return
+    if not json_schema_support:
+        raise ProviderError("Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.")
+    spec = requested.get("json_schema") or {}
+    if spec.get("strict"):
+        problems = strict_schema_problems(spec.get("schema"))
+        if problems:
+            raise ProviderError(f"Invalid schema for response_format '{spec.get('name')}': {'; '.join(problems[:3])}")
 
 
 # --- Scoring ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Cost and time accounting (issue 10): the price table, unknown models, the ledgers, and a
+"""Cost and time accounting: the price table, unknown models, the ledgers, and a
 whole generation through the real `openai` client against the fake server, whose answers
 carry token usage, with the telemetry hooks recorded by a MemorySink."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 
@@ -20,7 +21,7 @@ from pipeline.runner import run_generation
 from pipeline.schemas import SceneResult, ScenePlan
 from pipeline.settings import PipelineSettings, RetrySettings
 from pipeline.status import to_status
-from pipeline.telemetry import MemorySink, account, collect, hooks, set_sink
+from pipeline.telemetry import MemorySink, Telemetry, account, collect, hooks, set_sink
 from tests.doubles import FakeOpenAIServer
 from tests.test_runner import KEY_ENV, make_services, make_settings, new_id, request
 
@@ -155,18 +156,29 @@ async def test_meter_times_stages_prices_them_and_reports_once(sink):
     assert sink.named("usage") == [("chat", "chat-a", 1000, 500)]
 
 
-def test_a_failing_sink_never_breaks_the_caller():
-    class Broken(MemorySink):
-        def __getattribute__(self, name):
-            if name == "stage_seconds":
-                raise RuntimeError("exporter down")
-            return super().__getattribute__(name)
+def test_a_failing_sink_never_breaks_the_caller(caplog):
+    """The failing hook is reached and raises; the caller goes on, the failure is logged with
+    its cause, and the next hook still reaches the sink."""
+    reached = []
+
+    class Broken(Telemetry):
+        def stage_seconds(self, stage, seconds):
+            reached.append(("stage_seconds", stage, seconds))
+            raise RuntimeError("exporter down")
+
+        def cost(self, stage, usd):
+            reached.append(("cost", stage, usd))
 
     previous = set_sink(Broken())
     try:
-        hooks().stage_seconds("scoring", 1.0)
+        with caplog.at_level(logging.WARNING, logger="sceneref.telemetry"):
+            hooks().stage_seconds("scoring", 1.0)
+            hooks().cost("scoring", 0.5)
     finally:
         set_sink(previous)
+    assert reached == [("stage_seconds", "scoring", 1.0), ("cost", "scoring", 0.5)]
+    (logged,) = [r for r in caplog.records if "stage_seconds" in r.getMessage()]
+    assert isinstance(logged.exc_info[1], RuntimeError) and str(logged.exc_info[1]) == "exporter down"
 
 
 # --- the retry loop's hooks ----------------------------------------------------------------------

@@ -75,14 +75,15 @@ def pixels(png: bytes) -> np.ndarray:
 # --- OpenAI clients against the fake server ---------------------------------------------------
 
 
-async def test_chat_sends_json_mode_and_returns_content(server):
+async def test_chat_sends_the_reply_schema_and_returns_content(server):
     chat = chat_for(server, model="test-chat", temperature=0.3)
     reply = json.loads(await chat.complete(STORYBOARD_INPUT, task="storyboard"))
     assert len(reply["scenes"]) == 4
     (request,) = server.requests_for("chat")
     assert request.json["model"] == "test-chat"
     assert request.json["temperature"] == 0.3
-    assert request.json["response_format"] == {"type": "json_object"}
+    assert request.json["response_format"]["type"] == "json_schema"  # structured outputs by default
+    assert request.json["response_format"]["json_schema"]["name"] == "StoryboardOutput"
     assert request.headers["authorization"] == "Bearer test-key"
 
 
