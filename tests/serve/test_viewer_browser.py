@@ -79,11 +79,20 @@ def api(base: str, path: str, sub: str = OWNER):
 
 
 def all_images_loaded(page, timeout_ms: int = 60_000) -> None:
-    """Every <img> on the page finished loading with real pixels."""
-    page.wait_for_function(
-        "() => [...document.images].length > 0 && [...document.images].every((i) => i.complete && i.naturalWidth > 0)",
-        timeout=timeout_ms,
-    )
+    """Every <img> on the page finished loading with real pixels; else the test fails naming
+    the images that did not (or saying there was none)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "() => [...document.images].length > 0 && [...document.images].every((i) => i.complete && i.naturalWidth > 0)",
+            timeout=timeout_ms,
+        )
+    except PlaywrightTimeout:
+        broken = page.evaluate(
+            "() => [...document.images].filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.src.slice(0, 160))"
+        )
+        pytest.fail(f"images not loaded after {timeout_ms} ms: {broken or 'no <img> on the page'}")
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +128,7 @@ def generation(offline_app, browser, shots, tmp_path_factory):
         "() => document.querySelector('#scene-2')?.dataset.status === 'completed'"
         " || document.querySelector('.generation')?.dataset.status !== 'running'", timeout=DONE_TIMEOUT_MS)
     if page.get_attribute(".generation", "data-status") == "running":  # else this run was too quick for it
-        try:
-            all_images_loaded(page, timeout_ms=5_000)
-        except Exception:
-            pass  # a picture of a page still loading its images is a true picture too
+        all_images_loaded(page)  # the images shown so far, loaded: the picture shows them, not blanks
         page.screenshot(path=str(shots / "viewer-live.png"), full_page=True)
     page.wait_for_selector('.generation[data-status="completed"]', timeout=DONE_TIMEOUT_MS)
     status = api(offline_app, f"/api/status/{generation_id}").json()
