@@ -57,6 +57,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
+from pipeline.limits import AdmissionLimits, AdmissionRefused, check_admission
 from pipeline.schemas import (
     GenerationRequest,
     SceneResult,
@@ -73,6 +74,8 @@ UNFINISHED: tuple[str, ...] = ("queued", "running")
 FINISHED: tuple[str, ...] = ("completed", "failed", "cancelled")
 # How many candidates one claim looks at; losing a race on one just moves to the next.
 _CLAIM_CANDIDATES = 16
+# The PostgreSQL advisory lock (a bigint of our choosing) that serialises admissions.
+_ADMISSION_LOCK = 0x5CE4E4EF_AD
 
 metadata = MetaData()
 
@@ -322,15 +325,33 @@ class JobStore:
 
     # --- jobs -------------------------------------------------------------------------
 
+    @contextmanager
+    def _admission(self) -> Iterator[Connection]:
+        """A write transaction that admissions enter one at a time, across every process: what
+        it counts cannot change before its insert commits. One key for all owners, because the
+        service-wide queue bound counts every owner's jobs (per-owner locks would let owners
+        racing each other overrun it); an admission holds it for a few statements."""
+        with self._write_lock or nullcontext(), self.engine.begin() as conn:
+            if self._sqlite:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite's one writer, taken before the counts
+            else:
+                conn.execute(select(func.pg_advisory_xact_lock(_ADMISSION_LOCK)))
+            yield conn
+
     def create(
-        self, generation_id: str, owner: str, request: dict, *, offline: bool, reference_key: str | None = None
+        self, generation_id: str, owner: str, request: dict, *, offline: bool, reference_key: str | None = None,
+        limits: AdmissionLimits | None = None,
     ) -> None:
         """Persist everything a job needs before anyone answers for it; `reference_key` is the
-        user's image, already in the artifact store."""
+        user's image, already in the artifact store. With `limits`, admission is checked in the
+        same serialised transaction as the insert and a refusal raises `AdmissionRefused`, so
+        no race between replicas or threads passes a submission over a limit."""
         if not owner:
             raise ValueError("owner must be non-empty")
         now = _now()
-        with self._write() as conn:
+        with self._admission() if limits is not None else self._write() as conn:
+            if limits is not None and (refusal := check_admission(_Counts(conn), owner, limits, now)) is not None:
+                raise AdmissionRefused(refusal)
             conn.execute(
                 insert(jobs_table).values(
                     generation_id=generation_id,
@@ -466,9 +487,10 @@ class JobStore:
                 raise self._missing_or_lost(conn, lease.generation_id, lease)
         return Lease(lease.generation_id, lease.holder, lease.token, expires)
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, *, events: Sequence[dict[str, Any]] = ()) -> None:
         """Give the job up unfinished (a replica shutting down): it stays resumable and any
-        runner may claim it at once. Later writes with this lease are refused."""
+        runner may claim it at once. Later writes with this lease are refused. `events` (the
+        runner's still unwritten ones) are appended in the same transaction."""
         with self._write() as conn:
             changed = conn.execute(
                 update(jobs_table)
@@ -477,10 +499,14 @@ class JobStore:
             ).rowcount
             if changed == 0:
                 raise self._missing_or_lost(conn, lease.generation_id, lease)
+            _append(conn, lease.generation_id, events)
 
-    def finish(self, lease: Lease, status: Status, *, error: str | None = None) -> None:
+    def finish(
+        self, lease: Lease, status: Status, *, error: str | None = None, events: Sequence[dict[str, Any]] = ()
+    ) -> None:
         """The final status, fenced on the token only, so a retry after a commit whose answer
-        was lost succeeds. Clears the lease: later writes with it are refused."""
+        was lost succeeds. Clears the lease: later writes with it are refused. `events` (the
+        runner's still unwritten ones) go before the final status event, in its transaction."""
         if status not in FINISHED:
             raise ValueError(f"final status must be one of {FINISHED}, got {status!r}")
         now = _now()
@@ -490,8 +516,14 @@ class JobStore:
         )
         if status == "completed":
             values["progress"] = 100
+        elif events:  # the progress they reached, as an event write would have shown it
+            values["progress"] = max(0, min(100, int(events[-1].get("progress") or 0)))
         c = jobs_table.c
         with self._write() as conn:
+            landed = conn.execute(select(c.status, c.lease_holder).where(
+                c.generation_id == lease.generation_id, c.lease_token == lease.token)).first()
+            if landed is not None and landed.status == status and landed.lease_holder is None and landed.status in FINISHED:
+                return  # a retry of a write that landed (its answer was lost): its events are there
             changed = conn.execute(
                 update(jobs_table)
                 .where(c.generation_id == lease.generation_id, c.lease_token == lease.token)
@@ -499,6 +531,7 @@ class JobStore:
             ).rowcount
             if changed == 0:
                 raise self._missing_or_lost(conn, lease.generation_id, lease)
+            _append(conn, lease.generation_id, events)
             _append_final(conn, lease.generation_id, now)
 
     # --- cancellation and resumption --------------------------------------------------
@@ -578,29 +611,28 @@ class JobStore:
 
     # --- admission and retention ------------------------------------------------------
 
-    def _count(self, *where: Any) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(jobs_table).where(*where)).scalar())
+    # Each count reads a snapshot on a connection of its own: an early answer. The admission that
+    # counts is the one `create(..., limits=...)` makes inside its serialised transaction.
 
     def count_active(self, owner: str) -> int:
         """This owner's queued and running jobs."""
-        return self._count(jobs_table.c.owner == owner, jobs_table.c.status.in_(UNFINISHED))
+        with self.engine.connect() as conn:
+            return _Counts(conn).count_active(owner)
 
     def count_submitted_since(self, owner: str, since: datetime) -> int:
-        return self._count(jobs_table.c.owner == owner, jobs_table.c.created_at >= since)
+        with self.engine.connect() as conn:
+            return _Counts(conn).count_submitted_since(owner, since)
 
     def oldest_submitted_since(self, owner: str, since: datetime) -> datetime | None:
         """When this owner's oldest submission inside the window was made: the window frees a
         slot when it leaves (the Retry-After of a per-window refusal)."""
-        c = jobs_table.c
-        query = select(func.min(c.created_at)).where(c.owner == owner, c.created_at >= since)
         with self.engine.connect() as conn:
-            value = conn.execute(query).scalar()
-        return _aware(value) if value is not None else None
+            return _Counts(conn).oldest_submitted_since(owner, since)
 
     def count_unfinished(self) -> int:
         """Queued and running jobs of all owners: the global queue bound."""
-        return self._count(jobs_table.c.status.in_(UNFINISHED))
+        with self.engine.connect() as conn:
+            return _Counts(conn).count_unfinished()
 
     def expired(self, *, finished_before: datetime, limit: int) -> list[str]:
         """Ids of finished jobs (completed, failed, cancelled) that finished before, oldest first."""
@@ -776,6 +808,31 @@ class JobStore:
             )
             for row in rows
         ]
+
+
+class _Counts:
+    """The counts admission reads (`pipeline.limits.check_admission`), on one connection: inside
+    the admission transaction they cannot change before its insert commits."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def _count(self, *where: Any) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(jobs_table).where(*where)).scalar())
+
+    def count_active(self, owner: str) -> int:
+        return self._count(jobs_table.c.owner == owner, jobs_table.c.status.in_(UNFINISHED))
+
+    def count_submitted_since(self, owner: str, since: datetime) -> int:
+        return self._count(jobs_table.c.owner == owner, jobs_table.c.created_at >= since)
+
+    def oldest_submitted_since(self, owner: str, since: datetime) -> datetime | None:
+        c = jobs_table.c
+        value = self.conn.execute(select(func.min(c.created_at)).where(c.owner == owner, c.created_at >= since)).scalar()
+        return _aware(value) if value is not None else None
+
+    def count_unfinished(self) -> int:
+        return self._count(jobs_table.c.status.in_(UNFINISHED))
 
 
 def _append(conn: Connection, generation_id: str, events: Sequence[dict[str, Any]]) -> list[int]:

@@ -2,7 +2,12 @@
 start is bounded, and so is the queue the whole service accepts. A refusal says when to try
 again (HTTP `Retry-After`) instead of letting work pile up where nobody can see it.
 
-The counts come from the shared job store, so the limits hold across every ingress replica.
+The counts come from the shared job store, so the limits hold across every ingress replica, and
+they hold under races too: `JobStore.create(..., limits=...)` counts and inserts in one
+transaction that admissions take one at a time (PostgreSQL: a transaction-scoped advisory lock;
+SQLite: `BEGIN IMMEDIATE`, its one writer), so submissions racing on any number of replicas and
+threads cannot pass one over a limit. `check_admission` on the store alone is only an early
+answer (the ingress asks it before storing an upload); the insert decides.
 """
 
 from __future__ import annotations
@@ -32,9 +37,18 @@ class Refusal:
     retry_after_s: int
 
 
+class AdmissionRefused(Exception):
+    """Raised by `JobStore.create` when the admission check inside its transaction refuses."""
+
+    def __init__(self, refusal: Refusal):
+        super().__init__(refusal.reason)
+        self.refusal = refusal
+
+
 def check_admission(store, owner: str, limits: AdmissionLimits, now: datetime | None = None) -> Refusal | None:
-    """None when `owner` may submit one more generation now. Synchronous (database reads):
-    async callers run it in a worker thread."""
+    """None when `owner` may submit one more generation now. `store` is anything with the four
+    counts below: the job store (a snapshot, racy) or the admission transaction's own view.
+    Synchronous (database reads): async callers run it in a worker thread."""
     now = now or datetime.now(timezone.utc)
     active = store.count_active(owner)
     if active >= limits.max_active_per_user:

@@ -65,3 +65,94 @@ def test_a_full_service_answers_503(store):
     assert refusal is not None and refusal.status_code == 503 and refusal.retry_after_s == 11
     finish_all(store)
     assert check_admission(store, "newcomer", limits) is None
+
+
+# --- admission under races: processes (ingress replicas) and threads (their worker pools)
+# submitting at once.
+
+PROCESSES, THREADS = 2, 10  # two ingress replicas, ten of their worker threads each
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_db")
+    return f"sqlite:///{tmp_path}/jobs.db"
+
+
+def race(url: str, owners: list[str], limits: AdmissionLimits, prefix: str = "gen") -> list[tuple[str, str, int | None, str]]:
+    """PROCESSES x THREADS submissions at once, the n-th by owners[n % len(owners)]."""
+    import multiprocessing
+
+    from tests.admission_workers import race as worker
+
+    JobStore(url).close()  # migrated once, before the race
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(PROCESSES + 1), context.Queue()
+    workers = []
+    for p in range(PROCESSES):
+        jobs = [(f"{prefix}-{p}-{t}", owners[(p * THREADS + t) % len(owners)]) for t in range(THREADS)]
+        workers.append(context.Process(target=worker, args=(url, f"replica-{p}", jobs, limits.model_dump(), barrier, queue)))
+    for process in workers:
+        process.start()
+    barrier.wait(timeout=180)
+    outcomes = [outcome for _ in workers for outcome in queue.get(timeout=180)[1]]
+    for process in workers:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    assert [o for o in outcomes if o[1] == "error"] == []
+    return outcomes
+
+
+def test_racing_submissions_of_one_user_start_at_most_the_active_limit(url):
+    limits = AdmissionLimits(max_active_per_user=4, max_submitted_per_window=100, max_unfinished=100, retry_after_s=9)
+    outcomes = race(url, ["alice"], limits)
+    accepted = [o for o in outcomes if o[1] == "accepted"]
+    refused = [o for o in outcomes if o[1] == "refused"]
+    store = JobStore(url)
+    try:
+        print(f"\nadmission race [{url.split(':')[0]}]: {len(accepted)} of {len(outcomes)} accepted, limit 4")
+        assert len(accepted) == 4 and len(refused) == PROCESSES * THREADS - 4
+        assert store.count_active("alice") == 4
+        assert sorted(store.get(o[0]).generation_id for o in accepted) == sorted(o[0] for o in accepted)
+        for _, _, code, detail in refused:  # the refusal keeps its code, reason and Retry-After
+            assert code == 429 and "generations queued or running (limit 4)" in detail and detail.endswith("|9")
+        for _, _, _, detail in refused:
+            assert "you have 4 generations" in detail  # counted inside the serialised transaction
+    finally:
+        store.close()
+
+
+def test_racing_submissions_hold_the_window_and_the_global_queue(url):
+    # One user against the window; then many users against the service's queue.
+    window = AdmissionLimits(max_active_per_user=100, max_submitted_per_window=3, window_s=600, max_unfinished=100)
+    outcomes = race(url, ["bob"], window)
+    assert len([o for o in outcomes if o[1] == "accepted"]) == 3
+    assert {(o[2], "3 generations in the last 600 s" in o[3]) for o in outcomes if o[1] == "refused"} == {(429, True)}
+
+    queue = AdmissionLimits(max_active_per_user=100, max_submitted_per_window=100, max_unfinished=3 + 5, retry_after_s=13)
+    outcomes = race(url, [f"user-{n}" for n in range(PROCESSES * THREADS)], queue, prefix="queue")
+    assert len([o for o in outcomes if o[1] == "accepted"]) == 5  # bob's three fill the rest
+    assert {(o[2], o[3].endswith("|13")) for o in outcomes if o[1] == "refused"} == {(503, True)}
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_create_with_limits_refuses_with_the_refusal(tmp_path, where):
+    """The admission inside `create` answers as `check_admission` does, in-memory SQLite (one
+    shared connection) included, and a refused submission leaves no row and no event."""
+    from pipeline.limits import AdmissionRefused
+
+    store = JobStore("sqlite://" if where == "memory" else f"sqlite:///{tmp_path}/jobs.db")
+    limits = AdmissionLimits(max_active_per_user=2, max_submitted_per_window=100, max_unfinished=100, retry_after_s=5)
+    try:
+        store.create("a-1", "alice", REQUEST, offline=True, limits=limits)
+        store.create("a-2", "alice", REQUEST, offline=True, limits=limits)
+        with pytest.raises(AdmissionRefused) as refused:
+            store.create("a-3", "alice", REQUEST, offline=True, limits=limits)
+        assert refused.value.refusal == check_admission(store, "alice", limits)
+        assert refused.value.refusal.status_code == 429 and refused.value.refusal.retry_after_s == 5
+        assert store.get("a-3") is None and store.events_after("a-3", None) is None
+        store.create("b-1", "bob", REQUEST, offline=True, limits=limits)  # and the store still writes
+        assert store.count_active("bob") == 1
+    finally:
+        store.close()
