@@ -55,12 +55,23 @@ class PostgresCluster:
 
     def start(self) -> "PostgresCluster":
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self.start_server()
+        return self
+
+    def start_server(self) -> None:
+        """Start the server on the cluster's data (again, after `stop_server`), same port."""
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
-        return self
+
+    def stop_server(self) -> None:
+        """An outage: the server goes away (open connections are closed, new ones refused) and
+        keeps its data, so `start_server` brings the same databases back. A fast shutdown, not
+        an immediate one: the cluster runs with synchronous_commit=off, with which a crash may
+        lose the last commits, which is not the outage under test."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def stop(self) -> None:
         try:
@@ -78,8 +89,7 @@ class PostgresCluster:
             conn.execute(sql)
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster():
+def _started_cluster() -> PostgresCluster:
     bin_dir = _bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL binaries not found (no /usr/lib/postgresql/*/bin/initdb); apt-get install postgresql")
@@ -95,7 +105,26 @@ def postgres_cluster():
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(cluster.root, ignore_errors=True)
         pytest.fail(f"could not start PostgreSQL: {exc.stderr or exc.stdout}")
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    cluster = _started_cluster()
     yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_outage_cluster():
+    """A cluster of the module's own, for tests that stop and restart the server
+    (`stop_server`/`start_server`): an outage never reaches the session's cluster."""
+    cluster = _started_cluster()
+    yield cluster
+    try:
+        cluster.start_server()  # a test that failed mid-outage left it stopped
+    except subprocess.CalledProcessError:
+        pass
     cluster.stop()
 
 

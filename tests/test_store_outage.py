@@ -1,0 +1,182 @@
+"""Job-store outages against a real PostgreSQL server stopped and restarted inside the test
+(pipeline/service.py): an outage shorter than the documented bound loses nothing and needs no
+user action, a longer one ends the job resumable (never an internal error), a final status that
+cannot land leaves the job to lease takeover, and events lost on the way are announced by a
+`gap` event, never dropped silently.
+
+Each test stops the server at a known point of the run (the storyboard's `planned` event, after
+the storyboard is stored), so the next checkpoint meets the outage."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+
+from pipeline.jobs import FINAL_EVENT, JobStore
+from pipeline.service import GAP_EVENT, execute_job, run_claimed
+from tests.test_job_lifecycle import REQUEST, locked, services, settings  # noqa: F401 (fixture)
+from tests.test_job_lifecycle import store as sqlite_store  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def pg(postgres_outage_cluster):
+    """The module's own cluster, running, and a fresh database on it."""
+    cluster = postgres_outage_cluster
+    try:
+        cluster.start_server()  # a previous test that failed mid-outage left it stopped
+    except subprocess.CalledProcessError:
+        pass  # already running
+    name = f"outage_{id(object())}"
+    cluster.admin(f'CREATE DATABASE "{name}"')
+    store = JobStore(cluster.url(name))
+    yield cluster, store
+    store.close()
+    try:
+        cluster.start_server()
+    except subprocess.CalledProcessError:
+        pass
+    cluster.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def stop_at_planned(cluster, seen: list):
+    """on_event: record every event; stop the server when the storyboard is stored (blocking,
+    so nothing of the run goes on before the server is gone)."""
+
+    def on_event(event):
+        seen.append(event)
+        if event.kind == "planned" and not any(e.kind == "planned" for e in seen[:-1]):
+            cluster.stop_server()
+
+    return on_event
+
+
+async def restart_after(cluster, stopped: list, outage_s: float) -> None:
+    """Start the server `outage_s` after the run stopped it."""
+    while not any(e.kind == "planned" for e in stopped):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(outage_s)
+    await asyncio.to_thread(cluster.start_server)
+
+
+def runner_events(store: JobStore, generation_id: str):
+    """The log's events the runner emitted (not the submission's, the final status's or gaps),
+    and the events lost by the gaps the log announces."""
+    events = store.events_after(generation_id, None, 0, 10_000).events
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    lost = sum(e.data["lost"] for e in events if e.kind == GAP_EVENT)
+    return [e for e in events if e.kind not in ("queued", FINAL_EVENT, GAP_EVENT)], lost
+
+
+async def test_an_outage_shorter_than_the_bound_loses_nothing(pg, settings):
+    """Six seconds down (longer than the old checkpoint retries, shorter than the lease): the run
+    waits at its next checkpoint and goes on by itself; every scene and every event lands."""
+    cluster, store = pg
+    store.create("gen-1", "alice", REQUEST, offline=True)
+    seen: list = []
+    restart = asyncio.ensure_future(restart_after(cluster, seen, 6.0))
+    scenes = await execute_job(
+        store, store.claim("runner-a", 30), services(settings), settings, lease_s=30, store_outage_s=60,
+        on_event=stop_at_planned(cluster, seen),
+    )
+    await restart
+    record = store.get("gen-1")
+    assert (record.status, record.error) == ("completed", None)
+    assert scenes is not None and [s.scene_number for s in store.scenes("gen-1")] == [1, 2, 3]
+    logged, lost = runner_events(store, "gen-1")
+    assert lost == 0 and [e.kind for e in logged] == [e.kind for e in seen]
+
+
+async def test_an_outage_longer_than_the_bound_ends_the_job_resumable(pg, settings, monkeypatch):
+    """Down past the bound: the run gives up as a transient failure the user can resume (not an
+    internal error), its final status lands when the server is back (here: once the run has
+    begun trying to write it), and the events that could not be written are announced by a gap
+    event."""
+    cluster, store = pg
+    store.create("gen-1", "alice", REQUEST, offline=True)
+    seen: list = []
+    finishing = asyncio.Event()
+    real_finish = store.finish
+
+    def finish(*args, **kwargs):
+        finishing.set()  # from the worker thread: the loop reads it below, after the run
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(store, "finish", finish)
+
+    async def restart_when_finishing():
+        while not finishing.is_set():
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(cluster.start_server)
+
+    restart = asyncio.ensure_future(restart_when_finishing())
+    scenes = await execute_job(
+        store, store.claim("runner-a", 30), services(settings), settings, lease_s=30, store_outage_s=4,
+        on_event=stop_at_planned(cluster, seen),
+    )
+    await restart
+    assert scenes is None
+    record = store.get("gen-1")
+    assert record.status == "failed" and "internal error" not in record.error
+    assert "job store" in record.error and "resumed" in record.error
+    logged, lost = runner_events(store, "gen-1")
+    assert len(logged) + lost == len(seen)  # each event is in the log or counted by a gap
+    assert store.requeue("gen-1", "alice")
+    assert await run_claimed(store, "runner-b", services(settings), settings, lease_s=30) is True
+    assert store.get("gen-1").status == "completed"
+
+
+async def test_a_final_status_that_cannot_land_leaves_the_job_to_lease_takeover(pg, settings):
+    """Down for longer than the run's wait and its final write's together: execute_job returns
+    (it raises nothing for nobody to see), the job stays `running` under a lease nobody renews,
+    and once that lease expires another runner takes the job over and completes it."""
+    cluster, store = pg
+    store.create("gen-1", "alice", REQUEST, offline=True)
+    seen: list = []
+    restart = asyncio.ensure_future(restart_after(cluster, seen, 6.0))
+    result = await execute_job(
+        store, store.claim("runner-a", 3), services(settings), settings, lease_s=3, store_outage_s=1.5,
+        on_event=stop_at_planned(cluster, seen),
+    )
+    assert result is None
+    await restart
+    record = store.get("gen-1")
+    assert record.status == "running" and record.lease_holder == "runner-a"
+    for _ in range(150):  # until runner-a's lease expires (3 s after its last renewal); 30 s at most
+        if await run_claimed(store, "runner-b", services(settings), settings, lease_s=30):
+            break
+        await asyncio.sleep(0.2)
+    record = store.get("gen-1")
+    assert (record.status, record.lease_token) == ("completed", 2)
+
+
+async def test_events_the_store_could_not_take_are_announced_by_a_gap(sqlite_store, settings, monkeypatch):
+    """SQLite, locked for the event writer's first four writes (longer than its bound): the
+    events of those writes are dropped, and the log says so with a gap event counting them, in
+    their place; every other event and the job itself are unaffected."""
+    store = sqlite_store
+    store.create("gen-1", "alice", REQUEST, offline=True)
+    real, calls = store.append_events, []
+
+    def locked_at_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 4:
+            raise locked()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append_events", locked_at_first)
+    monkeypatch.setattr("pipeline.service._EventWriter.RETRY_S", 0.01)
+    seen: list = []
+    scenes = await execute_job(
+        store, store.claim("runner-a", 30), services(settings), settings, store_outage_s=0.05, on_event=seen.append,
+    )
+    assert scenes is not None and store.get("gen-1").status == "completed"
+    events = store.events_after("gen-1", None, 0, 10_000).events
+    gaps = [e for e in events if e.kind == GAP_EVENT]
+    assert len(gaps) == 1 and gaps[0].data["lost"] > 0 and "missing" in gaps[0].message
+    logged, lost = runner_events(store, "gen-1")
+    assert len(logged) + lost == len(seen)
+    # The gap stands where the lost events were: what follows it is the rest, in order.
+    after_gap = [e.kind for e in events[events.index(gaps[0]) + 1:] if e.kind != FINAL_EVENT]
+    assert after_gap == [e.kind for e in seen][lost:]
