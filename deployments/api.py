@@ -11,19 +11,23 @@ state.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import Authenticator, Principal, bearer_principal
 from deployments.bodylimit import UploadBodyLimit
-from deployments.contract import JsonBodyLimit, validation_error_body
+from deployments.contract import (
+    PROBLEM_MEDIA_TYPE, JsonBodyLimit, problem, problem_schemas, request_path, validation_problem,
+)
 from pipeline.objectstore import ObjectStoreError
 
 log = logging.getLogger("sceneref.ingress")
@@ -72,30 +76,47 @@ def principal(request: Request, credentials: HTTPAuthorizationCredentials | None
 
 
 def create_api(server: Any, *, authenticator: Authenticator, upload_limit_bytes: int) -> FastAPI:
-    """A new FastAPI app for one ingress replica: error bodies that follow the OpenAPI document,
-    503 for an unreachable job or object store, body limits enforced while bodies stream in,
+    """A new FastAPI app for one ingress replica: every error a Problem Details body
+    (`deployments.contract`) as the OpenAPI document declares it, 503 for an unreachable job or object store, body limits enforced while bodies stream in,
     and `server`'s marked handlers as its routes."""
-    app = FastAPI(title="sceneref", version="0.1.0", description="Reference images for the scenes of a short video.")
+    app = FastAPI(title="sceneref", version="0.1.0", description="Reference images for the scenes of a short video. "
+                  "Every error is a Problem Details body (RFC 9457, application/problem+json).")
     app.state.authenticate = bearer_principal(authenticator)
 
+    def answer(request: Request, status: int, detail: str, headers: dict | None = None, **extensions) -> JSONResponse:
+        body = problem(status, detail, request_path(request.scope), **extensions)
+        return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Every HTTPException (the routes', the auth's, the router's 404 and 405) as a Problem."""
+        if exc.status_code < 400:
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return answer(request, exc.status_code, detail, exc.headers)
+
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """422 naming each bad field as `field: message` (`deployments.contract.ValidationErrorBody`)."""
-        return JSONResponse(status_code=422, content=validation_error_body(exc.errors()))
+        """422 naming each bad field (`deployments.contract.ValidationProblem`)."""
+        body = validation_problem(list(exc.errors()), request_path(request.scope))
+        return JSONResponse(body, status_code=422, media_type=PROBLEM_MEDIA_TYPE)
 
     async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         """The job store is unreachable or locked: a temporary condition, not the client's fault."""
         log.warning("job store unavailable: %s", exc)
-        return JSONResponse(status_code=503, content={"detail": "the job store is unavailable; try again shortly"},
-                            headers={"Retry-After": "5"})
+        return answer(request, 503, "the job store is unavailable; try again shortly", {"Retry-After": "5"})
 
     async def object_store_unavailable(request: Request, exc: ObjectStoreError) -> JSONResponse:
         log.warning("object store unavailable: %s", exc)
-        return JSONResponse(status_code=503, content={"detail": "the object store is unavailable; try again shortly"},
-                            headers={"Retry-After": "5"})
+        return answer(request, 503, "the object store is unavailable; try again shortly", {"Retry-After": "5"})
 
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: still the one shape (Starlette logs the traceback and re-raises after this)."""
+        return answer(request, 500, "internal server error")
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(OperationalError, database_unavailable)
     app.add_exception_handler(ObjectStoreError, object_store_unavailable)
+    app.add_exception_handler(Exception, server_error)
     # Refused while they stream in, before Starlette spools or parses the body.
     app.add_middleware(UploadBodyLimit, paths=UPLOAD_PATHS, limit=UploadBodyLimit.body_limit(upload_limit_bytes))
     app.add_middleware(JsonBodyLimit, paths=JSON_PATHS)  # 413 past 64 KiB, before parsing
@@ -106,4 +127,23 @@ def create_api(server: Any, *, authenticator: Authenticator, upload_limit_bytes:
             raise TypeError(f"{name}: route handlers are async (sync ones would run in FastAPI's thread pool)")
         options = {"name": name, **spec.options}
         app.add_api_route(spec.path, handler, methods=[spec.method], **options)
+
+    def openapi() -> dict:
+        """FastAPI's document, with the Problem schemas the routes' error responses refer to."""
+        if app.openapi_schema is None:
+            document = FastAPI.openapi(app)
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            # FastAPI declares a 422 of its own shape on every route with parameters, also where
+            # none can fail (plain strings): a route declares its 422 with `responses()` or has none.
+            for item in document["paths"].values():
+                for operation in item.values():
+                    declared = operation.get("responses", {}).get("422", {})
+                    if "HTTPValidationError" in json.dumps(declared):
+                        del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            schemas.update(problem_schemas())
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -9,9 +9,10 @@ the app reads it and stops reading as soon as the count passes the limit.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from deployments.contract import send_problem
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -31,7 +32,7 @@ class _BodyTooLarge(Exception):
 
 
 class UploadBodyLimit:
-    """Answers 413 with `{"error", "detail"}` for requests to `paths` whose body is over
+    """Answers 413 (a Problem, `deployments.contract`) for requests to `paths` whose body is over
     `limit` bytes: at once when Content-Length says so, else as soon as the streamed body
     passes it (also when the route had started parsing: whatever the app answers to the body it
     never got whole is replaced by the 413). The response says `Connection: close`, so the server
@@ -66,7 +67,7 @@ class UploadBodyLimit:
         limit = self.limit
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _refuse(send, limit, f"Content-Length is {declared}")
+            await _refuse(send, scope, limit, f"Content-Length is {declared}")
             return
 
         received = 0
@@ -99,7 +100,7 @@ class UploadBodyLimit:
             if not tripped or app_started:
                 raise
         if tripped and not app_started:
-            await _refuse(send, limit, f"more than {limit} bytes were sent")
+            await _refuse(send, scope, limit, f"more than {limit} bytes were sent")
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -112,22 +113,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _refuse(send: Send, limit: int, why: str) -> None:
-    body = json.dumps(
-        {
-            "error": "request body too large: the image is over the upload limit",
-            "detail": f"image: the upload limit is {limit} bytes ({limit / 2**20:.1f} MiB) including the form fields; {why}",
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(send: Send, scope: Scope, limit: int, why: str) -> None:
+    detail = (f"request body too large: the image is over the upload limit of {limit} bytes "
+              f"({limit / 2**20:.1f} MiB) including the form fields; {why}")
+    await send_problem(send, scope, 413, detail, {"Connection": "close"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from http import HTTPStatus
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -28,15 +29,21 @@ MAX_NAME_BYTES = 1024  # S3's key limit; a local file system allows less per seg
 MAX_SEGMENT_BYTES = 255  # NAME_MAX of common file systems
 
 
-# --- error bodies -------------------------------------------------------------------------
+# --- error bodies: RFC 9457 Problem Details --------------------------------------------------
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
-class ErrorBody(BaseModel):
-    """Every 4xx/5xx answer but 422: `detail` says what went wrong in words; `error` is present
-    where the answer was produced before routing (the 413 of a body cap)."""
+class Problem(BaseModel):
+    """Every 4xx/5xx body the service sends, as `application/problem+json` (RFC 9457). One shape,
+    so a client reads any error the same way; `detail` is a sentence a person can act on, and
+    the string clients of the earlier `{"detail": ...}` bodies already read."""
 
-    detail: str
-    error: str | None = None
+    type: str = Field("about:blank", description="about:blank: the status code says what kind of problem it is")
+    title: str = Field(description="the status code's reason phrase")
+    status: int = Field(description="the HTTP status code, repeated for clients that only keep the body")
+    detail: str = Field(description="what went wrong with this request, in words")
+    instance: str = Field(description="the path of the request that got this answer")
 
 
 class FieldError(BaseModel):
@@ -44,11 +51,10 @@ class FieldError(BaseModel):
     message: str
 
 
-class ValidationErrorBody(BaseModel):
-    """422: what the server sends for invalid fields (not FastAPI's `loc/msg/type` default)."""
+class ValidationProblem(Problem):
+    """422: a Problem whose `errors` name each invalid field (`detail` joins them in one line)."""
 
-    error: str = Field(description="invalid request: field: message; ...")
-    detail: list[FieldError]
+    errors: list[FieldError]
 
 
 _WHY = {
@@ -59,27 +65,66 @@ _WHY = {
     409: "the generation is in a state that does not allow this",
     413: "the request body is over the limit (refused while it streams in)",
     415: "the upload is not PNG, JPEG or WEBP by content",
-    422: "invalid fields, each named",
+    422: "invalid fields, each named in `errors`",
     429: "this user's limits (with Retry-After)",
-    503: "the queue is full, a store is unreachable or a needed deployment has no live replica (with Retry-After)",
+    503: "a store is unreachable, or a deployment a generation needs has no live replica (with Retry-After)",
 }
+
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "the RFC 6750 challenge", "required": True, "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait", "required": True, "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "seconds to wait", "required": True, "schema": {"type": "string"}}},
+}
+
+AUTHED = (401,)  # any route with a bearer token
+JOB_STORE = (503,)  # any route that reads or writes the job store: 503 while its database is unreachable
 
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route: each code with its body model, so the OpenAPI document lists
-    what the server really sends. Every route may answer 503 (a store is unreachable)."""
+    """`responses=` for a route: exactly the error codes it can answer, each with its Problem
+    body under `application/problem+json` and its headers, so the OpenAPI document lists what
+    the server really sends and a code the route cannot answer is not promised."""
     out: dict[int | str, dict[str, Any]] = {}
-    for code in sorted({*codes, 503}):
-        model = ValidationErrorBody if code == 422 else ErrorBody
-        out[code] = {"model": model, "description": _WHY[code]}
+    for code in sorted(set(codes)):
+        model = ValidationProblem if code == 422 else Problem
+        spec: dict[str, Any] = {
+            "description": _WHY[code],
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+        if code in _HEADERS:
+            spec["headers"] = _HEADERS[code]
+        out[code] = spec
     return out
 
 
-AUTHED = (401, 422)  # any route with a bearer token (422: a malformed path or query value)
+def problem_schemas() -> dict[str, Any]:
+    """The components `responses()` refers to, for the app's OpenAPI document."""
+    schema = ValidationProblem.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.pop("$defs", {})
+    components["ValidationProblem"] = schema
+    components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    return components
 
 
-def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """The 422 body from pydantic/FastAPI errors: each bad field as `field: message`."""
+def problem(status: int, detail: str, instance: str, **extensions: Any) -> dict[str, Any]:
+    """A Problem Details body (RFC 9457); `extensions` are extra members such as `errors`."""
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance, **extensions}
+
+
+def request_path(scope: Scope) -> str:
+    """The request's path as the client sent it (percent-encoded), without the query: the
+    `instance` of a problem."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1").split("?", 1)[0] if raw else scope.get("path", "")
+
+
+def validation_problem(errors: list[dict[str, Any]], instance: str) -> dict[str, Any]:
+    """The 422 body from pydantic/FastAPI errors: each bad field in `errors`, and all of them as
+    `field: message; ...` in `detail`."""
     fields = [
         {
             "field": ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header")),
@@ -88,7 +133,16 @@ def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
         for e in errors
     ]
     summary = "; ".join(f"{f['field'] or 'body'}: {f['message']}" for f in fields)
-    return {"error": f"invalid request: {summary}", "detail": fields}
+    return problem(422, f"invalid request: {summary}", instance, errors=fields)
+
+
+async def send_problem(send, scope: Scope, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    """A Problem answered straight from ASGI middleware (before any route runs)."""
+    payload = json.dumps(problem(status, detail, request_path(scope))).encode()
+    raw = [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
 
 
 # --- names from the URL -------------------------------------------------------------------
@@ -150,7 +204,7 @@ class JsonBodyLimit:
             return
         for name, value in scope.get("headers", ()):
             if name.lower() == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(send)
+                await self._refuse(send, scope)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -161,7 +215,7 @@ class JsonBodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._refuse(send)
+                await self._refuse(send, scope)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -178,18 +232,9 @@ class JsonBodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
-        payload = json.dumps({
-            "error": "request body too large",
-            "detail": f"the JSON body limit is {self.limit} bytes",
-        }).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                        (b"connection", b"close")],
-        })
-        await send({"type": "http.response.body", "body": payload})
+    async def _refuse(self, send, scope: Scope) -> None:
+        await send_problem(send, scope, 413, f"request body too large: the JSON body limit is {self.limit} bytes",
+                           {"Connection": "close"})
 
 
 # --- success bodies -----------------------------------------------------------------------
@@ -206,9 +251,19 @@ class Accepted(BaseModel):
 
 
 class CancelRequested(BaseModel):
+    """The answer to a cancel: the request was recorded (`cancel_requested`), and `status` is the
+    job's status right after. When `final` is true that status is how the job ended: `cancelled`
+    (a queued job, or one this replica ran and stopped), or `completed` when its last scene was
+    already finishing (a cancel never takes away finished scenes). When `final` is false the
+    job runs elsewhere: it stops at that runner's next step, within a few seconds, and ends
+    `cancelled`, or `completed` if its last scene was finishing; `GET /api/status` says which.
+    `message` says the same in words."""
+
     generation_id: str
     status: str
     cancel_requested: bool
+    final: bool
+    message: str
 
 
 class Requeued(BaseModel):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from deployments.api import principal, route
 from deployments.auth import Principal
-from deployments.contract import AUTHED, check_generation_id, responses
+from deployments.contract import AUTHED, JOB_STORE, check_generation_id, responses
 from pipeline import events as sse
 from pipeline.jobs import GenerationSummary
 
@@ -46,17 +46,6 @@ _STREAM_DOC = (
 )
 
 
-def _json_errors(*codes: int) -> dict:
-    """`responses(...)` with each body declared as application/json by reference: with a
-    `model`, FastAPI would list an error body under the route's own media type
-    (text/event-stream), which is not what the server sends for an error."""
-    out = {}
-    for code, spec in responses(*codes).items():
-        schema = {"$ref": f"#/components/schemas/{spec['model'].__name__}"}
-        out[code] = {"description": spec["description"], "content": {"application/json": {"schema": schema}}}
-    return out
-
-
 class EventRoutes:
     """Routes for the `Ingress`: needs `self.store` (JobStore) and `self._api(fn, *args)`."""
 
@@ -70,7 +59,7 @@ class EventRoutes:
             200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": _STREAM_DOC},
             204: {"description": "the generation is finished and has no events after the given id: nothing to "
                                  "stream (EventSource stops reconnecting)"},
-            **_json_errors(*AUTHED, 404),
+            **responses(*AUTHED, *JOB_STORE, 404, 422),
         },
     )
     async def generation_events(
@@ -100,7 +89,7 @@ class EventRoutes:
         # No caching, no proxy buffering (nginx): each event reaches the client when it is sent.
         return EventStream(stream, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @route("GET", "/api/generations", response_model=GenerationList, responses=responses(*AUTHED))
+    @route("GET", "/api/generations", response_model=GenerationList, responses=responses(*AUTHED, *JOB_STORE, 422))
     async def list_generations(
         self,
         limit: int = Query(20, ge=1, le=MAX_PAGE, description="generations per page"),

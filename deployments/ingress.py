@@ -35,7 +35,7 @@ from deployments.args import AppArgs
 from deployments.auth import Authenticator, Principal
 from deployments.metrics import install as install_metrics, record_final_status
 from deployments.contract import (
-    AUTHED, Accepted, CancelRequested, Health, Ready, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses,
+    AUTHED, JOB_STORE, Accepted, CancelRequested, Health, Ready, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses,
 )
 from deployments.events_api import EventRoutes
 from deployments.readiness import ReadinessCheck
@@ -246,7 +246,7 @@ class Ingress(ViewerRoutes, EventRoutes):
         """No I/O: answers at once however busy the replica is."""
         return {"status": "ok", "running_generations": len(self.tasks), "offline": self.offline}
 
-    @route("GET", "/api/ready", response_model=Ready, responses=responses())
+    @route("GET", "/api/ready", response_model=Ready, responses=responses(503))
     async def ready(self) -> dict:
         """200 when every deployment a generation needs has a live replica, else 503 naming the
         missing ones (asked of Serve's controller, cached a few seconds)."""
@@ -255,11 +255,11 @@ class Ingress(ViewerRoutes, EventRoutes):
             raise HTTPException(503, detail=readiness.reason(), headers={"Retry-After": "15"})
         return {"status": "ready" if readiness.checked else "unknown", "deployments": self.readiness.required}
 
-    @route("POST", "/api/generate", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 429))
+    @route("POST", "/api/generate", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 422, 429, 503))
     async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(principal)) -> dict:
         return await self._submit(body, principal, http)
 
-    @route("POST", "/api/generate-with-image", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 415, 429))
+    @route("POST", "/api/generate-with-image", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 415, 422, 429, 503))
     async def generate_with_image(
         self,
         http: Request,
@@ -286,6 +286,8 @@ class Ingress(ViewerRoutes, EventRoutes):
         try:
             upload = await prepare_upload(image, self.args.uploads)
         except UploadError as exc:
+            if exc.status_code == 422:  # an invalid field like any other: named in the 422's `errors`
+                raise RequestValidationError([{"loc": ("body", "image"), "msg": exc.detail, "type": "value_error"}]) from None
             raise HTTPException(exc.status_code, detail=f"image: {exc.detail}") from None
         return await self._submit(request, principal, http, upload)
 
@@ -293,7 +295,7 @@ class Ingress(ViewerRoutes, EventRoutes):
         record = self.store.get(generation_id, owner)
         return (record, self.store.scenes(generation_id)) if record is not None else (None, [])
 
-    @route("GET", "/api/status/{generation_id}", name="status", response_model=GenerationStatus, responses=responses(*AUTHED, 404))
+    @route("GET", "/api/status/{generation_id}", name="status", response_model=GenerationStatus, responses=responses(*AUTHED, *JOB_STORE, 404))
     async def status(self, generation_id: str, http: Request, principal: Principal = Depends(principal)) -> dict:
         check_generation_id(generation_id)
         record, scenes = await self._api(self._read_status, generation_id, principal.subject)
@@ -306,7 +308,7 @@ class Ingress(ViewerRoutes, EventRoutes):
 
         return to_status(record, scenes, url_for).model_dump(mode="json")
 
-    @route("DELETE", "/api/generations/{generation_id}", status_code=202, response_model=CancelRequested, responses=responses(*AUTHED, 404, 409))
+    @route("DELETE", "/api/generations/{generation_id}", status_code=202, response_model=CancelRequested, responses=responses(*AUTHED, *JOB_STORE, 404, 409))
     async def cancel(self, generation_id: str, principal: Principal = Depends(principal)) -> dict:
         """Ask the job to stop: it ends `cancelled` at its next step, wherever it runs; finished
         scenes are kept."""
@@ -323,7 +325,7 @@ class Ingress(ViewerRoutes, EventRoutes):
         record = await self._api(self.store.get, generation_id, principal.subject)
         return {"generation_id": generation_id, "status": record.status, "cancel_requested": True}
 
-    @route("POST", "/api/generations/{generation_id}/resume", status_code=202, response_model=Requeued, responses=responses(*AUTHED, 404, 409))
+    @route("POST", "/api/generations/{generation_id}/resume", status_code=202, response_model=Requeued, responses=responses(*AUTHED, *JOB_STORE, 404, 409))
     async def resume(self, generation_id: str, principal: Principal = Depends(principal)) -> dict:
         """Run a failed or cancelled generation again from its next unfinished scene."""
         check_generation_id(generation_id)
@@ -338,7 +340,7 @@ class Ingress(ViewerRoutes, EventRoutes):
         return {"generation_id": generation_id, "status": "queued"}
 
     @route("GET", "/api/artifacts/{key:path}", response_class=Response,
-             responses={200: {"content": {"image/png": {}}, "description": "the image"}, **responses(403, 404, 422)})
+             responses={200: {"content": {"image/png": {}}, "description": "the image"}, **responses(403, 404, 503)})
     async def artifact(self, key: str, expires: str = "", sig: str = "") -> Response:
         try:
             verify_signed(f"/api/artifacts/{key}", expires, sig, self.url_secret)
@@ -355,7 +357,7 @@ class Ingress(ViewerRoutes, EventRoutes):
             raise HTTPException(404, detail=f"generation {generation_id} not found")
         return TraceWriter(self.trace_store, generation_id, artifacts=self.artifacts)
 
-    @route("GET", "/api/generations/{generation_id}/traces", response_model=TraceListing, responses=responses(*AUTHED, 404))
+    @route("GET", "/api/generations/{generation_id}/traces", response_model=TraceListing, responses=responses(*AUTHED, *JOB_STORE, 404))
     async def traces(self, generation_id: str, principal: Principal = Depends(principal)) -> dict:
         check_generation_id(generation_id)
         def listing() -> list[str]:
@@ -368,7 +370,7 @@ class Ingress(ViewerRoutes, EventRoutes):
 
     @route("GET", "/api/generations/{generation_id}/traces/{name:path}", response_class=Response, responses={
         200: {"content": {"text/plain": {}, "application/json": {}, "image/png": {}}, "description": "the trace file"},
-        **responses(*AUTHED, 400, 404)})
+        **responses(*AUTHED, *JOB_STORE, 400, 404)})
     async def trace_file(self, generation_id: str, name: str, principal: Principal = Depends(principal)) -> Response:
         check_generation_id(generation_id)
         check_trace_name(name)

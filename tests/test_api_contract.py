@@ -116,6 +116,7 @@ def test_json_body_limit_refuses_large_bodies_and_passes_small_ones():
     assert client.post("/api/generate", json={"prompt": "a" * 100}).json() == {"keys": ["prompt"]}
     big = client.post("/api/generate", json={"prompt": "a" * 2000})
     assert big.status_code == 413 and "1000 bytes" in big.json()["detail"]
+    assert big.headers["content-type"] == "application/problem+json" and big.json()["instance"] == "/api/generate"
 
     def chunks():  # no Content-Length: counted while it streams
         yield b'{"prompt": "'
@@ -155,12 +156,15 @@ def test_links_use_the_configured_base_or_stay_relative():
     assert link(None, "/cluster/", "/api/status/1") == "/cluster/api/status/1"
 
 
-def test_validation_error_body_matches_its_declared_schema():
-    from deployments.contract import ValidationErrorBody, validation_error_body
+def test_validation_problem_matches_its_declared_schema():
+    from http import HTTPStatus
 
-    body = validation_error_body([
+    from deployments.contract import ValidationProblem, validation_problem
+
+    body = validation_problem([
         {"loc": ("body", "prompt"), "msg": "too short", "type": "x"},
         {"loc": ("body",), "msg": "Field required", "type": "missing"},
-    ])
-    assert ValidationErrorBody.model_validate(body).model_dump() == body
-    assert body["error"] == "invalid request: prompt: too short; body: Field required"
+    ], "/api/generate")
+    assert ValidationProblem.model_validate(body).model_dump() == body
+    assert body["detail"] == "invalid request: prompt: too short; body: Field required"
+    assert body["status"] == 422 and body["title"] == HTTPStatus(422).phrase and body["type"] == "about:blank"

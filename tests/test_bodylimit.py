@@ -111,7 +111,8 @@ HEADERS = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
 def assert_refused(response: httpx.Response, limit: int) -> None:
     assert response.status_code == 413, response.text
     body = response.json()
-    assert set(body) == {"error", "detail"}
+    assert response.headers["content-type"] == "application/problem+json"
+    assert set(body) == {"type", "title", "status", "detail", "instance"} and body["status"] == 413
     assert str(limit) in body["detail"]
 
 

@@ -118,7 +118,7 @@ def test_others_and_unknown_ids_get_404_and_bad_values_422(client, store):
     assert client.get("/api/generations/gen-1/events").status_code == 401
     for headers, query in (({"Last-Event-ID": "abc"}, ""), ({}, "?after=-1"), ({"Last-Event-ID": "-5"}, "")):
         response = client.get(f"/api/generations/gen-1/events{query}", headers={**auth(), **headers})
-        assert response.status_code == 422 and response.json()["error"].startswith("invalid request")
+        assert response.status_code == 422 and response.json()["detail"].startswith("invalid request")
 
 
 def test_the_list_shows_only_the_callers_generations_newest_first(client, store):
@@ -144,7 +144,7 @@ def test_the_list_shows_only_the_callers_generations_newest_first(client, store)
     }
     assert client.get("/api/generations", headers=auth("carol")).json() == {"generations": [], "next_cursor": None}
     bad = client.get("/api/generations?cursor=garbage", headers=auth())
-    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "cursor"
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "cursor"
     assert client.get("/api/generations?limit=0", headers=auth()).status_code == 422
 
 
@@ -158,12 +158,12 @@ def test_both_routes_are_in_the_openapi_document(client):
     assert listing["$ref"].endswith("/GenerationList")
 
 
-def test_error_answers_of_the_stream_are_declared_as_json(client):
+def test_error_answers_of_the_stream_are_declared_as_problems(client):
     document = client.get("/openapi.json").json()
     responses = document["paths"]["/api/generations/{generation_id}/events"]["get"]["responses"]
     for code in ("401", "404", "422", "503"):
         (media,) = responses[code]["content"]
-        assert media == "application/json"
+        assert media == "application/problem+json"  # not the route's own text/event-stream
         name = responses[code]["content"][media]["schema"]["$ref"].rsplit("/", 1)[1]
         assert name in document["components"]["schemas"]
     assert list(responses["200"]["content"]) == ["text/event-stream"]

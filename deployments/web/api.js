@@ -60,7 +60,7 @@ export async function request(method, path, { json, form, accept } = {}) {
   }
   if (response.ok) return response;
   let data = null;
-  try { data = await response.json(); } catch { /* not JSON */ }
+  try { data = await response.json(); } catch { /* not JSON */ }  // a Problem (application/problem+json)
   const error = new ApiError(response.status, explain(response, data), data);
   if (response.status === 401) authListeners.forEach((fn) => fn(error));
   throw error;
@@ -85,8 +85,8 @@ export function explain(response, data) {
     case 413: return "The image is too large for the service. Choose a smaller one.";
     case 415: return "The image must be a PNG, JPEG or WEBP file.";
     case 422:
-      if (data && Array.isArray(data.detail)) {
-        return "Please fix: " + data.detail.map((f) => (f.field ? `${f.field}: ${f.message}` : f.message)).join("; ");
+      if (data && Array.isArray(data.errors)) {  // a Problem's field errors (docs/serving.md, Errors)
+        return "Please fix: " + data.errors.map((f) => (f.field ? `${f.field}: ${f.message}` : f.message)).join("; ");
       }
       return detail || "The request is invalid.";
     case 429: return `${detail || "You have too many generations running."}${later}`;

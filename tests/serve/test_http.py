@@ -193,7 +193,7 @@ def test_ready_asks_serve_for_every_deployment_a_generation_needs(offline_app):
 def test_validation_errors_name_the_field(offline_app, body, field):
     reply = httpx.post(f"{offline_app}/api/generate", json=body, headers=auth(), timeout=10)
     assert reply.status_code == 422
-    assert field in reply.json()["error"]
+    assert field in reply.json()["detail"] and field in {e["field"] for e in reply.json()["errors"]}
 
 
 def test_malformed_json_body_is_4xx(offline_app):
@@ -235,9 +235,9 @@ def test_multipart_validation_names_the_field(offline_app):
         headers=auth(),
         timeout=30,
     )
-    assert reply.status_code == 422 and "target_duration" in reply.json()["error"]
+    assert reply.status_code == 422 and "target_duration" in reply.json()["detail"]
     missing = httpx.post(f"{offline_app}/api/generate-with-image", data={"prompt": "Artisan coffee for you"}, headers=auth(), timeout=30)
-    assert missing.status_code == 422 and "image" in missing.json()["error"]
+    assert missing.status_code == 422 and "image" in missing.json()["detail"]
 
 
 def test_tampered_or_expired_image_links_are_refused(offline_app):
@@ -294,14 +294,14 @@ def test_json_body_is_capped_and_unknown_fields_refused(offline_app):
     reply = httpx.post(f"{offline_app}/api/generate", json=body, headers=auth(), timeout=30)
     assert reply.status_code == 413, reply.text[:200]
     reply = httpx.post(f"{offline_app}/api/generate", json={**QUICK_START[0], "colour": "red"}, headers=auth(), timeout=30)
-    assert reply.status_code == 422 and "colour" in reply.json()["error"]
-    assert reply.json()["detail"] == [{"field": "colour", "message": "Extra inputs are not permitted"}]
+    assert reply.status_code == 422 and "colour" in reply.json()["detail"]
+    assert reply.json()["errors"] == [{"field": "colour", "message": "Extra inputs are not permitted"}]
 
 
 @pytest.mark.parametrize("prompt", ["\u200b" * 10, "\x00" * 10])
 def test_prompt_without_visible_text_is_422(offline_app, prompt):
     reply = httpx.post(f"{offline_app}/api/generate", json={"prompt": prompt}, headers=auth(), timeout=30)
-    assert reply.status_code == 422 and "prompt" in reply.json()["error"]
+    assert reply.status_code == 422 and "prompt" in reply.json()["detail"]
 
 
 def test_openapi_declares_what_the_server_sends(offline_app):
@@ -311,8 +311,8 @@ def test_openapi_declares_what_the_server_sends(offline_app):
     assert declared >= {"400", "401", "403", "404", "409", "413", "415", "422", "429", "503"}
     assert set(paths["/api/generate"]["post"]["responses"]) >= {"202", "401", "413", "422", "429", "503"}
     assert set(paths["/api/generate-with-image"]["post"]["responses"]) >= {"202", "401", "413", "415", "422", "429", "503"}
-    schema = paths["/api/generate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    schema = paths["/api/generate"]["post"]["responses"]["422"]["content"]["application/problem+json"]["schema"]
     name = schema["$ref"].rsplit("/", 1)[1]
     body = document["components"]["schemas"][name]
-    assert set(body["properties"]) == {"error", "detail"}
+    assert set(body["properties"]) == {"type", "title", "status", "detail", "instance", "errors"}
     assert "HTTPValidationError" not in document["components"]["schemas"]
