@@ -111,6 +111,7 @@ class Ingress(ViewerRoutes, EventRoutes):
                         or args.random_weights())
         self.holder = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasks: dict[str, asyncio.Task] = {}
+        self.background: set[asyncio.Task] = set()  # follow-ups of ended runs (see _job_ended)
         self.wake = asyncio.Event()
         # Request-path reads and writes get threads of their own, so a status or a submission
         # never queues behind the running jobs' trace, artifact and lease work.
@@ -178,16 +179,28 @@ class Ingress(ViewerRoutes, EventRoutes):
             execute_job(
                 self.store, lease, self.services, self.settings, lease_s=self.args.jobs.lease_s,
                 cancel_poll_s=self.args.jobs.lease_s / 3,  # _cancel_watch looks more often, for all jobs at once
+                store_outage_s=self.args.jobs.store_outage_s,
             )
         )
         self.tasks[generation_id] = task
+        task.add_done_callback(functools.partial(self._job_ended, generation_id))
 
-        def done(_task: asyncio.Task) -> None:
-            self.tasks.pop(generation_id, None)
-            self.wake.set()
-            asyncio.ensure_future(record_final_status(self.store, generation_id))
+    def _job_ended(self, generation_id: str, task: asyncio.Task) -> None:
+        """A run ended: make room, and count its final status. Its outcome is retrieved here, so
+        nothing it raised goes unseen ("Task exception was never retrieved"); the follow-up task
+        is kept referenced until it ends (the loop holds tasks only weakly) and observed too."""
+        self.tasks.pop(generation_id, None)
+        self.wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("generation %s: its run raised", generation_id, exc_info=task.exception())
+        follow_up = asyncio.ensure_future(record_final_status(self.store, generation_id))
+        self.background.add(follow_up)
+        follow_up.add_done_callback(self._background_ended)
 
-        task.add_done_callback(done)
+    def _background_ended(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a background task of the ingress failed", exc_info=task.exception())
 
     async def _retention_loop(self) -> None:
         settings = self.args.retention
