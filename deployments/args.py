@@ -29,6 +29,18 @@ class JobSettings(BaseModel):
     lease_s: float = Field(30.0, ge=3, description="a runner that stops renewing loses its job after this long")
     poll_s: float = Field(2.0, gt=0, description="how often an idle replica looks for claimable jobs")
     max_running_per_replica: int = Field(32, ge=1, description="jobs one ingress replica runs at once")
+    store_outage_s: float = Field(
+        120.0, gt=0,
+        description="how long a running job waits out a job store it cannot reach (checkpoints, final status) "
+        "before it ends failed as transient (resumable); at least lease_s",
+    )
+
+    @model_validator(mode="after")
+    def _outage_outlasts_the_lease(self) -> "JobSettings":
+        """Shorter than the lease, a store restart would fail jobs that the lease keeps safe."""
+        if self.store_outage_s < self.lease_s:
+            raise ValueError(f"jobs.store_outage_s ({self.store_outage_s:g}) must be at least jobs.lease_s ({self.lease_s:g})")
+        return self
 
 
 class ScorersServing(BaseModel):

@@ -15,6 +15,7 @@ user id, a prompt or a generation id.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from ray.serve.metrics import Counter, Histogram
 
@@ -45,6 +46,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list | None]] = {
     "sceneref_cost_usd_total": ("counter", "Estimated spend at list prices, by stage (priced calls only)", ("stage",), None),
     "sceneref_unpriced_scenes_total": ("counter", "Scene stages with a call whose model has no price", ("stage",), None),
 }
+
+log = logging.getLogger("sceneref.metrics")
 
 # As exported by Ray's metrics agent (namespace `ray_`).
 EXPORT_PREFIX = "ray_"
@@ -125,7 +128,9 @@ async def record_final_status(store, generation_id: str) -> None:
     it counts it."""
     try:
         record = await asyncio.to_thread(store.get, generation_id)
-    except Exception:
+    except Exception as exc:  # the store is away: the run's own log says how it ended
+        log.warning("generation %s: final status not counted, the job store could not be read (%s)",
+                    generation_id, type(exc).__name__)
         return
     if record is not None and record.status in ("completed", "failed", "cancelled"):
         hooks().generation_finished(record.status)

@@ -180,3 +180,15 @@ async def test_events_the_store_could_not_take_are_announced_by_a_gap(sqlite_sto
     # The gap stands where the lost events were: what follows it is the rest, in order.
     after_gap = [e.kind for e in events[events.index(gaps[0]) + 1:] if e.kind != FINAL_EVENT]
     assert after_gap == [e.kind for e in seen][lost:]
+
+
+def test_the_outage_bound_is_at_least_the_lease():
+    """A bound shorter than the lease would fail jobs on a store restart that the lease keeps
+    safe: refused, naming both settings."""
+    from pydantic import ValidationError
+
+    from deployments.args import JobSettings
+
+    assert JobSettings().store_outage_s >= JobSettings().lease_s
+    with pytest.raises(ValidationError, match=r"jobs.store_outage_s \(20\) must be at least jobs.lease_s \(30\)"):
+        JobSettings(lease_s=30, store_outage_s=20)
