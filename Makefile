@@ -37,9 +37,10 @@ demo: $(STAMP)
 		--duration 15 --variations 4 --iterations 4 --threshold 30 --output output/demo --keep-traces
 
 # PostgreSQL server binaries for the job-store tests (the tests start a throwaway cluster on a
-# free port): Debian's package, installed when missing and we are root; else those tests skip.
+# free port; tests/postgres.py finds initdb under /usr/lib/postgresql or on PATH): Debian's
+# package, installed when missing and we are root; else those tests skip (a failure with CI set).
 postgres:
-	@ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 \
+	@{ ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } > /dev/null 2>&1 \
 		|| { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null \
 			&& { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } \
 			|| echo "PostgreSQL binaries not found and cannot install them: the PostgreSQL tests will skip"; }
@@ -53,12 +54,13 @@ browser:
 			|| echo "chromium not found and cannot install it: the browser tests will fail; install Debian's chromium"; }
 
 # The simulated multi-node cluster test runs in its own process beside the rest (it starts its own
-# Ray cluster); its output is printed after the main run.
+# Ray cluster); its output is printed after the main run. -rs prints every skip with its reason;
+# with CI set, a skip for a missing PostgreSQL, SeaweedFS or Chromium fails (tests/conftest.py).
 TEST_ENV := RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 test: $(STAMP) postgres browser
 	@mkdir -p output
-	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider -m multinode > output/test-multinode.log 2>&1 & multi=$$!; \
-	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not multinode"; main=$$?; \
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -p no:cacheprovider -m multinode > output/test-multinode.log 2>&1 & multi=$$!; \
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -p no:cacheprovider -m "not multinode"; main=$$?; \
 	wait $$multi; multinode=$$?; \
 	echo "--- multi-node cluster test (output/test-multinode.log) ---"; tail -n 40 output/test-multinode.log; \
 	test $$main -eq 0 -a $$multinode -eq 0
