@@ -147,6 +147,19 @@ async def test_retryable_generation_error_says_the_job_can_be_resumed(store, set
     assert error.startswith("scene 2: the image generator replica went away") and "resumed" in error
 
 
+async def until_settled(before: set[asyncio.Task], timeout_s: float = 60) -> None:
+    """Wait until every task started since `before` has ended (a run's children, its lease
+    renewal, its writes in threads, which their tasks await): a check that nothing was written
+    after that does not depend on having waited long enough. Fails if one is still running after
+    `timeout_s`, a bound no healthy run comes near."""
+    loop, me = asyncio.get_running_loop(), asyncio.current_task()
+    deadline = loop.time() + timeout_s
+    while alive := [t for t in asyncio.all_tasks() if t not in before and t is not me and not t.done()]:
+        if loop.time() > deadline:
+            pytest.fail(f"the run left {len(alive)} task(s) running {timeout_s:.0f} s after it returned: {alive}")
+        await asyncio.sleep(0.01)
+
+
 async def test_a_runner_that_lost_its_lease_stops_and_writes_nothing(store, settings):
     store.create("gen-1", "alice", REQUEST, offline=True)
     lease = store.claim("runner-a", 30)
@@ -159,8 +172,9 @@ async def test_a_runner_that_lost_its_lease_stops_and_writes_nothing(store, sett
             seen["thief"] = store.claim("runner-b", 30)  # ... and runner-b takes over
             seen["row"] = store.get("gen-1")
 
+    before = asyncio.all_tasks()
     assert await execute_job(store, lease, services(settings, chat_latency_s=0.05), settings, on_event=steal) is None
-    await asyncio.sleep(0.2)  # any straggling write would land now
+    await until_settled(before)  # every task the run started has ended: nothing of it can write later
     assert seen["thief"].token == 2
     assert store.get("gen-1") == seen["row"]  # not one write after the takeover
     assert store.scenes("gen-1") == []
