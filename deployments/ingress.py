@@ -38,11 +38,11 @@ from deployments.contract import (
     AUTHED, JOB_STORE, Accepted, CancelRequested, Health, Ready, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses,
 )
 from deployments.events_api import EventRoutes
-from deployments.readiness import ReadinessCheck
+from deployments.readiness import ReadinessCheck, StoreCheck, ping_object_store
 from deployments.signing import SignatureError, sign_url, verify_signed
 from deployments.uploads import UploadError, prepare_upload
 from deployments.viewer import ViewerRoutes
-from pipeline.objectstore import ArtifactNotFound, open_store
+from pipeline.objectstore import ArtifactNotFound, StoreProbe, open_store
 from pipeline.jobs import JobStore
 from pipeline.limits import check_admission
 from pipeline.retention import sweep
@@ -57,6 +57,9 @@ log = logging.getLogger("sceneref.ingress")
 
 FINISHED = ("completed", "failed", "cancelled")
 CANCEL_WATCH_S = 2.0  # how often a replica looks for cancel requests of the jobs it runs (one query)
+# How long a cancel of a job this replica runs waits for the job's final status before it answers.
+CANCEL_ANSWER_WAIT_S = 10.0
+OBJECT_STORE_RETRY_AFTER_S = 5
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -78,6 +81,9 @@ class Ingress(ViewerRoutes, EventRoutes):
         self.store = JobStore(args.job_store_url())
         self.artifacts = open_store(self.settings.artifacts_dir, self.settings.s3)
         self.trace_store = open_store(self.settings.traces.root, self.settings.s3)
+        # Submissions ask this (cached) whether the object stores answer: 503 rather than a job
+        # that fails at its first image.
+        self.store_probe = StoreProbe(self.artifacts, self.trace_store)
         weights = self.settings.scoring.weights.as_dict()
         # `scoring`: one handle per text-image model (layout separate), or the one Scoring
         # deployment that holds them all (colocated): deployments.app.scoring_deployments.
@@ -90,6 +96,11 @@ class Ingress(ViewerRoutes, EventRoutes):
         # call past its timeout keeps waiting only while its deployment has a live replica.
         needed = [generator, agents, *scoring_handles, *([consistency] if consistency is not None else [])]
         self.readiness = ReadinessCheck(serve.status, generator.app_name, [h.deployment_name for h in needed])
+        # The stores every route depends on, for GET /api/ready (deployments.readiness).
+        probes = {"job store": self.store.ping, "object store": functools.partial(ping_object_store, self.artifacts)}
+        if self.trace_store.url != self.artifacts.url:
+            probes["trace store"] = functools.partial(ping_object_store, self.trace_store)
+        self.store_check = StoreCheck(probes)
         served = self._served
         if "scoring" in scoring:
             scoring_client = HandleColocatedScoring(scoring["scoring"], active, args.handle_retry, served=served)
@@ -231,6 +242,13 @@ class Ingress(ViewerRoutes, EventRoutes):
         readiness = await self.readiness.check()
         if not readiness.ready:
             raise HTTPException(503, detail=readiness.reason(), headers={"Retry-After": "15"})
+        unreachable = await self._api(self.store_probe.check)
+        if unreachable is not None:
+            log.warning("submission refused: %s", unreachable)
+            raise HTTPException(
+                503, detail="the object store cannot be reached: submissions are refused until it is back",
+                headers={"Retry-After": str(OBJECT_STORE_RETRY_AFTER_S)},
+            )
         refusal = await self._api(check_admission, self.store, principal.subject, self.args.limits)
         if refusal is not None:
             raise HTTPException(refusal.status_code, detail=refusal.reason, headers={"Retry-After": str(refusal.retry_after_s)})
@@ -261,12 +279,17 @@ class Ingress(ViewerRoutes, EventRoutes):
 
     @route("GET", "/api/ready", response_model=Ready, responses=responses(503))
     async def ready(self) -> dict:
-        """200 when every deployment a generation needs has a live replica, else 503 naming the
-        missing ones (asked of Serve's controller, cached a few seconds)."""
-        readiness = await self.readiness.check()
+        """200 when the job store and the object stores answer and every deployment a generation
+        needs has a live replica; else 503 naming what is missing (cached a few seconds)."""
+        stores, readiness = await asyncio.gather(self.store_check.check(), self.readiness.check())
+        if not stores.ok:
+            raise HTTPException(503, detail=stores.reason(), headers={"Retry-After": "5"})
         if not readiness.ready:
             raise HTTPException(503, detail=readiness.reason(), headers={"Retry-After": "15"})
-        return {"status": "ready" if readiness.checked else "unknown", "deployments": self.readiness.required}
+        return {
+            "status": "ready" if readiness.checked else "unknown", "deployments": self.readiness.required,
+            "stores": list(stores.checked),
+        }
 
     @route("POST", "/api/generate", status_code=202, response_model=Accepted, responses=responses(*AUTHED, 400, 413, 422, 429, 503))
     async def generate(self, body: GenerationRequest, http: Request, principal: Principal = Depends(principal)) -> dict:
@@ -323,8 +346,10 @@ class Ingress(ViewerRoutes, EventRoutes):
 
     @route("DELETE", "/api/generations/{generation_id}", status_code=202, response_model=CancelRequested, responses=responses(*AUTHED, *JOB_STORE, 404, 409))
     async def cancel(self, generation_id: str, principal: Principal = Depends(principal)) -> dict:
-        """Ask the job to stop: it ends `cancelled` at its next step, wherever it runs; finished
-        scenes are kept."""
+        """Ask the job to stop; the answer says what happened (see CancelRequested). A queued
+        job ends `cancelled` at once; one this replica runs is stopped now and its final status
+        awaited (bounded); one another replica runs stops at that replica's next look at the
+        flag. Finished scenes are kept."""
         check_generation_id(generation_id)
         record = await self._api(self.store.get, generation_id, principal.subject)
         if record is None:
@@ -335,8 +360,9 @@ class Ingress(ViewerRoutes, EventRoutes):
         task = self.tasks.get(generation_id)
         if task is not None:  # running here: stop now rather than at the next lease renewal
             task.cancel()
+            await asyncio.wait([task], timeout=CANCEL_ANSWER_WAIT_S)  # never cancels the job's task itself
         record = await self._api(self.store.get, generation_id, principal.subject)
-        return {"generation_id": generation_id, "status": record.status, "cancel_requested": True}
+        return cancel_answer(generation_id, record.status)
 
     @route("POST", "/api/generations/{generation_id}/resume", status_code=202, response_model=Requeued, responses=responses(*AUTHED, *JOB_STORE, 404, 409))
     async def resume(self, generation_id: str, principal: Principal = Depends(principal)) -> dict:
@@ -396,3 +422,21 @@ class Ingress(ViewerRoutes, EventRoutes):
             raise HTTPException(404, detail=f"trace file {name} not found") from None
         media = mimetypes.guess_type(name)[0] or "text/plain"
         return Response(data, media_type=media)
+
+
+def cancel_answer(generation_id: str, status: str) -> dict:
+    """The DELETE's answer for the job's status right after the cancel was recorded: final or
+    not, and what that means, in words (CancelRequested)."""
+    if status == "cancelled":
+        message = "cancelled; finished scenes are kept"
+    elif status == "completed":
+        message = "the generation completed before the cancel could stop it: its last scene was already finishing"
+    elif status == "failed":
+        message = "the generation failed before the cancel could stop it; finished scenes are kept"
+    else:
+        message = (
+            "cancel recorded: the generation stops at its next step and ends `cancelled`, unless the scene "
+            "it is finishing is its last, in which case it ends `completed`; the status says how it ended"
+        )
+    return {"generation_id": generation_id, "status": status, "cancel_requested": True,
+            "final": status in FINISHED, "message": message}

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -36,6 +37,16 @@ class ArtifactNotFound(KeyError):
 class ObjectStoreError(RuntimeError):
     """The store cannot be used as configured; the message says what to set."""
 
+    retryable = False
+
+
+class ObjectStoreUnavailable(ObjectStoreError):
+    """The store worked and now does not answer (connection refused or timed out, a 5xx): an
+    outage, not a configuration error. Transient (`retryable`): waiting, then trying the same
+    call again, is the cure; runners do so for `S3Settings.outage_wait_s`."""
+
+    retryable = True
+
 
 @runtime_checkable
 class ObjectStore(Protocol):
@@ -47,6 +58,7 @@ class ObjectStore(Protocol):
     def list(self, prefix: str = "") -> list[str]: ...
     def delete_prefix(self, prefix: str) -> int: ...
     def link(self, src_key: str, dst_key: str) -> None: ...
+    def ping(self) -> None: ...
 
 
 def check_key(key: str) -> str:
@@ -83,6 +95,16 @@ class LocalObjectStore:
 
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
+
+    def ping(self) -> None:
+        """Raise ObjectStoreUnavailable unless the directory exists (made on first use) and can
+        be written: a missing mount must answer like an S3 server that is down."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ObjectStoreUnavailable(f"{self.url}: {exc.strerror or exc}") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise ObjectStoreUnavailable(f"{self.url}: the directory cannot be written")
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
         path = self.path(key)
@@ -169,6 +191,41 @@ def hard_link(src: Path, dst: Path) -> bool:
         _unlink(tmp)
         raise
     return True
+
+
+class StoreProbe:
+    """Whether the stores answer, for the request path (a submission is refused with 503 rather
+    than accepted into a job that cannot store anything). One `ping` per store per `ttl_s`
+    whatever the request rate; a failure is remembered for a shorter `failed_ttl_s`, so the
+    answer turns good again soon after the store is back. Thread-safe: callers in worker
+    threads share one probe, and concurrent callers wait for the one ping in flight."""
+
+    def __init__(self, *stores: ObjectStore, ttl_s: float = 5.0, failed_ttl_s: float = 1.0):
+        unique: dict[int, ObjectStore] = {}
+        for store in stores:
+            unique.setdefault(id(store), store)
+        self.stores = list(unique.values())
+        self.ttl_s, self.failed_ttl_s = ttl_s, failed_ttl_s
+        self._lock = threading.Lock()
+        self._until = 0.0
+        self._error: ObjectStoreError | None = None
+
+    def check(self) -> ObjectStoreError | None:
+        """None when every store answered; else the first store's error (not raised: the caller
+        words the refusal). Blocking: call it from a worker thread."""
+        with self._lock:
+            if time.monotonic() < self._until:
+                return self._error
+            error = None
+            for store in self.stores:
+                try:
+                    store.ping()
+                except ObjectStoreError as exc:
+                    error = exc
+                    break
+            self._error = error
+            self._until = time.monotonic() + (self.failed_ttl_s if error is not None else self.ttl_s)
+            return error
 
 
 def share(src: ObjectStore, src_key: str, dst: ObjectStore, dst_key: str) -> bool:

@@ -17,6 +17,7 @@ event loop of an ingress running a hundred generations stays free for health and
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Awaitable, Callable
 
 from pipeline.agents import enhance_scene
 from pipeline.artifacts import ArtifactStore
+from pipeline.objectstore import ObjectStoreError, ObjectStoreUnavailable
 from pipeline.providers import ChatModel, ImageProvider, ProviderError
 from pipeline.schemas import EnhancementResult, GenerationRequest, ScenePlan, SceneResult, VariationResult
 from pipeline.consistency import scene_text
@@ -41,6 +43,21 @@ log = logging.getLogger("sceneref.runner")
 
 # Progress budget: planning 0-5, enhancement 5-25, scenes share 25-100.
 _PLANNED, _ENHANCED = 5, 25
+_OUTAGE_BACKOFF_S = (0.25, 5.0)  # between attempts of a store call during an outage: first, longest
+
+
+@dataclass
+class _OutageWait:
+    """How long this run's store calls wait through an object-store outage (S3Settings.outage_wait_s).
+    Once one call has waited the whole bound in vain, the run is ending: `spent` makes every
+    later call (best-effort trace writes on the way out) fail at once instead of waiting again."""
+
+    wait_s: float = 0.0
+    spent: bool = False
+
+
+# Set by run_generation for its own task and the tasks it starts.
+_OUTAGE: contextvars.ContextVar[_OutageWait] = contextvars.ContextVar("outage_wait", default=_OutageWait())
 
 
 class GenerationError(RuntimeError):
@@ -124,6 +141,32 @@ async def _call(callback: Callback, value: Any) -> None:
 
 
 async def _blocking(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run a store call (blocking I/O) in a worker thread, waiting through an object-store outage:
+    ObjectStoreUnavailable is retried with backoff for the run's outage bound, so a store that
+    comes back within it costs a pause, not the generation. Every call here is idempotent (puts
+    of whole objects, reads), so trying it again is safe. The wait is an asyncio sleep: a cancel
+    or a lost lease stops it at once."""
+    loop = asyncio.get_running_loop()
+    outage = _OUTAGE.get()
+    deadline = None
+    delay, longest = _OUTAGE_BACKOFF_S
+    while True:
+        try:
+            return await _landed(function, *args, **kwargs)
+        except ObjectStoreUnavailable as exc:
+            now = loop.time()
+            if deadline is None:
+                deadline = now + (0.0 if outage.spent else outage.wait_s)
+                if not outage.spent:
+                    log.warning("object store outage, waiting up to %.0f s for it: %s", outage.wait_s, exc)
+            if now >= deadline:
+                outage.spent = True
+                raise
+            await asyncio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, longest)
+
+
+async def _landed(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """Run blocking I/O in a worker thread. A write cannot be stopped half-way, so when the
     caller is cancelled meanwhile the write is waited for before CancelledError goes on: once
     run_generation has ended, none of its writes is still landing."""
@@ -178,6 +221,31 @@ def _as_png(data: bytes) -> bytes:
 
 
 async def run_generation(
+    generation_id: str, request: GenerationRequest, services: Services, settings: PipelineSettings, **options: Any
+) -> list[SceneResult]:
+    """Run (or resume) one generation and return its scenes in order; the options and what is
+    raised: _run_generation. Its store calls wait through an object-store outage for
+    `settings.s3.outage_wait_s`; a store still failing after that ends the generation with a
+    GenerationError, retryable for an outage (a resume continues it once the store is back),
+    not for a store that refuses (credentials, a missing bucket: the configuration)."""
+    token = _OUTAGE.set(_OutageWait(settings.s3.outage_wait_s))
+    try:
+        return await _run_generation(generation_id, request, services, settings, **options)
+    except ObjectStoreError as exc:
+        log.error("generation %s: object store failure: %s", generation_id, exc)
+        if isinstance(exc, ObjectStoreUnavailable):
+            raise GenerationError(
+                f"the object store was unreachable for longer than {settings.s3.outage_wait_s:g} s (an outage); "
+                "finished scenes are kept", retryable=True,
+            ) from exc
+        raise GenerationError(
+            "the object store refused a request (a configuration problem: see the service log); finished scenes are kept"
+        ) from exc
+    finally:
+        _OUTAGE.reset(token)
+
+
+async def _run_generation(
     generation_id: str,
     request: GenerationRequest,
     services: Services,

