@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime, timezone
 
 import pytest
 
@@ -83,7 +84,13 @@ def test_killed_runner_is_taken_over_after_its_lease(url, tmp_path):
     )
     try:
         assert runner.stdout.readline().strip() == "MID-SCENE"
-        time.sleep(lease_s)  # it renews meanwhile: nobody may take the job from a live runner
+        # Nobody may take the job from a live runner: once it has been seen renewing (its lease
+        # pushed past the one read here), the rescuer is refused, however slow the machine.
+        seen = store.get("gen-1").lease_expires_at
+        deadline = time.monotonic() + 60
+        while store.get("gen-1").lease_expires_at <= seen:
+            assert time.monotonic() < deadline, "the live runner never renewed its lease"
+            time.sleep(0.05)
         assert store.claim("rescuer", lease_s) is None
         before = store.scenes("gen-1")
         image_bytes = {s.scene_number: hashlib.sha256(artifacts.get(s.reference_image_key)).hexdigest() for s in before}
@@ -93,11 +100,14 @@ def test_killed_runner_is_taken_over_after_its_lease(url, tmp_path):
     finally:
         if runner.poll() is None:
             runner.kill()
+    lapsed = store.get("gen-1").lease_expires_at  # the dead runner's last renewal: final now
+    deadline = time.monotonic() + lease_s + 60  # a bound, not a figure: the time is printed below
     while (lease := store.claim("rescuer", 30.0)) is None:
+        assert time.monotonic() < deadline, "the job was never taken over after its runner died"
         time.sleep(0.05)
     takeover_s = time.perf_counter() - killed
     print(f"\ntakeover [{url.split(':')[0]}]: lease_s={lease_s}, claimed {takeover_s:.2f} s after SIGKILL")
-    assert lease.token == 2 and takeover_s <= lease_s + 1.0
+    assert lease.token == 2 and datetime.now(timezone.utc) >= lapsed  # taken over only once the lease lapsed
     done = {s.scene_number for s in store.scenes("gen-1")}
     assert done == {1, 2}
     for number in range(1, scenes + 1):
