@@ -283,5 +283,6 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
-    status: str = Field(description="ready: every deployment a generation needs has a live replica")
+    status: str = Field(description="ready: the stores answer and every deployment a generation needs has a live replica")
     deployments: list[str] = Field(description="the deployments that were checked")
+    stores: list[str] = Field(default_factory=list, description="the stores that were reached (job store, object stores)")

@@ -50,6 +50,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -309,6 +310,12 @@ class JobStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def ping(self) -> None:
+        """One round trip to the database (readiness): raises the driver's error when it cannot
+        be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(select(literal(1)))
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:

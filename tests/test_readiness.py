@@ -65,3 +65,42 @@ async def test_a_controller_that_cannot_be_asked_does_not_refuse_work():
 
     result = await ReadinessCheck(status, "sceneref", REQUIRED).check()
     assert result.ready and not result.checked
+
+
+async def test_a_store_probe_that_hangs_is_unreachable_and_never_run_twice_at_once():
+    """A store that does not answer is as unreachable as one that refuses; while its probe
+    hangs, later checks say so without starting another (no thread pile-up)."""
+    import threading
+
+    from deployments.readiness import StoreCheck
+
+    release, calls = threading.Event(), []
+
+    def hanging():
+        calls.append(1)
+        release.wait(10)
+
+    check = StoreCheck({"job store": hanging, "object store": lambda: None}, cache_s=0, timeout_s=0.2)
+    try:
+        first = await check.check()
+        assert first.unreachable == (("job store", "no answer within 0.2 s"),)
+        second = await check.check()
+        assert not second.ok and "last probe has had no answer" in second.unreachable[0][1]
+        assert len(calls) == 1
+    finally:
+        release.set()
+    for _ in range(500):  # the hung probe ends (10 s at most); the next check probes again
+        if check._running["job store"].done():
+            break
+        await asyncio.sleep(0.02)
+    assert (await check.check()).ok and len(calls) == 2
+
+
+async def test_a_store_error_is_named_in_the_reason():
+    from deployments.readiness import StoreCheck
+
+    def refused():
+        raise ConnectionRefusedError("connection refused\nsecond line")
+
+    health = await StoreCheck({"object store": refused}, cache_s=0).check()
+    assert health.reason().startswith("the object store cannot be reached (ConnectionRefusedError: connection refused)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
@@ -192,3 +193,52 @@ def test_the_outage_bound_is_at_least_the_lease():
     assert JobSettings().store_outage_s >= JobSettings().lease_s
     with pytest.raises(ValidationError, match=r"jobs.store_outage_s \(20\) must be at least jobs.lease_s \(30\)"):
         JobSettings(lease_s=30, store_outage_s=20)
+
+
+# --- readiness -----------------------------------------------------------------------------
+
+
+async def test_readiness_reports_a_job_store_that_cannot_be_reached(pg, tmp_path):
+    """GET /api/ready's store check (deployments/readiness.py) with the server stopped: not
+    ready, naming the job store; ready again once it is back."""
+    from deployments.readiness import StoreCheck, ping_object_store
+    from pipeline.objectstore import LocalObjectStore
+
+    cluster, store = pg
+    check = StoreCheck(
+        {"job store": store.ping, "object store": lambda: ping_object_store(LocalObjectStore(tmp_path / "artifacts"))},
+        cache_s=0,
+    )
+    assert (await check.check()).ok
+    cluster.stop_server()
+    health = await check.check()
+    assert not health.ok and [name for name, _ in health.unreachable] == ["job store"]
+    assert health.reason().startswith("the job store cannot be reached (OperationalError")
+    cluster.start_server()
+    assert (await check.check()).ok
+
+
+async def test_the_ready_route_answers_503_while_the_job_store_is_down(pg, tmp_path, monkeypatch):
+    """The `ready` route of the ingress, built bare (no Serve): 503 with Retry-After naming the
+    job store while the server is stopped, although every deployment has a live replica."""
+    from fastapi import HTTPException
+
+    from deployments.readiness import StoreCheck
+    from tests.test_ingress_tasks import bare_ingress
+
+    cluster, store = pg
+    ingress = bare_ingress(store)
+    ingress.readiness = SimpleNamespace(check=_ready, required=["ImageGenerator"])
+    ingress.store_check = StoreCheck({"job store": store.ping}, cache_s=0)
+    assert (await ingress.ready())["status"] == "ready"
+    cluster.stop_server()
+    with pytest.raises(HTTPException) as refused:
+        await ingress.ready()
+    assert refused.value.status_code == 503 and refused.value.headers["Retry-After"]
+    assert "job store cannot be reached" in refused.value.detail
+
+
+async def _ready():
+    from deployments.readiness import Readiness
+
+    return Readiness(())
