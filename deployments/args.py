@@ -114,6 +114,17 @@ class AppArgs(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _object_store_outage_outlasts_the_lease(self) -> "AppArgs":
+        """Running generations wait out an object-store outage for pipeline.s3.outage_wait_s: a
+        bound shorter than the lease would fail jobs over a restart that the lease rides out."""
+        if self.pipeline.s3.outage_wait_s < self.jobs.lease_s:
+            raise ValueError(
+                f"pipeline.s3.outage_wait_s ({self.pipeline.s3.outage_wait_s:g}) must be at least "
+                f"jobs.lease_s ({self.jobs.lease_s:g})"
+            )
+        return self
+
     def random_weights(self) -> bool:
         """The scorers (and a diffusers generator) run on random weights: the app is a demo."""
         return bool(self.offline_models_dir) and self.allow_random_weights

@@ -213,3 +213,13 @@ async def test_an_outage_longer_than_the_bound_ends_the_job_resumable(server, s3
     assert [s.scene_number for s in scenes] == [1, 2, 3]
     assert store.get(gid).status == "completed"
     store.close()
+
+
+def test_the_app_refuses_an_outage_bound_below_the_lease():
+    from pydantic import ValidationError
+
+    from deployments.args import AppArgs
+
+    with pytest.raises(ValidationError, match=r"pipeline.s3.outage_wait_s \(10\) must be at least jobs.lease_s \(30\)"):
+        AppArgs.model_validate({"pipeline": {"s3": {"outage_wait_s": 10}}, "jobs": {"lease_s": 30}})
+    assert AppArgs.model_validate({"pipeline": {"s3": {"outage_wait_s": 30}}, "jobs": {"lease_s": 30}})
