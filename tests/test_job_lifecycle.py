@@ -188,7 +188,9 @@ async def test_owner_cancel_stops_the_run_at_its_next_step(store, settings):
             store.request_cancel("gen-1", "alice")
 
     svc = services(settings, chat_latency_s=0.1)
-    result = await execute_job(store, store.claim("runner-a", 0.6), svc, settings, lease_s=0.6, on_event=cancel)
+    # A long lease (a slow machine cannot lose it between renewals) and a quick cancel poll: the
+    # run must end because the owner asked, not because its lease lapsed.
+    result = await execute_job(store, store.claim("runner-a", 30), svc, settings, lease_s=30, cancel_poll_s=0.05, on_event=cancel)
     assert result is None
     record = store.get("gen-1")
     assert (record.status, record.stage, record.lease_holder) == ("cancelled", "cancelled", None)
