@@ -1,12 +1,15 @@
-"""Issue 9's simulated multi-node scenario, run as its own process by
+"""The simulated multi-node scenario, run as its own process by
 tests/test_cluster_multinode.py (`python tests/multinode_scenario.py --out result.json`).
 
 Why a process of its own: Ray allows one cluster per driver process, and the pytest session
 already holds one (tests/serve/conftest.py). This script starts a `ray.cluster_utils.Cluster`
-of three nodes on this machine, deploys the production config (serve_config.yaml) on it with
-only what one machine forces changed, runs generations over HTTP, kills the node hosting the
-scorers after a scene is finished, and writes what it observed as JSON. It asserts nothing: the
-test decides, so a failed check shows the facts next to it.
+of three nodes on this machine (a head without GPUs, two GPU nodes, each GPU node hosting one
+ingress replica), deploys the production config (serve_config.yaml) on it with only what one
+machine forces changed, runs two generations over HTTP (one per ingress replica), kills the
+node that hosts the scorers *and* an ingress replica running a job once that job has finished
+a scene, and writes what it observed as JSON: placements, every lease seen on every job (the
+takeover), scene bytes before and after. It asserts nothing: the test decides, so a failed
+check shows the facts next to it.
 
 What is changed from serve_config.yaml, and why:
 - proxy HeadOnly on 127.0.0.1 and a free port: the simulated nodes share one host, so one
@@ -14,7 +17,12 @@ What is changed from serve_config.yaml, and why:
 - offline providers and the tiny CPU scorer models (`offline_models_dir`), SQLite and local
   directories: no network, no GPU (the GPUs are logical resources, as Ray counts them);
 - one torch thread per scorer, a short job lease and a longer scoring retry budget: 2 cores
-  run the whole cluster, so replacement replicas start slowly.
+  run the whole cluster, so replacement replicas start slowly;
+- one ingress replica per GPU node (a custom resource, INGRESS_SLOT, that only the GPU nodes
+  have) and one job per ingress replica (`jobs.max_running_per_replica: 1`): so the node that
+  hosts the scorers always hosts an ingress replica, and that replica always runs one of the
+  two jobs when the node dies. Left to the scheduler, the ingress replicas may all land
+  elsewhere and the takeover would never be exercised.
 The GPU fractions, CPU reservations, autoscaling and ingress replica counts stay as shipped.
 
 Isolation from other Ray clusters on the machine: its own short RAY_TMPDIR (unix socket paths
@@ -49,6 +57,7 @@ PROMPTS = {
     "mn-bob": "Artisan coffee that starts your morning right",
 }
 CLIENT_TIMEOUT_S = 10.0  # every HTTP request of the scenario has one: a hang shows as a timeout
+INGRESS_SLOT = "sceneref_ingress_slot"  # a logical resource: one per GPU node, one per ingress replica
 
 
 def free_port() -> int:
@@ -84,7 +93,7 @@ def production_config(port: int, work: Path, models: Path) -> dict:
     args["allow_random_weights"] = True  # the tiny CPU models: refused without it
     args["public_base_url"] = f"http://127.0.0.1:{port}"
     args["auth"] = {"mode": "hs256", "secret_env": "SCENEREF_JWT_SECRET"}
-    args["jobs"].update(lease_s=6, poll_s=0.5)
+    args["jobs"].update(lease_s=6, poll_s=0.5, max_running_per_replica=1)
     args["handle_retry"] = {"scoring_budget_s": 300}
     pipeline = args["pipeline"]
     pipeline["llm"] = {"provider": "offline", "model": "offline-agents"}
@@ -96,17 +105,26 @@ def production_config(port: int, work: Path, models: Path) -> dict:
     for serving in args["scorers"].values():
         if isinstance(serving, dict):  # not `layout`
             serving["threads"] = 1
+    ingress = deployment_entry(config, "Ingress")
+    ingress["ray_actor_options"] = {**ingress["ray_actor_options"], "resources": {INGRESS_SLOT: 1}}
     return config
 
 
-def scorer_node_cpus(config: dict) -> float:
-    """Logical CPUs of a GPU node: the scorers' CPU reservations in the config, summed. A node
-    sized for exactly one set of scorers keeps the CPU-only replicas on the head, so the node
-    that is killed holds scorers only (unless --spare-cpus adds room)."""
+def deployment_entry(config: dict, name: str) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
+def gpu_node_cpus(config: dict) -> float:
+    """Logical CPUs of a GPU node: room for one set of scorers (their CPU reservations in the
+    config, summed), its ingress replica, and the generator and agents replicas, which may land
+    on any node. So whichever node survives can take the scorers back."""
     section = config["applications"][0]["args"]["scorers"]
     if section.get("layout", "separate") != "separate":
         raise ValueError("the scenario kills the node of the separate layout's scorer deployments")
-    return sum(float(s.get("num_cpus", 1)) for name, s in section.items() if isinstance(s, dict) and name != "colocated")
+    scorers = sum(float(s.get("num_cpus", 1)) for name, s in section.items() if isinstance(s, dict) and name != "colocated")
+    others = sum(float(deployment_entry(config, name)["ray_actor_options"]["num_cpus"])
+                 for name in ("Ingress", "ImageGenerator", "PromptAgents"))
+    return scorers + others
 
 
 def replicas_by_deployment() -> dict[str, list[dict]]:
@@ -154,6 +172,34 @@ class Poller(threading.Thread):
                 self.stop.wait(0.5)
 
 
+class LeaseWatcher(threading.Thread):
+    """Reads each job's row from the job store every `every_s` until stopped and records each
+    distinct lease it sees (holder, token, expiry, when first seen): the takeover as an event,
+    not as a duration guessed with a sleep. A finished job's row has no holder: the last lease
+    seen before that is its final runner."""
+
+    def __init__(self, store, generation_ids, every_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.store, self.ids, self.every_s = store, list(generation_ids), every_s
+        self.leases: dict[str, list[dict]] = {gid: [] for gid in self.ids}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for gid in self.ids:
+                record = self.store.get(gid)
+                seen = self.leases[gid]
+                if record.lease_holder and (not seen or seen[-1]["token"] != record.lease_token):
+                    seen.append({"holder": record.lease_holder, "token": record.lease_token, "seen_at": time.time(),
+                                 "expires_at": record.lease_expires_at.timestamp()})
+            self.stop.wait(self.every_s)
+
+
+def holder_pid(holder: str) -> int:
+    """Ingress lease holders are `ingress-{host}-{pid}-{nonce}`."""
+    return int(holder.rsplit("-", 2)[1])
+
+
 def scene_facts(store, artifacts, generation_id: str) -> dict[str, dict]:
     """Each checkpointed scene's row (as stored) and the sha256 of its selected image's bytes."""
     facts = {}
@@ -177,7 +223,7 @@ def wait_for(predicate, timeout_s: float, every_s: float = 0.2, what: str = "con
     raise TimeoutError(f"{what} not met within {timeout_s} s")
 
 
-def scenario(work: Path, result: dict, spare_cpus: float) -> None:
+def scenario(work: Path, result: dict, spare_cpus: float) -> None:  # noqa: C901 (one story, told in order)
     import httpx
     import ray
     from ray import serve
@@ -201,15 +247,15 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:
     events["models_built"] = stamp()
 
     config = production_config(port, work, models)
-    gpu_node_cpus = scorer_node_cpus(config) + spare_cpus
-    result["gpu_node_cpus"] = gpu_node_cpus
+    node_cpus = gpu_node_cpus(config) + spare_cpus
+    result["gpu_node_cpus"] = node_cpus
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 4, "num_gpus": 0, "include_dashboard": False,
                         "dashboard_agent_listen_port": free_port()},
     )
     result["cluster"] = cluster  # for teardown; removed before the JSON is written
-    gpu_nodes = [cluster.add_node(num_cpus=gpu_node_cpus, num_gpus=1) for _ in range(2)]
+    gpu_nodes = [cluster.add_node(num_cpus=node_cpus, num_gpus=1, resources={INGRESS_SLOT: 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     head_id = cluster.head_node.node_id
@@ -245,6 +291,8 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:
 
     gpu_ids = {n.node_id for n in gpu_nodes}
     wait_for(lambda: all_scorers_running(gpu_ids), 300, 0.5, "every scorer replica running")
+    wait_for(lambda: {r["node"] for r in replicas_by_deployment().get("Ingress", [])} == gpu_ids, 300, 0.5,
+             "an ingress replica on each GPU node")
     wait_for(lambda: serve.status().applications["sceneref"].status == "RUNNING", 300, 0.5, "app RUNNING")
     result["placement_before"] = replicas_by_deployment()
     events["app_running"] = stamp()
@@ -263,32 +311,42 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:
     events["submitted"] = stamp()
     poller = Poller(base, generations)
     poller.start()
+    watcher = LeaseWatcher(JobStore(f"sqlite:///{work / 'jobs.db'}"), generations)
+    watcher.start()
+
+    # The victim: the node the scorers packed onto. Its ingress replica runs one of the jobs
+    # (one job per replica, one replica per GPU node; module docstring).
+    placement = replicas_by_deployment()
+    scorer_nodes = {r["node"] for d in scorer_names for r in placement[d]}
+    if len(scorer_nodes) != 1:
+        raise RuntimeError(f"scorers are not on one node, refusing to choose: {placement}")
+    victim_id = next(iter(scorer_nodes))
+    victim = next(n for n in gpu_nodes if n.node_id == victim_id)
+    survivor = next(n for n in gpu_nodes if n is not victim)
+    victim_ingress = {r["pid"] for r in placement["Ingress"] if r["node"] == victim_id}
+
+    def one_job_per_replica():
+        holders = {gid: store.get(gid).lease_holder for gid in generations}
+        pids = {holder_pid(h) for h in holders.values() if h}
+        return holders if len(pids) == len(generations) == 2 else None
+
+    wait_for(one_job_per_replica, 300, 0.1, "each ingress replica running one job")
+    target = next(gid for gid in generations if holder_pid(store.get(gid).lease_holder) in victim_ingress)
 
     def mid_generation():
-        """A generation with at least one finished scene and more to go."""
-        for gid in generations:
-            record = store.get(gid)
-            done = store.scenes(gid)
-            if record.status == "running" and 1 <= len(done) < 3:
-                return gid
-        return None
+        """The victim's job has at least one finished scene and more to go."""
+        return store.get(target).status == "running" and 1 <= len(store.scenes(target)) < 3
 
-    target = wait_for(mid_generation, 300, 0.05, "a generation with a finished scene")
+    wait_for(mid_generation, 300, 0.05, "the victim ingress's job with a finished scene")
     before = {gid: scene_facts(store, artifacts, gid) for gid in generations}
     record = store.get(target)
     placement = replicas_by_deployment()
-    scorer_nodes = {r["node"] for d in scorer_names for r in placement[d]}
-    victim_id = next(iter(scorer_nodes)) if len(scorer_nodes) == 1 else None
-    if victim_id is None:
-        raise RuntimeError(f"scorers are not on one node, refusing to choose: {placement}")
-    victim = next(n for n in gpu_nodes if n.node_id == victim_id)
-    survivor = next(n for n in gpu_nodes if n is not victim)
     result["removal"] = {
         "target": target,
         "target_status": record.status,
         "target_scenes_before": len(before[target]),
-        "leases": {gid: {"holder": r.lease_holder, "token": r.lease_token} for gid, r in
-                   ((gid, store.get(gid)) for gid in generations)},
+        "leases": {gid: {"holder": r.lease_holder, "token": r.lease_token, "expires_at": r.lease_expires_at.timestamp()}
+                   for gid, r in ((gid, store.get(gid)) for gid in generations)},
         "removed_node": victim_id,
         "survivor_node": survivor.node_id,
         "placement_at_removal": placement,
@@ -314,6 +372,11 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:
         final = {gid: client.get(f"{base}/api/status/{gid}", headers=g["headers"]).json() for gid, g in generations.items()}
     poller.stop.set()
     poller.join(timeout=CLIENT_TIMEOUT_S * 3)
+    watcher.stop.set()
+    watcher.join(timeout=CLIENT_TIMEOUT_S)
+    result["leases_seen"] = watcher.leases
+    result["lease_s"] = config["applications"][0]["args"]["jobs"]["lease_s"]
+    result["ingress_after"] = replicas_by_deployment().get("Ingress", [])
     result["after"] = {gid: scene_facts(store, artifacts, gid) for gid in generations}
     result["generations"] = {
         gid: {
@@ -321,7 +384,6 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:
             "status": final[gid]["status"],
             "error": final[gid].get("error"),
             "scenes_planned": len(final[gid]["storyboard_plan"]["scenes"]) if final[gid].get("storyboard_plan") else None,
-            "lease_holder_final": finished[gid].lease_holder,
             "lease_token_final": finished[gid].lease_token,
         }
         for gid in generations
@@ -332,6 +394,7 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:
         for name, d in serve.status().applications["sceneref"].deployments.items()
     }
     store.close()
+    watcher.store.close()
 
 
 def main() -> int:
@@ -339,8 +402,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path, help="where the JSON result goes")
     parser.add_argument("--workdir", type=Path, help="job store, artifacts, traces, models (default: a temp dir)")
     parser.add_argument("--spare-cpus", type=float, default=0,
-                        help="logical CPUs per GPU node beyond the scorers' reservations (more lets an ingress "
-                        "replica share the node that is killed)")
+                        help="logical CPUs per GPU node beyond what its replicas reserve")
     options = parser.parse_args()
     work = (options.workdir or Path(tempfile.mkdtemp(prefix="sceneref-multinode-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)

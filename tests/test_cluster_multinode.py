@@ -1,7 +1,9 @@
-"""Issue 9 on a simulated multi-node GPU cluster: the production config's scorers (the four
-quality scorers and Consistency) pack onto one GPU node; when that node dies mid-generation
-they come back on the other one, the generation completes with the scenes it had finished
-unchanged, and no HTTP request hangs.
+"""A simulated multi-node GPU cluster: the production config's scorers (the four quality
+scorers and Consistency) pack onto one GPU node, beside an ingress replica that runs a job.
+When that node dies mid-generation, the scorers come back on the other node, the job of the
+dead ingress is taken over through its lease by an ingress replica on another node (never
+before the lease expired), the job whose runner lived keeps its lease, both complete with the
+scenes they had finished unchanged byte for byte, and no HTTP request hangs.
 
 The cluster runs in a process of its own (tests/multinode_scenario.py: one Ray cluster per
 driver process, and this session may already hold one); this test starts it, reads the JSON it
@@ -86,7 +88,8 @@ def scenario(tmp_path_factory) -> dict:
     print(f"multinode: {events}; scorers back {events['scorers_back'] - events['node_removed']:.1f} s and "
           f"generations done {events['generations_done'] - events['node_removed']:.1f} s after the kill; "
           f"{len(http)} HTTP requests, answers {sorted({r.get('code', r.get('error')) for r in http}, key=str)}, "
-          f"slowest {max(r['latency_s'] for r in http):.2f} s")
+          f"slowest {max(r['latency_s'] for r in http):.2f} s; leases seen {result['leases_seen']}; "
+          f"at the kill {result['removal']['leases']}")
     return result
 
 
@@ -98,9 +101,10 @@ def test_scorers_pack_onto_one_gpu_node(scenario):
     nodes = {r["node"] for name in scorers for r in placement[name]}
     assert all(len(placement[name]) == 1 for name in scorers), placement
     assert len(nodes) == 1 and nodes <= gpu_nodes, placement
-    # The head runs no GPU work; the ingress replicas are not all on the GPU node that dies.
-    assert len(placement["Ingress"]) >= 2
-    assert any(r["node"] != scenario["removal"]["removed_node"] for r in placement["Ingress"])
+    # One ingress replica on each GPU node (the scenario's INGRESS_SLOT): the node that dies
+    # hosts the scorers and an ingress replica; the other node hosts the other one.
+    assert sorted(r["node"] for r in placement["Ingress"]) == sorted(gpu_nodes), placement["Ingress"]
+    assert scenario["removal"]["ingress_on_removed_node"], scenario["removal"]["placement_at_removal"]
 
 
 def test_scorers_come_back_on_the_other_gpu_node(scenario):
@@ -134,21 +138,45 @@ def _holder_pid(holder: str) -> int:
     return int(holder.rsplit("-", 2)[1])
 
 
-def test_jobs_keep_their_runner_or_are_taken_over_through_the_lease(scenario):
-    """A job whose ingress replica ran on the removed node is claimed by another replica (a
-    newer lease token); a job whose runner survived keeps its lease throughout."""
+def _split_by_runner(scenario) -> tuple[str, str]:
+    """(the job whose runner died with the node, the job whose runner lived): exactly one each."""
     removal = scenario["removal"]
-    ingress = scenario["removal"]["placement_at_removal"]["Ingress"]
-    lost = {r["pid"] for r in ingress if r["node"] == removal["removed_node"]}
+    ingress = removal["placement_at_removal"]["Ingress"]
+    lost_pids = {r["pid"] for r in ingress if r["node"] == removal["removed_node"]}
     assert removal["leases"].keys() == scenario["generations"].keys()
-    for gid, lease in removal["leases"].items():
-        assert lease["holder"] and lease["holder"].startswith("ingress-")
-        assert _holder_pid(lease["holder"]) in {r["pid"] for r in ingress}
-        final = scenario["generations"][gid]["lease_token_final"]
-        if _holder_pid(lease["holder"]) in lost:
-            assert final > lease["token"], f"{gid}: its runner died with the node and nobody took it over"
-        else:
-            assert final == lease["token"], f"{gid}: claimed again although its runner lived"
+    for lease in removal["leases"].values():
+        assert lease["holder"] and _holder_pid(lease["holder"]) in {r["pid"] for r in ingress}, lease
+    lost = [gid for gid, lease in removal["leases"].items() if _holder_pid(lease["holder"]) in lost_pids]
+    kept = [gid for gid in removal["leases"] if gid not in lost]
+    assert len(lost) == 1 and len(kept) == 1, removal["leases"]
+    assert lost == [removal["target"]]
+    return lost[0], kept[0]
+
+
+def test_the_dead_ingress_job_is_taken_over_on_another_node(scenario):
+    """Claimed again (a newer token) by an ingress replica that is not on the removed node, and
+    not before the dead runner's lease had expired (the claim sets expiry = claim + lease_s)."""
+    removal = scenario["removal"]
+    lost, _ = _split_by_runner(scenario)
+    old = removal["leases"][lost]
+    later = [lease for lease in scenario["leases_seen"][lost] if lease["token"] > old["token"]]
+    assert later, f"{lost}: its runner died with the node and nobody took it over: {scenario['leases_seen'][lost]}"
+    takeover = later[0]
+    on_removed = {r["pid"] for r in removal["placement_at_removal"]["Ingress"] if r["node"] == removal["removed_node"]}
+    elsewhere = {r["pid"] for r in scenario["ingress_after"]}
+    assert _holder_pid(takeover["holder"]) not in on_removed
+    assert _holder_pid(takeover["holder"]) in elsewhere, (takeover, scenario["ingress_after"])
+    assert all(r["node"] != removal["removed_node"] for r in scenario["ingress_after"])
+    claimed_at = takeover["expires_at"] - scenario["lease_s"]
+    assert claimed_at >= old["expires_at"], f"taken over {old['expires_at'] - claimed_at:.2f} s before the lease expired"
+    assert scenario["generations"][lost]["lease_token_final"] == later[-1]["token"]
+
+
+def test_the_job_whose_runner_lived_keeps_its_lease(scenario):
+    _, kept = _split_by_runner(scenario)
+    lease = scenario["removal"]["leases"][kept]
+    assert {(s["holder"], s["token"]) for s in scenario["leases_seen"][kept]} == {(lease["holder"], lease["token"])}
+    assert scenario["generations"][kept]["lease_token_final"] == lease["token"]
 
 
 def test_no_http_request_hangs(scenario):
