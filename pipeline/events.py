@@ -12,17 +12,22 @@ ingress wraps it in a streaming response. Why it looks like this:
   page holds every event there will be.
 - It is bounded (`max_s`): a replica is never held by one client forever; the client
   reconnects with its Last-Event-ID and goes on where it was.
+- A job store that cannot be reached mid-stream does not break it: the stream says so in a
+  comment line and polls on until the store is back (or `max_s`), so the client misses nothing.
+- The log has no silent gaps: events a runner could not store are announced in their place by
+  a `gap` event (`data.lost`: how many), streamed like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipeline.jobs import FINISHED, EventPage, EventRecord
 
@@ -61,7 +66,16 @@ async def event_stream(
     page = first
     while True:
         if page is None:
-            page = await read(after)
+            try:
+                page = await read(after)
+            except (OperationalError, InterfaceError):  # the store is away: wait for it, keep the stream
+                if clock() - start >= max_s:
+                    yield ": stream time limit reached; reconnect with Last-Event-ID\n\n"
+                    return
+                yield ": the job store cannot be reached; waiting for it\n\n"
+                last_sent = clock()
+                await asyncio.sleep(poll_s)
+                continue
             if page is None:  # deleted meanwhile (retention): nothing more will come
                 return
         for event in page.events:
@@ -91,20 +105,22 @@ def ended_before(page: EventPage) -> bool:
 # --- the list's cursor ---------------------------------------------------------------------
 
 
+CURSOR_PATTERN = r"^[0-9]{1,16}\.[A-Za-z0-9_-]{1,64}$"
+"""`<microseconds since the epoch>.<generation id>`: every string of this form is a position in
+the list (up to the year 2286), so the OpenAPI document can say exactly which cursors exist."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def encode_cursor(created_at: datetime, generation_id: str) -> str:
-    """Where the next page of a user's list starts: opaque to clients (URL-safe base64)."""
-    raw = json.dumps([created_at.isoformat(), generation_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """Where the next page of a user's list starts: the last row's creation time and id."""
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=timezone.utc)
+    return f"{(created_at - _EPOCH) // timedelta(microseconds=1)}.{generation_id}"
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The (created_at, generation_id) a cursor names; ValueError for anything else."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        at, generation_id = json.loads(raw)
-        parsed = datetime.fromisoformat(at)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise ValueError("not a cursor of this list") from exc
-    if not isinstance(generation_id, str) or parsed.tzinfo is None:
+    if not re.fullmatch(CURSOR_PATTERN, cursor):
         raise ValueError("not a cursor of this list")
-    return parsed, generation_id
+    micros, generation_id = cursor.split(".", 1)
+    return _EPOCH + timedelta(microseconds=int(micros)), generation_id

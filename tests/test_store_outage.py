@@ -242,3 +242,34 @@ async def _ready():
     from deployments.readiness import Readiness
 
     return Readiness(())
+
+
+# --- the event stream ----------------------------------------------------------------------
+
+
+async def test_the_event_stream_waits_out_a_job_store_outage(pg):
+    """An SSE stream open while the server stops: it says so in a comment line instead of
+    breaking, and once the server is back it sends the events written meanwhile, in order."""
+    from pipeline import events as sse
+    from pipeline.jobs import event_row
+
+    cluster, store = pg
+    store.create("gen-1", "alice", REQUEST, offline=True)
+
+    async def read(after_seq):
+        return await asyncio.to_thread(store.events_after, "gen-1", "alice", after_seq, sse.PAGE)
+
+    stream = sse.event_stream(read, 0, poll_s=0.05, keepalive_s=60, max_s=60)
+    assert (await anext(stream)).startswith("retry:")
+    assert "event: queued" in await anext(stream)
+    cluster.stop_server()
+    frame = await asyncio.wait_for(anext(stream), 30)
+    assert frame == ": the job store cannot be reached; waiting for it\n\n"
+    cluster.start_server()
+    store.append_events("gen-1", [event_row("planning", "planning", 0, "planning the storyboard")])
+    for _ in range(600):  # comment lines until the store answers again (30 s at most)
+        frame = await asyncio.wait_for(anext(stream), 30)
+        if not frame.startswith(":"):
+            break
+    assert frame.startswith("id: 2\nevent: planning\n")
+    await stream.aclose()
