@@ -42,7 +42,7 @@ from deployments.readiness import ReadinessCheck, StoreCheck, ping_object_store
 from deployments.signing import SignatureError, sign_url, verify_signed
 from deployments.uploads import UploadError, prepare_upload
 from deployments.viewer import ViewerRoutes
-from pipeline.objectstore import ArtifactNotFound, StoreProbe, open_store
+from pipeline.objectstore import ArtifactNotFound, open_store
 from pipeline.jobs import JobStore
 from pipeline.limits import check_admission
 from pipeline.retention import sweep
@@ -59,7 +59,7 @@ FINISHED = ("completed", "failed", "cancelled")
 CANCEL_WATCH_S = 2.0  # how often a replica looks for cancel requests of the jobs it runs (one query)
 # How long a cancel of a job this replica runs waits for the job's final status before it answers.
 CANCEL_ANSWER_WAIT_S = 10.0
-OBJECT_STORE_RETRY_AFTER_S = 5
+STORES_RETRY_AFTER_S = 5  # a submission refused while a store cannot be reached
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -81,9 +81,6 @@ class Ingress(ViewerRoutes, EventRoutes):
         self.store = JobStore(args.job_store_url())
         self.artifacts = open_store(self.settings.artifacts_dir, self.settings.s3)
         self.trace_store = open_store(self.settings.traces.root, self.settings.s3)
-        # Submissions ask this (cached) whether the object stores answer: 503 rather than a job
-        # that fails at its first image.
-        self.store_probe = StoreProbe(self.artifacts, self.trace_store)
         weights = self.settings.scoring.weights.as_dict()
         # `scoring`: one handle per text-image model (layout separate), or the one Scoring
         # deployment that holds them all (colocated): deployments.app.scoring_deployments.
@@ -96,7 +93,7 @@ class Ingress(ViewerRoutes, EventRoutes):
         # call past its timeout keeps waiting only while its deployment has a live replica.
         needed = [generator, agents, *scoring_handles, *([consistency] if consistency is not None else [])]
         self.readiness = ReadinessCheck(serve.status, generator.app_name, [h.deployment_name for h in needed])
-        # The stores every route depends on, for GET /api/ready (deployments.readiness).
+        # The stores every route depends on, for GET /api/ready and submissions (deployments.readiness).
         probes = {"job store": self.store.ping, "object store": functools.partial(ping_object_store, self.artifacts)}
         if self.trace_store.url != self.artifacts.url:
             probes["trace store"] = functools.partial(ping_object_store, self.trace_store)
@@ -242,13 +239,11 @@ class Ingress(ViewerRoutes, EventRoutes):
         readiness = await self.readiness.check()
         if not readiness.ready:
             raise HTTPException(503, detail=readiness.reason(), headers={"Retry-After": "15"})
-        unreachable = await self._api(self.store_probe.check)
-        if unreachable is not None:
-            log.warning("submission refused: %s", unreachable)
-            raise HTTPException(
-                503, detail="the object store cannot be reached: submissions are refused until it is back",
-                headers={"Retry-After": str(OBJECT_STORE_RETRY_AFTER_S)},
-            )
+        # The stores must answer (cached probes, as GET /api/ready): a job accepted while the
+        # object store is down would only fail at its first image.
+        stores = await self.store_check.check()
+        if not stores.ok:
+            raise HTTPException(503, detail=stores.reason(), headers={"Retry-After": str(STORES_RETRY_AFTER_S)})
         refusal = await self._api(check_admission, self.store, principal.subject, self.args.limits)
         if refusal is not None:
             raise HTTPException(refusal.status_code, detail=refusal.reason, headers={"Retry-After": str(refusal.retry_after_s)})

@@ -16,7 +16,6 @@ import os
 import re
 import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -191,41 +190,6 @@ def hard_link(src: Path, dst: Path) -> bool:
         _unlink(tmp)
         raise
     return True
-
-
-class StoreProbe:
-    """Whether the stores answer, for the request path (a submission is refused with 503 rather
-    than accepted into a job that cannot store anything). One `ping` per store per `ttl_s`
-    whatever the request rate; a failure is remembered for a shorter `failed_ttl_s`, so the
-    answer turns good again soon after the store is back. Thread-safe: callers in worker
-    threads share one probe, and concurrent callers wait for the one ping in flight."""
-
-    def __init__(self, *stores: ObjectStore, ttl_s: float = 5.0, failed_ttl_s: float = 1.0):
-        unique: dict[int, ObjectStore] = {}
-        for store in stores:
-            unique.setdefault(id(store), store)
-        self.stores = list(unique.values())
-        self.ttl_s, self.failed_ttl_s = ttl_s, failed_ttl_s
-        self._lock = threading.Lock()
-        self._until = 0.0
-        self._error: ObjectStoreError | None = None
-
-    def check(self) -> ObjectStoreError | None:
-        """None when every store answered; else the first store's error (not raised: the caller
-        words the refusal). Blocking: call it from a worker thread."""
-        with self._lock:
-            if time.monotonic() < self._until:
-                return self._error
-            error = None
-            for store in self.stores:
-                try:
-                    store.ping()
-                except ObjectStoreError as exc:
-                    error = exc
-                    break
-            self._error = error
-            self._until = time.monotonic() + (self.failed_ttl_s if error is not None else self.ttl_s)
-            return error
 
 
 def share(src: ObjectStore, src_key: str, dst: ObjectStore, dst_key: str) -> bool:

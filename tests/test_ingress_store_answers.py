@@ -12,6 +12,7 @@ a real job run by execute_job against the local OpenAI-compatible double.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,9 @@ import deployments.ingress as ingress_module
 from deployments.api import create_api
 from deployments.args import AppArgs
 from deployments.auth import Authenticator, AuthSettings, mint_token
+from deployments.readiness import StoreCheck, ping_object_store
 from pipeline.jobs import JobStore
-from pipeline.objectstore import StoreProbe, open_store
+from pipeline.objectstore import open_store
 from pipeline.openai_clients import OpenAIChat, OpenAIImages
 from pipeline.runner import ProgressEvent, Services
 from pipeline.schemas import GenerationRequest
@@ -47,7 +49,7 @@ class Ready:
         return SimpleNamespace(ready=True, checked=True)
 
 
-def ingress(tmp_path, settings: PipelineSettings, store: JobStore, *, failed_ttl_s: float = 1.0):
+def ingress(tmp_path, settings: PipelineSettings, store: JobStore, *, cache_s: float = 2.0):
     """The Ingress class's state as its constructor makes it, minus Serve's handles."""
     server = object.__new__(ingress_module.Ingress.func_or_class)
     server.args = AppArgs(pipeline=settings)
@@ -55,7 +57,11 @@ def ingress(tmp_path, settings: PipelineSettings, store: JobStore, *, failed_ttl
     server.store = store
     server.artifacts = open_store(settings.artifacts_dir, settings.s3)
     server.trace_store = open_store(settings.traces.root, settings.s3)
-    server.store_probe = StoreProbe(server.artifacts, server.trace_store, failed_ttl_s=failed_ttl_s)
+    server.store_check = StoreCheck({
+        "job store": store.ping,
+        "object store": functools.partial(ping_object_store, server.artifacts),
+        "trace store": functools.partial(ping_object_store, server.trace_store),
+    }, cache_s=cache_s)
     server.readiness = Ready()
     server.offline = True
     server.tasks = {}
@@ -89,7 +95,7 @@ async def test_generate_answers_503_while_the_object_store_is_down(s3_outage, tm
     settings = PipelineSettings(artifacts_dir=f"{location}/artifacts", s3=s3_outage.server.settings(),
                                 traces=TraceSettings(root=f"{location}/traces"))
     store = JobStore(f"sqlite:///{tmp_path}/db.sqlite")
-    server = ingress(tmp_path, settings, store, failed_ttl_s=0)
+    server = ingress(tmp_path, settings, store, cache_s=0)
     async with client_for(server) as client:
         await asyncio.to_thread(s3_outage.stop)
         try:

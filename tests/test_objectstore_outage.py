@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from pipeline.jobs import JobStore
-from pipeline.objectstore import ObjectStoreError, ObjectStoreUnavailable, StoreProbe, open_store
+from pipeline.objectstore import ObjectStoreError, ObjectStoreUnavailable, open_store
 from pipeline.openai_clients import OpenAIChat, OpenAIImages
 from pipeline.runner import ProgressEvent, Services
 from pipeline.s3store import S3ObjectStore
@@ -64,21 +64,6 @@ def test_an_unreachable_endpoint_at_start_names_the_setting(s3_outage):
         S3ObjectStore(s3_outage.server.bucket, prefix(), settings)
     assert not isinstance(caught.value, ObjectStoreUnavailable)
     assert "endpoint_url" in str(caught.value)
-
-
-def test_the_probe_answers_from_its_cache_and_sees_the_server_come_back(s3_outage):
-    store = S3ObjectStore(s3_outage.server.bucket, prefix(), s3_outage.server.settings())
-    probe = StoreProbe(store, store, ttl_s=3600, failed_ttl_s=0)
-    assert probe.stores == [store]  # the same store is pinged once
-    assert probe.check() is None
-    s3_outage.stop()
-    try:
-        assert probe.check() is None  # a good answer is reused for ttl_s: no round trip per request
-        fresh = StoreProbe(store, ttl_s=3600, failed_ttl_s=0)
-        assert isinstance(fresh.check(), ObjectStoreUnavailable)
-    finally:
-        s3_outage.start()
-    assert fresh.check() is None  # a failure is not kept past failed_ttl_s
 
 
 def test_the_local_store_pings(tmp_path):
