@@ -27,6 +27,9 @@ MAX_ID_CHARS = 64
 _ID = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_ID_CHARS)
 MAX_NAME_BYTES = 1024  # S3's key limit; a local file system allows less per segment
 MAX_SEGMENT_BYTES = 255  # NAME_MAX of common file systems
+TRACE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}(/[A-Za-z0-9_.-]{1,128}){0,6}$"
+"""The names trace files have (`scene_1/01_agent1_iteration_1.txt`): plain ASCII segments,
+short enough for any store. Declared in the OpenAPI document; any other name is a 400."""
 
 
 # --- error bodies: RFC 9457 Problem Details --------------------------------------------------
@@ -165,6 +168,8 @@ def check_trace_name(name: str) -> None:
     encoded = name.encode("utf-8", "surrogatepass")
     if len(encoded) > MAX_NAME_BYTES or any(len(s) > MAX_SEGMENT_BYTES for s in encoded.split(b"/")):
         raise HTTPException(400, detail=f"trace file name: longer than a stored name may be ({MAX_SEGMENT_BYTES} bytes a segment)")
+    if not re.fullmatch(TRACE_NAME_PATTERN, name):
+        raise HTTPException(400, detail="trace file name: letters, digits, '_', '.' and '-' in at most 7 segments")
 
 
 # --- links --------------------------------------------------------------------------------

@@ -46,6 +46,14 @@ _STREAM_DOC = (
 )
 
 
+_SSE_EVENT = {
+    "type": "object",
+    "description": "one event of the stream, as an EventSource client parses it",
+    "properties": {"id": {"type": "string"}, "event": {"type": "string"}, "data": {"type": "string"},
+                   "retry": {"type": "integer"}},
+}
+
+
 class EventRoutes:
     """Routes for the `Ingress`: needs `self.store` (JobStore) and `self._api(fn, *args)`."""
 
@@ -56,7 +64,7 @@ class EventRoutes:
     @route(
         "GET", "/api/generations/{generation_id}/events", response_class=EventStream,
         responses={
-            200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": _STREAM_DOC},
+            200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}, "description": _STREAM_DOC},
             204: {"description": "the generation is finished and has no events after the given id: nothing to "
                                  "stream (EventSource stops reconnecting)"},
             **responses(*AUTHED, *JOB_STORE, 404, 422),
@@ -65,9 +73,11 @@ class EventRoutes:
     async def generation_events(
         self,
         generation_id: str,
-        after: Optional[int] = Query(None, ge=0, le=MAX_SEQ, description="stream the events after this seq"),
-        last_event_id: Optional[int] = Header(None, alias="Last-Event-ID", ge=0, le=MAX_SEQ,
-                                              description="set by EventSource on reconnection; wins over `after`"),
+        # `int` with a None default, not Optional[int]: the document says an integer or nothing,
+        # never a null (a header or query value cannot be one).
+        after: int = Query(None, ge=0, le=MAX_SEQ, description="stream the events after this seq"),
+        last_event_id: int = Header(None, alias="Last-Event-ID", ge=0, le=MAX_SEQ,
+                                    description="set by EventSource on reconnection; wins over `after`"),
         principal: Principal = Depends(principal),
     ) -> Response:
         check_generation_id(generation_id)
@@ -93,7 +103,8 @@ class EventRoutes:
     async def list_generations(
         self,
         limit: int = Query(20, ge=1, le=MAX_PAGE, description="generations per page"),
-        cursor: Optional[str] = Query(None, max_length=512, description="`next_cursor` of the previous page"),
+        cursor: str = Query(None, description="`next_cursor` of the previous page",
+                            json_schema_extra={"pattern": sse.CURSOR_PATTERN}),
         principal: Principal = Depends(principal),
     ) -> dict:
         """The caller's own generations, newest first."""

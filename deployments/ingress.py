@@ -22,7 +22,7 @@ import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, File, Form, HTTPException, Path, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
@@ -36,6 +36,7 @@ from deployments.auth import Authenticator, Principal
 from deployments.metrics import install as install_metrics, record_final_status
 from deployments.contract import (
     AUTHED, JOB_STORE, Accepted, CancelRequested, Health, Ready, Requeued, TraceListing, check_generation_id, check_trace_name, link, responses,
+    TRACE_NAME_PATTERN,
 )
 from deployments.events_api import EventRoutes
 from deployments.readiness import ReadinessCheck, StoreCheck, ping_object_store
@@ -47,7 +48,9 @@ from pipeline.jobs import JobStore
 from pipeline.limits import check_admission
 from pipeline.retention import sweep
 from pipeline.runner import Services, check_services
-from pipeline.schemas import GenerationRequest, GenerationStatus
+from pipeline.schemas import (
+    DURATION_MAX, DURATION_MIN, PROMPT_MAX, PROMPT_MIN, PROMPT_PATTERN, GenerationRequest, GenerationStatus,
+)
 from pipeline.status import to_status
 from pipeline.service import execute_job
 from pipeline.traces import TraceWriter
@@ -294,13 +297,14 @@ class Ingress(ViewerRoutes, EventRoutes):
     async def generate_with_image(
         self,
         http: Request,
-        prompt: str = Form(...),
-        image: UploadFile = File(...),
-        target_duration: int = Form(15),
+        # The same bounds as GenerationRequest, so the document declares what is valid.
+        prompt: str = Form(..., min_length=PROMPT_MIN, max_length=PROMPT_MAX, json_schema_extra={"pattern": PROMPT_PATTERN}),
+        image: UploadFile = File(..., description="PNG, JPEG or WEBP"),
+        target_duration: int = Form(15, ge=DURATION_MIN, le=DURATION_MAX),
         use_advanced_image_generation: bool = Form(True),
-        advanced_image_num_variations: int = Form(4),
-        advanced_image_max_enhancement_iterations: int = Form(4),
-        advanced_image_quality_threshold: float = Form(30.0),
+        advanced_image_num_variations: int = Form(4, ge=2, le=8),
+        advanced_image_max_enhancement_iterations: int = Form(4, ge=1, le=6),
+        advanced_image_quality_threshold: float = Form(30.0, ge=0.0, le=100.0),
         principal: Principal = Depends(principal),
     ) -> dict:
         try:
@@ -405,7 +409,8 @@ class Ingress(ViewerRoutes, EventRoutes):
     @route("GET", "/api/generations/{generation_id}/traces/{name:path}", response_class=Response, responses={
         200: {"content": {"text/plain": {}, "application/json": {}, "image/png": {}}, "description": "the trace file"},
         **responses(*AUTHED, *JOB_STORE, 400, 404)})
-    async def trace_file(self, generation_id: str, name: str, principal: Principal = Depends(principal)) -> Response:
+    async def trace_file(self, generation_id: str, name: str = Path(..., json_schema_extra={"pattern": TRACE_NAME_PATTERN}),
+                         principal: Principal = Depends(principal)) -> Response:
         check_generation_id(generation_id)
         check_trace_name(name)
         def read() -> bytes:

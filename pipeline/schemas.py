@@ -15,6 +15,10 @@ from pipeline.costs import CostSummary, GenerationTiming, PlanningAccount, Scene
 
 PROMPT_MIN, PROMPT_MAX = 10, 2000
 DURATION_MIN, DURATION_MAX = 9, 60
+PROMPT_PATTERN = r"^[^\u0000-\u0008\u000e-\u001b\u007f-\u0084\u0086-\u009f\ud800-\udfff]*$"
+"""What the OpenAPI document says of a prompt: no control characters but whitespace, no lone
+surrogates (`_invisible_controls`). The validator also wants ten visible characters, which no
+pattern can say for all of Unicode; the 422 then names the rule."""
 
 
 def utcnow() -> str:
@@ -52,7 +56,7 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=PROMPT_MIN, max_length=PROMPT_MAX)
+    prompt: str = Field(min_length=PROMPT_MIN, max_length=PROMPT_MAX, json_schema_extra={"pattern": PROMPT_PATTERN})
     target_duration: int = Field(15, ge=DURATION_MIN, le=DURATION_MAX, description="seconds")
     use_advanced_image_generation: bool = Field(
         True, description="Accepted for compatibility; advanced generation is always on."
@@ -60,6 +64,15 @@ class GenerationRequest(BaseModel):
     advanced_image_num_variations: int = Field(4, ge=2, le=8)
     advanced_image_max_enhancement_iterations: int = Field(4, ge=1, le=6)
     advanced_image_quality_threshold: float = Field(30.0, ge=0.0, le=100.0)
+
+    @field_validator("target_duration", "advanced_image_num_variations", "advanced_image_max_enhancement_iterations",
+                     "advanced_image_quality_threshold", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value):
+        """`false` is not a threshold of 0: JSON booleans are refused where a number is declared."""
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
+        return value
 
     @field_validator("prompt")
     @classmethod

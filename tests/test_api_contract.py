@@ -140,8 +140,8 @@ def test_names_from_the_url_are_checked():
             check_generation_id(bad)
         assert info.value.status_code == 404
     check_trace_name("scene_1/01_agent1_iteration_1.txt")
-    check_trace_name("scene_1/" + "x" * 255)
-    for bad in ["a\x00b.txt", "scene_1/" + "x" * 256, "a/" * 600, "\x7f"]:
+    check_trace_name("scene_1/" + "x" * 128)
+    for bad in ["a\x00b.txt", "scene_1/" + "x" * 129, "scene_1/" + "x" * 256, "a/" * 600, "\x7f", "caf\u00e9.txt", "a//b"]:
         with pytest.raises(HTTPException) as info:
             check_trace_name(bad)
         assert info.value.status_code == 400

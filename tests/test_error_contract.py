@@ -11,6 +11,7 @@ declares per route (an unknown path, a wrong method) must still have the one err
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,7 @@ from deployments.api import create_api
 from deployments.args import AppArgs
 from deployments.auth import Authenticator
 from deployments.ingress import Ingress
-from deployments.readiness import ReadinessCheck
+from deployments.readiness import ReadinessCheck, StoreCheck, ping_object_store
 from deployments.signing import sign_url
 from pipeline.jobs import JobStore
 from pipeline.objectstore import open_store
@@ -70,6 +71,8 @@ class Env:
         server.artifacts = open_store(self.args.pipeline.artifacts_dir, self.args.pipeline.s3)
         server.trace_store = open_store(self.args.pipeline.traces.root, self.args.pipeline.s3)
         server.readiness = ReadinessCheck(ServeStatus, "sceneref", [])  # nothing required: ready
+        server.store_check = StoreCheck({"job store": self.store.ping,
+                                         "object store": functools.partial(ping_object_store, server.artifacts)})
         server.offline, server.tasks, server.wake = True, {}, asyncio.Event()
         server.api_pool = ThreadPoolExecutor(max_workers=2)
         self.server = server

@@ -110,6 +110,6 @@ def test_ended_before_means_finished_with_nothing_new():
 
 def test_cursor_round_trip_and_refusals():
     assert sse.decode_cursor(sse.encode_cursor(AT, "abc-123")) == (AT, "abc-123")
-    for bad in ("", "x", "!!!", sse.encode_cursor(AT, "a")[:-3], "WzEsMl0"):
+    for bad in ("", "x", "!!!", sse.encode_cursor(AT, "a")[:-3], "WzEsMl0", "1.a.b", "1" * 17 + ".a", "1.a\x00"):
         with pytest.raises(ValueError):
             sse.decode_cursor(bad)
