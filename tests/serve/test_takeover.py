@@ -9,6 +9,7 @@ import os
 import signal
 import time
 import uuid
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -57,12 +58,16 @@ def test_killed_runner_is_taken_over_and_keeps_its_scenes(offline_app, app_args)
     os.kill(killed, signal.SIGKILL)
     killed_at = time.monotonic()
 
-    # Another replica (the survivor, or Serve's replacement) claims it after the lease expires.
-    taken = wait_for(lambda: (r := store.get(generation_id)).lease_holder not in (None, record.lease_holder) and r)
+    # Another replica (the survivor, or Serve's replacement) claims it, never before the dead
+    # runner's lease expired: a claim sets expiry = claim time + lease_s, and the dead runner's
+    # last expiry is at least the one read before the kill.
+    taken = wait_for(lambda: (r := store.get(generation_id)).lease_holder not in (None, record.lease_holder) and r,
+                     every_s=0.05)
     takeover_s = time.monotonic() - killed_at
     assert holder_pid(taken.lease_holder) != killed
     assert taken.lease_token > record.lease_token
-    assert takeover_s < app_args.jobs.lease_s + 30
+    claimed_at = taken.lease_expires_at - timedelta(seconds=app_args.jobs.lease_s)
+    assert claimed_at >= record.lease_expires_at, "taken over while the dead runner's lease was still valid"
 
     wait_healthy(offline_app)
     status = wait_done(offline_app, generation_id, headers, timeout_s=400)
