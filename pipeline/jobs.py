@@ -671,6 +671,15 @@ class JobStore:
                 update(jobs_table).where(jobs_table.c.generation_id == generation_id).values(traces_removed_at=_now())
             )
 
+    def known(self, generation_ids: Sequence[str]) -> set[str]:
+        """Which of these ids have a job row: retention's orphan sweep removes stored objects
+        whose generation has none. One query per call; callers pass batches."""
+        if not generation_ids:
+            return set()
+        query = select(jobs_table.c.generation_id).where(jobs_table.c.generation_id.in_(list(generation_ids)))
+        with self.engine.connect() as conn:
+            return {row.generation_id for row in conn.execute(query)}
+
     def delete(self, generation_id: str) -> bool:
         """Remove the job row and its scenes (artifacts and traces are the caller's)."""
         with self._write() as conn:

@@ -3,6 +3,12 @@ failed or cancelled) keeps its trace files for `traces_s` (failed jobs' traces i
 `traces.keep: false` a *completed* job's traces go at completion already), and its images and
 job row for `generations_s`; those two go together, so a status never points at deleted images.
 
+Nothing stored is out of retention's reach: objects whose generation has no job row (an upload
+stored before its row, when creating the row failed or the replica died in between; a runner
+that wrote late after its job was removed) are swept too, once every object under the
+generation's prefix is older than `orphans_grace_s`. The grace period is what keeps a
+submission in flight (upload stored, row not yet created) safe.
+
 Every step is idempotent (deleting a missing prefix or row is a no-op), so several ingress
 replicas may run the sweep at the same time on the same stores.
 """
@@ -10,7 +16,10 @@ replicas may run the sweep at the same time on the same stores.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,6 +35,10 @@ class RetentionSettings(BaseModel):
     )
     interval_s: float = Field(3600.0, gt=0, description="how often each ingress replica sweeps")
     batch: int = Field(100, ge=1, description="generations removed per sweep step")
+    orphans_grace_s: float = Field(
+        3600.0, gt=0,
+        description="objects of a generation with no job row are removed once all are older than this",
+    )
 
     @model_validator(mode="after")
     def _traces_go_first(self) -> "RetentionSettings":
@@ -43,6 +56,9 @@ def sweep(store, artifacts, traces, settings: RetentionSettings, now: datetime |
     now = now or datetime.now(timezone.utc)
     if traces is not None:
         _sweep_traces(store, traces, now - timedelta(seconds=settings.traces_s), settings.batch)
+    for objects in (artifacts, traces):
+        if objects is not None:
+            sweep_orphans(store, objects, now - timedelta(seconds=settings.orphans_grace_s), settings.batch)
     cutoff = now - timedelta(seconds=settings.generations_s)
     removed: list[str] = []
     while True:
@@ -70,3 +86,65 @@ def _sweep_traces(store, traces, cutoff: datetime, batch: int) -> None:
             log.info("retention removed the traces of %d generations finished before %s", len(ids), cutoff.isoformat())
         if len(ids) < batch:
             return
+
+
+# The ids the service and the CLI mint (uuid4().hex). Only top-level names of this shape are
+# ever taken for a generation, so anything else sharing the store (another store nested in it,
+# an operator's file) is never swept as an orphan.
+GENERATION_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def sweep_orphans(store, objects, older_than: datetime, batch: int = 100) -> list[str]:
+    """Remove the objects of generations that have no job row, once all of them were last
+    written before `older_than`; return those generations' ids."""
+    names = [name for name in _generations(objects) if GENERATION_ID.fullmatch(name)]
+    removed = []
+    for start in range(0, len(names), batch):
+        chunk = names[start : start + batch]
+        for generation_id in sorted(set(chunk) - store.known(chunk)):
+            newest = _newest(objects, generation_id)
+            if newest is not None and newest >= older_than:
+                continue  # a submission in flight, or a late write: not an orphan yet
+            objects.delete_prefix(generation_id)
+            removed.append(generation_id)
+    if removed:
+        log.info("retention removed the objects of %d generations with no job row from %s", len(removed), objects.url)
+    return removed
+
+
+def _generations(objects) -> list[str]:
+    """The store's top-level names (one per generation), without listing every object."""
+    root = getattr(objects, "root", None)
+    if isinstance(root, Path):  # a local directory
+        try:
+            return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        except FileNotFoundError:
+            return []
+    # S3: the common prefixes one level down, a page per 1000 generations.
+    pages = objects._client.get_paginator("list_objects_v2").paginate(
+        Bucket=objects.bucket, Prefix=objects._base, Delimiter="/"
+    )
+    with objects._errors("listing"):
+        return sorted(
+            item["Prefix"][len(objects._base):].rstrip("/") for page in pages for item in page.get("CommonPrefixes", ())
+        )
+
+
+def _newest(objects, generation_id: str) -> datetime | None:
+    """When anything under the generation's prefix was last written; None when nothing is."""
+    root = getattr(objects, "root", None)
+    if isinstance(root, Path):
+        times = []
+        for folder, _, files in os.walk(root / generation_id):
+            for name in ["", *files]:  # the folders too: one just made for a write in progress counts
+                try:
+                    times.append(os.stat(os.path.join(folder, name)).st_mtime)
+                except FileNotFoundError:
+                    pass
+        return datetime.fromtimestamp(max(times), timezone.utc) if times else None
+    pages = objects._client.get_paginator("list_objects_v2").paginate(
+        Bucket=objects.bucket, Prefix=f"{objects._base}{generation_id}/"
+    )
+    with objects._errors("listing"):
+        times = [item["LastModified"] for page in pages for item in page.get("Contents", ())]
+    return max(times) if times else None

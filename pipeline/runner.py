@@ -20,6 +20,8 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import re
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
@@ -220,6 +222,75 @@ def _as_png(data: bytes) -> bytes:
     return to_png(data, PROVIDER_ANSWER)
 
 
+def check_attempt(attempt: str) -> str:
+    """An attempt id becomes part of object keys: letters, digits, `_` and `-`, at most 64."""
+    if not isinstance(attempt, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", attempt):
+        raise ValueError(f"invalid attempt id {attempt!r}: letters, digits, '_' and '-', at most 64")
+    return attempt
+
+
+class _StagedTraces:
+    """A scene's trace files, held until its checkpoint is accepted: fencing for the trace tree.
+
+    Only the job store checks the lease; an object store cannot. So a run writes a scene's
+    trace files under the guide's names only after its fenced checkpoint landed: a run that
+    lost its lease (a long pause, a partition from the database) is refused at the checkpoint
+    and never writes them, and the run whose checkpoint stands writes files that describe it.
+    Images need no holding: their keys carry the attempt, so nobody else's bytes are touched.
+    A run that fails keeps what it has of its unfinished scenes under
+    `scene_{n}/attempt_{attempt}/` (names no other run writes), so they still explain the
+    failure without ever replacing a checkpointed scene's files.
+    """
+
+    def __init__(self, writer: TraceWriter, attempt: str):
+        self.writer, self.attempt = writer, attempt
+        self.pending: dict[int, list[tuple[str, tuple, dict]]] = {}
+
+    def _hold(self, scene_number: int, method: str, *args: Any, **kwargs: Any) -> None:
+        self.pending.setdefault(scene_number, []).append((method, (scene_number, *args), kwargs))
+
+    def original_prompt(self, n: int, *args: Any, **kwargs: Any) -> None:
+        self._hold(n, "original_prompt", *args, **kwargs)
+
+    def enhancement(self, n: int, *args: Any, **kwargs: Any) -> None:
+        self._hold(n, "enhancement", *args, **kwargs)
+
+    def image(self, n: int, *args: Any, **kwargs: Any) -> None:
+        self._hold(n, "image", *args, **kwargs)
+
+    def quality_scores(self, n: int, *args: Any, **kwargs: Any) -> None:
+        self._hold(n, "quality_scores", *args, **kwargs)
+
+    def user_scene_summary(self, scene: ScenePlan) -> None:
+        self.pending.setdefault(scene.scene_number, []).append(("user_scene_summary", (scene,), {}))
+
+    def selected(self, scene: SceneResult, *args: Any, **kwargs: Any) -> None:
+        self.pending.setdefault(scene.scene_number, []).append(("selected", (scene, *args), kwargs))
+
+    async def publish(self, scene_number: int) -> None:
+        """Write the scene's files under the guide's names: call only after its checkpoint."""
+        await self._write(self.writer, self.pending.pop(scene_number, []))
+
+    async def keep_unfinished(self) -> None:
+        """The run failed: keep its unfinished scenes' files in its own attempt folders. Best
+        effort: a failure here is logged and never hides the error that ended the run."""
+        if not self.pending:
+            return
+        writer = TraceWriter(self.writer.store, self.writer.generation_id, artifacts=self.writer.artifacts,
+                             folder=f"attempt_{self.attempt}")
+        for scene_number in sorted(self.pending):
+            try:
+                await self._write(writer, self.pending.pop(scene_number))
+            except Exception as exc:
+                log.warning("generation %s: trace files of unfinished scene %d not kept: %r",
+                            self.writer.generation_id, scene_number, exc)
+
+    @staticmethod
+    async def _write(writer: TraceWriter, calls: list[tuple[str, tuple, dict]]) -> None:
+        for method, args, kwargs in calls:
+            await _blocking(getattr(writer, method), *args, **kwargs)
+
+
 async def run_generation(
     generation_id: str, request: GenerationRequest, services: Services, settings: PipelineSettings, **options: Any
 ) -> list[SceneResult]:
@@ -259,6 +330,7 @@ async def _run_generation(
     on_event: Callback = None,
     on_plan: Callback = None,
     on_scene: Callback = None,
+    attempt: str | None = None,
 ) -> list[SceneResult]:
     """Run (or resume) one generation and return its scenes in order.
 
@@ -271,6 +343,11 @@ async def _run_generation(
     with a user-facing reason (and `retryable`), or the first unexpected error of any of its
     concurrent steps; a cancellation of the calling task propagates as CancelledError, after
     every child has stopped and every write in progress has landed.
+
+    `attempt` names this run in the keys it writes (default: a fresh random id). Images go to
+    keys no other run writes, and a scene's trace files are written only once its checkpoint
+    was accepted (see _StagedTraces): a run that lost its lease but is still alive can never
+    change the bytes behind a scene another run checkpointed.
     """
     try:
         check_services(services, settings)
@@ -284,6 +361,18 @@ async def _run_generation(
         s3=settings.s3,
     )
     retries = settings.llm.invalid_output_retries
+    attempt = check_attempt(attempt or uuid.uuid4().hex[:12])
+    staged = _StagedTraces(traces, attempt)
+    try:
+        return await _run(generation_id, request, services, settings, traces, staged, retries, reference_image,
+                          reference_key, storyboard, completed, start_progress, on_event, on_plan, on_scene)
+    except GenerationError:  # the run's own verdict; a lost lease or a cancellation keeps nothing
+        await staged.keep_unfinished()
+        raise
+
+
+async def _run(generation_id, request, services, settings, traces, staged, retries, reference_image, reference_key,
+               storyboard, completed, start_progress, on_event, on_plan, on_scene) -> list[SceneResult]:
 
     # Progress never goes backwards: not below what the job showed before this run, nor below
     # what this run reported, also when a resumed job re-enters early stages.
@@ -325,14 +414,15 @@ async def _run_generation(
                data={"scenes": planned})
 
     if (reference_image is not None or reference_key is not None) and 1 not in results:
-        results[1] = await _user_scene(generation_id, storyboard[0], reference_image, reference_key, services, traces)
+        results[1] = await _user_scene(generation_id, storyboard[0], reference_image, reference_key, services, staged)
         await _call(on_scene, results[1])
+        await staged.publish(1)
         await emit("scene_completed", reached, "scene 1 is your image", 1, kind="selected",
                    data={"user_provided": True, "image_key": results[1].reference_image_key})
 
     pending = [scene for scene in storyboard if scene.scene_number not in results]
     meters = {scene.scene_number: Meter() for scene in pending}  # each scene's bill and clock (issue 10)
-    enhanced = await _enhance_all(pending, request, services, settings, traces, emit, meters)
+    enhanced = await _enhance_all(pending, request, services, settings, staged, emit, meters)
     first_image: bytes | None = None
 
     for scene in pending:
@@ -351,11 +441,12 @@ async def _run_generation(
                         first_image = await _blocking(services.artifacts.get, results[1].reference_image_key)
                     references.append((1, ["first"], first_image))
         result = await _generate_scene(
-            generation_id, scene, total, enhanced[n], reference, request, services, settings, traces, emit, references,
+            generation_id, scene, total, enhanced[n], reference, request, services, settings, staged, emit, references,
             meter=meters[n],
         )
         results[n] = result
         await _call(on_scene, result)
+        await staged.publish(n)  # the checkpoint stands: now its trace files
         done = sum(1 for s in storyboard if s.scene_number in results)
         await emit("scene_completed", _ENHANCED + (100 - _ENHANCED) * done // total, f"scene {n} of {total} selected", n,
                    kind="selected", data=_selected(result, request))
@@ -374,11 +465,11 @@ async def _run_generation(
 
 
 async def _user_scene(
-    generation_id, scene: ScenePlan, image: bytes | None, key: str | None, services: Services, traces: TraceWriter
+    generation_id, scene: ScenePlan, image: bytes | None, key: str | None, services: Services, traces: "_StagedTraces"
 ) -> SceneResult:
     if key is None:
         data = await asyncio.to_thread(_as_png, image)
-        key = await _blocking(services.artifacts.put, f"{generation_id}/scene_1/user_reference.png", data)
+        key = await _blocking(services.artifacts.put, f"{generation_id}/scene_1/attempt_{traces.attempt}/user_reference.png", data)
     result = SceneResult(
         scene_number=1,
         duration=scene.duration,
@@ -387,9 +478,9 @@ async def _user_scene(
         reference_image_key=key,
         user_provided=True,
     )
-    await _blocking(traces.original_prompt, 1, scene.prompt)
-    await _blocking(traces.user_scene_summary, scene)
-    await _blocking(traces.selected, result, threshold=0)
+    traces.original_prompt(1, scene.prompt)
+    traces.user_scene_summary(scene)
+    traces.selected(result, threshold=0)
     return result
 
 
@@ -401,7 +492,7 @@ async def _enhance_all(pending, request, services, settings, traces, emit, meter
 
     async def one(scene: ScenePlan) -> EnhancementResult:
         nonlocal finished
-        await _blocking(traces.original_prompt, scene.scene_number, scene.prompt)
+        traces.original_prompt(scene.scene_number, scene.prompt)
         meter = (meters or {}).get(scene.scene_number) or Meter()
         async def iteration(record) -> None:  # live: each iteration as soon as it is decided
             await emit("enhancing", 0, _iteration_message(scene.scene_number, record), scene.scene_number,
@@ -418,7 +509,7 @@ async def _enhance_all(pending, request, services, settings, traces, emit, meter
                 on_iteration=iteration,
             )
         hooks().enhancement_iterations(result.total_iterations)
-        await _blocking(traces.enhancement, scene.scene_number, result, scene=scene, extra=_enhancement_cost(meter, settings))
+        traces.enhancement(scene.scene_number, result, scene=scene, extra=_enhancement_cost(meter, settings))
         finished += 1
         score = f"{result.final_overall:.1f}" if result.final_overall is not None else "unscored"
         await emit(
@@ -445,7 +536,7 @@ async def _generate_scene(
     request: GenerationRequest,
     services: Services,
     settings: PipelineSettings,
-    traces: TraceWriter,
+    traces: "_StagedTraces",
     emit,
     references: list[tuple[int, list[str], bytes]] = (),
     *,
@@ -477,8 +568,8 @@ async def _generate_scene(
             await emit("generating", progress, f"scene {n}: variation {k} failed", n, kind="variation",
                        data={"variation": k, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
             return VariationResult(variation=k, error=f"{type(exc).__name__}: {exc}"), None
-        key = await _blocking(services.artifacts.put, f"{generation_id}/scene_{n}/variation_{k}.png", data)
-        await _blocking(traces.image, n, k, data, artifact_key=key)
+        key = await _blocking(services.artifacts.put, f"{generation_id}/scene_{n}/attempt_{traces.attempt}/variation_{k}.png", data)
+        traces.image(n, k, data, artifact_key=key)
         await emit("generating", progress, f"scene {n}: variation {k} received", n, kind="variation",
                    data={"variation": k, "ok": True, "image_key": key})
         return VariationResult(variation=k, image_key=key, provider_metadata=image.metadata), data
@@ -517,7 +608,7 @@ async def _generate_scene(
             v.consistency = kept
             v.overall = selection_overall(per_scorer, selection, kept)
     except Exception as exc:
-        await _blocking(traces.quality_scores, n, prompt, weights, variations, scoring=_scoring_info(info, selection, variations, services, references))
+        traces.quality_scores(n, prompt, weights, variations, scoring=_scoring_info(info, selection, variations, services, references))
         raise GenerationError(f"scene {n}: scoring failed: {exc}", retryable=transient(exc)) from exc
     await emit("scoring", progress, f"scene {n}: {len(received)} variations scored", n, kind="scored",
                data={"variations": [_scored(v) for v in variations]})
@@ -547,8 +638,8 @@ async def _generate_scene(
     )
     scoring = _scoring_info(info, selection, variations, services, references)
     accounting = {"cost": cost.model_dump(mode="json"), "timing": timing.model_dump(mode="json")}
-    await _blocking(traces.quality_scores, n, prompt, weights, variations, scoring=scoring, extra=accounting)
-    await _blocking(traces.selected, result, request.advanced_image_quality_threshold, formula=scoring["formula"])
+    traces.quality_scores(n, prompt, weights, variations, scoring=scoring, extra=accounting)
+    traces.selected(result, request.advanced_image_quality_threshold, formula=scoring["formula"])
     return result
 
 

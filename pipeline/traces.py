@@ -83,12 +83,21 @@ class TraceWriter(TraceStore):
         *,
         artifacts: ObjectStore | None = None,
         s3=None,
+        folder: str | None = None,
     ):
+        """`folder` puts every scene's files one level down, `scene_{n}/{folder}/`: the runner
+        keeps a failed attempt's unfinished scenes there, apart from the guide's names, which
+        only a run whose checkpoint was accepted writes (fencing, docs/serving.md)."""
         super().__init__(store_or_root, artifacts, s3)
         self.generation_id = check_key(generation_id)
+        self.folder = check_key(folder) if folder is not None else None
+
+    def scene_prefix(self, scene_number: int) -> str:
+        base = f"{self.generation_id}/scene_{scene_number}"
+        return f"{base}/{self.folder}" if self.folder else base
 
     def key(self, scene_number: int, name: str) -> str:
-        return f"{self.generation_id}/scene_{scene_number}/{name}"
+        return f"{self.scene_prefix(scene_number)}/{name}"
 
     def _write(self, scene_number: int, name: str, text: str) -> None:
         kind = "application/json" if name.endswith(".json") else "text/plain; charset=utf-8"
@@ -169,7 +178,7 @@ class TraceWriter(TraceStore):
         self._write(scene.scene_number, "prompt_trace_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
 
     def _remove_agent_files(self, scene_number: int) -> None:
-        prefix = f"{self.generation_id}/scene_{scene_number}"
+        prefix = self.scene_prefix(scene_number)
         for key in self.store.list(prefix):
             if _AGENT_FILE.fullmatch(key[len(prefix) + 1 :]):
                 self.store.delete_prefix(key)  # a whole key: exactly that object, on both backends

@@ -264,5 +264,7 @@ async def test_a_consistency_scorer_that_cannot_run_fails_the_scene_with_no_made
     settings, services = make(tmp_path, consistency=BrokenConsistency())
     with pytest.raises(GenerationError, match="scene 2: scoring failed: consistency replica is gone"):
         await run_generation("gen-b", request(), services, settings)
-    quality = read(settings, "gen-b", 2, "quality_scores.json")
+    # kept in the failed attempt's own folder (fencing: the guide's names follow a checkpoint)
+    [kept] = (settings.traces.root / "gen-b" / "scene_2").glob("attempt_*/quality_scores.json")
+    quality = json.loads(kept.read_text())
     assert all(v["consistency"] is None and v["overall"] is None for v in quality["variations"])

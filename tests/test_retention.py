@@ -3,14 +3,16 @@ unfinished and recent ones stay; a second sweep (another replica) finds nothing 
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from pipeline.artifacts import LocalObjectStore
 from pipeline.objectstore import open_store
 from pipeline.jobs import JobStore
-from pipeline.retention import RetentionSettings, sweep
+from pipeline.retention import RetentionSettings, sweep, sweep_orphans
 from pipeline.schemas import GenerationRequest
 
 REQUEST = GenerationRequest(prompt="A lighthouse keeper's morning", target_duration=9).model_dump(mode="json")
@@ -83,3 +85,55 @@ def test_sweep_works_in_batches(stores):
     later = datetime.now(timezone.utc) + timedelta(days=40)
     removed = sweep(store, artifacts, traces, RetentionSettings(batch=3), now=later)
     assert len(removed) == 7 and store.count_unfinished() == 0
+
+
+# --- orphans: objects whose generation has no job row -------------------------------------------
+
+
+def test_an_upload_whose_row_was_never_created_is_swept_after_the_grace_period(stores):
+    """The ingress stores a user's image before it creates the job's row; when creating the row
+    fails (or the replica dies in between) the objects have no row. Retention still finds them."""
+    store, artifacts, traces = stores
+    orphan, living = uuid.uuid4().hex, uuid.uuid4().hex
+    artifacts.put(f"{orphan}/scene_1/user_reference.png", b"png-bytes")
+    artifacts.put(f"{orphan}/upload/original.jpeg", b"jpeg-bytes")
+    store.create(orphan, "alice", REQUEST, offline=True)
+    with pytest.raises(IntegrityError):  # creating the row fails (here: the id is taken)
+        store.create(orphan, "bob", REQUEST, offline=True)
+    store.delete(orphan)  # (and the row that took the id is gone: no row names the objects)
+    traces.put(f"{orphan}/scene_2/attempt_abc/quality_scores.json", b"{}")  # a runner's late write
+    make(store, artifacts, traces, living, None)  # a queued job: its objects are reachable
+    settings = RetentionSettings(orphans_grace_s=3600)
+
+    assert sweep(store, artifacts, traces, settings) == []
+    assert artifacts.exists(f"{orphan}/scene_1/user_reference.png")  # within the grace period: kept
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    sweep(store, artifacts, traces, settings, now=later)
+    assert artifacts.list(f"{orphan}/") == [] and traces.list(f"{orphan}/") == []
+    assert artifacts.exists(f"{living}/scene_1/variation_1.png") and traces.list(f"{living}/")
+    assert store.get(living) is not None
+
+
+def test_the_orphan_sweep_waits_for_the_newest_object_of_a_generation(stores):
+    """A submission in flight (upload stored, row not yet created) is never swept."""
+    store, artifacts, traces = stores
+    orphan = uuid.uuid4().hex
+    artifacts.put(f"{orphan}/upload/original.jpeg", b"jpeg-bytes")
+    artifacts.put(f"{orphan}/scene_1/user_reference.png", b"png-bytes")
+    written = datetime.now(timezone.utc)
+    assert sweep(store, artifacts, traces, RetentionSettings(orphans_grace_s=3600)) == []
+    assert sweep_orphans(store, artifacts, written - timedelta(minutes=5)) == []
+    assert artifacts.exists(f"{orphan}/scene_1/user_reference.png")
+    assert sweep_orphans(store, artifacts, written + timedelta(minutes=5)) == [orphan]
+    assert artifacts.list(f"{orphan}/") == []
+
+
+def test_the_orphan_sweep_touches_only_names_the_service_mints(stores):
+    """Anything else in the store (a nested store, an operator's folder) is never taken for an
+    orphaned generation."""
+    store, artifacts, traces = stores
+    artifacts.put("reference_image_traces/gen/scene_1/00_original_prompt.txt", b"prompt\n")
+    artifacts.put("notes/readme.txt", b"mine")
+    later = datetime.now(timezone.utc) + timedelta(days=400)
+    assert sweep_orphans(store, artifacts, later) == []
+    assert artifacts.exists("notes/readme.txt") and artifacts.exists("reference_image_traces/gen/scene_1/00_original_prompt.txt")

@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -245,7 +246,9 @@ async def test_text_generation_end_to_end_counts_chaining_selection_and_traces(s
         best = max(overall, key=lambda k: (overall[k], -k))
         assert scene.selected_variation == best
         assert scene.quality_score == pytest.approx(overall[best], abs=1e-3)
-        assert scene.reference_image_key == f"{gid}/scene_{scene.scene_number}/variation_{best}.png"
+        # the run's own key for it: {gid}/scene_{n}/attempt_{attempt}/variation_{k}.png (fencing)
+        assert re.fullmatch(rf"{gid}/scene_{scene.scene_number}/attempt_[0-9a-f]+/variation_{best}\.png",
+                            scene.reference_image_key)
         assert scene.enhanced_prompt != scene.original_prompt and scene.prompt_score is not None
 
     # Progress: monotonic, ends at 100; on_scene once per scene, in order, before the next
@@ -323,11 +326,12 @@ async def test_traces_are_removed_after_completion_by_default(server, tmp_path):
     seen_during_run: list[bool] = []
     gid = new_id()
 
-    def on_scene(scene: SceneResult) -> None:
-        seen_during_run.append((settings.traces.root / gid / f"scene_{scene.scene_number}" / "selected_best.txt").is_file())
+    def on_scene(scene: SceneResult) -> None:  # a scene's trace files follow its checkpoint
+        earlier = settings.traces.root / gid / f"scene_{scene.scene_number - 1}" / "selected_best.txt"
+        seen_during_run.append(earlier.is_file())
 
     scenes = await run_generation(gid, request(), make_services(settings), settings, on_scene=on_scene)
-    assert seen_during_run == [True] * 4  # written while running ...
+    assert seen_during_run == [False, True, True, True]  # written while running ...
     assert not (settings.traces.root / gid).exists()  # ... and removed at completion
     store = LocalArtifactStore(settings.artifacts_dir)
     assert all(store.exists(s.reference_image_key) for s in scenes)  # images are artifacts, kept
@@ -608,7 +612,11 @@ async def test_scorer_failure_fails_the_generation_without_a_score(server, tmp_p
     assert record.status == "failed"
     assert record.error.startswith("scene 1: scoring failed") and "unavailable" in record.error
     assert store.scenes(gid) == []
-    quality = read_json(settings.traces.root / gid / "scene_1" / "quality_scores.json")
+    # The failed attempt's files are kept in its own folder, never under the guide's names,
+    # which only a run whose checkpoint was accepted writes.
+    assert not (settings.traces.root / gid / "scene_1" / "quality_scores.json").exists()
+    [kept] = (settings.traces.root / gid / "scene_1").glob("attempt_*/quality_scores.json")
+    quality = read_json(kept)
     assert all(v["overall"] is None and v["scores"] == {} for v in quality["variations"])
     store.close()
 

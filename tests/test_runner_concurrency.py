@@ -171,7 +171,7 @@ async def test_a_failing_variation_write_cancels_the_other_variations(tmp_path):
     images.release.set()
     await settle()
     assert after(log, ("raised", 2)) == []
-    assert not (tmp_path / "a" / "gen-var" / "scene_1" / "variation_1.png").exists()
+    assert not list((tmp_path / "a" / "gen-var" / "scene_1").rglob("variation_1.png"))
 
 
 # --- cancellation from outside ----------------------------------------------------------------
@@ -312,7 +312,7 @@ async def test_a_failing_trace_cleanup_does_not_fail_a_finished_generation(tmp_p
 # --- blocking I/O off the event loop ------------------------------------------------------------
 
 
-async def test_artifact_and_trace_writes_run_in_worker_threads_and_precede_the_checkpoint(tmp_path, monkeypatch):
+async def test_writes_run_in_worker_threads_images_precede_the_checkpoint_and_traces_follow_it(tmp_path, monkeypatch):
     loop_thread = threading.get_ident()
     calls: list[tuple[str, bool]] = []
 
@@ -340,8 +340,12 @@ async def test_artifact_and_trace_writes_run_in_worker_threads_and_precede_the_c
     def on_scene(scene) -> None:
         keys = [v.image_key for v in scene.variations] + [scene.reference_image_key]
         stored_at_checkpoint.append(all(store.exists(k) for k in keys))
-        trace = tmp_path / "traces" / "gen-io" / f"scene_{scene.scene_number}"
-        stored_at_checkpoint.append((trace / "selected_best.txt").is_file())
+        # Trace files are written only once the checkpoint is accepted (fencing): the scene's
+        # are not there yet, the previous scene's are.
+        traces = tmp_path / "traces" / "gen-io"
+        stored_at_checkpoint.append((traces / f"scene_{scene.scene_number}" / "selected_best.txt").is_file())
+        if scene.scene_number > 1:
+            stored_at_checkpoint.append((traces / f"scene_{scene.scene_number - 1}" / "selected_best.txt").is_file())
 
     await run_generation(
         "gen-io", request(), services_for(tmp_path, GatedChat([]), artifacts=store), settings_for(tmp_path, keep=False),
@@ -350,7 +354,7 @@ async def test_artifact_and_trace_writes_run_in_worker_threads_and_precede_the_c
     names = {name for name, _ in calls}
     assert {"put", "get", "original_prompt", "enhancement", "image", "quality_scores", "selected", "cleanup"} <= names
     assert [c for c in calls if c[1]] == []  # none of them on the event loop's thread
-    assert stored_at_checkpoint == [True] * 6
+    assert stored_at_checkpoint == [True, False, True, False, True, True, False, True]
 
 
 async def test_a_cancelled_generation_ends_only_after_its_write_in_progress_has_landed(tmp_path):
@@ -375,7 +379,7 @@ async def test_a_cancelled_generation_ends_only_after_its_write_in_progress_has_
     proceed.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert any((tmp_path / "artifacts" / "gen-w" / "scene_1").glob("variation_*.png"))
+    assert any((tmp_path / "artifacts" / "gen-w" / "scene_1").rglob("variation_*.png"))
 
 
 async def test_trace_images_name_the_stored_artifacts_instead_of_copying_them(tmp_path):
