@@ -45,7 +45,7 @@ from deployments.uploads import UploadError, prepare_upload
 from deployments.viewer import ViewerRoutes
 from pipeline.objectstore import ArtifactNotFound, open_store
 from pipeline.jobs import JobStore
-from pipeline.limits import check_admission
+from pipeline.limits import AdmissionRefused, Refusal, check_admission
 from pipeline.retention import sweep
 from pipeline.runner import Services, check_services
 from pipeline.schemas import (
@@ -247,9 +247,10 @@ class Ingress(ViewerRoutes, EventRoutes):
         stores = await self.store_check.check()
         if not stores.ok:
             raise HTTPException(503, detail=stores.reason(), headers={"Retry-After": str(STORES_RETRY_AFTER_S)})
+        # An early answer, before an upload is stored; the insert below decides, atomically.
         refusal = await self._api(check_admission, self.store, principal.subject, self.args.limits)
         if refusal is not None:
-            raise HTTPException(refusal.status_code, detail=refusal.reason, headers={"Retry-After": str(refusal.retry_after_s)})
+            raise refused(refusal)
         generation_id = uuid.uuid4().hex
         reference_key = None
         if upload is not None:  # persisted before the job exists: whoever runs it finds the image
@@ -259,10 +260,18 @@ class Ingress(ViewerRoutes, EventRoutes):
             if upload.original is not None:
                 kind = (upload.original_format or "bin").lower()
                 await self._api(self.artifacts.put, f"{generation_id}/upload/original.{kind}", upload.original)
-        await self._api(
-            self.store.create, generation_id, principal.subject, request.model_dump(mode="json"),
-            offline=self.offline, reference_key=reference_key,
-        )
+        try:  # the admission check and the insert in one serialised transaction: races cannot pass a limit
+            await self._api(
+                self.store.create, generation_id, principal.subject, request.model_dump(mode="json"),
+                offline=self.offline, reference_key=reference_key, limits=self.args.limits,
+            )
+        except AdmissionRefused as exc:
+            if upload is not None:  # refused after the upload was stored: no job will ever own it
+                try:
+                    await self._api(self.artifacts.delete_prefix, f"{generation_id}/")
+                except Exception:
+                    log.exception("could not remove the upload of refused generation %s", generation_id)
+            raise refused(exc.refusal) from None
         self.wake.set()
         return {
             "generation_id": generation_id,
@@ -440,3 +449,8 @@ def cancel_answer(generation_id: str, status: str) -> dict:
         )
     return {"generation_id": generation_id, "status": status, "cancel_requested": True,
             "final": status in FINISHED, "message": message}
+
+
+def refused(refusal: Refusal) -> HTTPException:
+    """A refused admission as its answer: 429 or 503, the reason, and when to try again."""
+    return HTTPException(refusal.status_code, detail=refusal.reason, headers={"Retry-After": str(refusal.retry_after_s)})
