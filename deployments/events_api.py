@@ -1,4 +1,4 @@
-"""Live progress routes, as a mixin the `Ingress` inherits (issue 10): a generation's events as
+"""Live progress routes, as a mixin the `Ingress` inherits: a generation's events as
 server-sent events, and the caller's own list of generations.
 
 Both read only the shared job store (`self.store`, through the replica's request thread pool
