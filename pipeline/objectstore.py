@@ -164,7 +164,10 @@ class LocalObjectStore:
         seen = set() if seen is None else seen
         total = 0
         for key in self.list(prefix):
-            stat = (self.root / key).stat()
+            try:
+                stat = (self.root / key).stat()
+            except FileNotFoundError:  # deleted since it was listed (a sweep running): not stored
+                continue
             if (stat.st_dev, stat.st_ino) not in seen:
                 seen.add((stat.st_dev, stat.st_ino))
                 total += stat.st_size
