@@ -272,12 +272,27 @@ class Ingress(ViewerRoutes, EventRoutes):
                 except Exception:
                     log.exception("could not remove the upload of refused generation %s", generation_id)
             raise refused(exc.refusal) from None
+        except Exception:
+            if upload is not None:
+                await self._forget_upload(generation_id)
+            raise
         self.wake.set()
         return {
             "generation_id": generation_id,
             "status": "queued",
             "status_url": link(self.args.public_base_url, http.scope.get("root_path", ""), f"/api/status/{generation_id}"),
         }
+
+    async def _forget_upload(self, generation_id: str) -> None:
+        """Creating the job's row failed after its upload was stored: remove the upload (nothing
+        stored may lack a row), unless the row exists after all (a commit whose answer was lost:
+        the job needs its image). What cannot be decided now (the database is down), retention's
+        orphan sweep decides later, after its grace period."""
+        try:
+            if await self._api(self.store.get, generation_id) is None:
+                await self._api(self.artifacts.delete_prefix, generation_id)
+        except Exception as exc:
+            log.warning("generation %s: its upload stays for retention to remove (%r)", generation_id, exc)
 
     @route("GET", "/api/health", response_model=Health)
     async def health(self) -> dict:
