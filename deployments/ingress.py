@@ -387,7 +387,7 @@ class Ingress(ViewerRoutes, EventRoutes):
         record = await self._api(self.store.get, generation_id, principal.subject)
         return cancel_answer(generation_id, record.status)
 
-    @route("POST", "/api/generations/{generation_id}/resume", status_code=202, response_model=Requeued, responses=responses(*AUTHED, *JOB_STORE, 404, 409))
+    @route("POST", "/api/generations/{generation_id}/resume", status_code=202, response_model=Requeued, responses=responses(*AUTHED, *JOB_STORE, 404, 409, 429))
     async def resume(self, generation_id: str, principal: Principal = Depends(principal)) -> dict:
         """Run a failed or cancelled generation again from its next unfinished scene."""
         check_generation_id(generation_id)
@@ -396,7 +396,11 @@ class Ingress(ViewerRoutes, EventRoutes):
             raise HTTPException(404, detail=f"generation {generation_id} not found")
         if record.status not in ("failed", "cancelled"):
             raise HTTPException(409, detail=f"generation {generation_id} is {record.status}: only failed or cancelled ones resume")
-        if not await self._api(self.store.requeue, generation_id, principal.subject):
+        try:  # admitted like a submission (active and queue limits), in the same serialised transaction
+            requeued = await self._api(self.store.requeue, generation_id, principal.subject, limits=self.args.limits)
+        except AdmissionRefused as exc:
+            raise refused(exc.refusal) from None
+        if not requeued:
             raise HTTPException(409, detail=f"generation {generation_id} cannot be resumed now")
         self.wake.set()
         return {"generation_id": generation_id, "status": "queued"}

@@ -595,12 +595,21 @@ class JobStore:
         with self.engine.connect() as conn:
             return {row.generation_id for row in conn.execute(query)}
 
-    def requeue(self, generation_id: str, owner: str) -> bool:
+    def requeue(self, generation_id: str, owner: str, *, limits: AdmissionLimits | None = None) -> bool:
         """Put a failed or cancelled job back in the queue (error and cancel flag cleared), so
         the next runner resumes it at its next scene. False if it is not this owner's or not
-        failed/cancelled."""
+        failed/cancelled. With `limits`, admitted like `create` (the active and queue limits,
+        in the same serialised transaction; raises `AdmissionRefused`): cancelling and resuming
+        cannot run more at once than a user may submit."""
         c = jobs_table.c
-        with self._write() as conn:
+        with self._admission() if limits is not None else self._write() as conn:
+            if limits is not None:  # only a resumable job is refused; any other is False, as without limits
+                resumable = conn.execute(
+                    select(c.generation_id)
+                    .where(c.generation_id == generation_id, c.owner == owner, c.status.in_(("failed", "cancelled")))
+                ).first()
+                if resumable and (refusal := check_admission(_Counts(conn), owner, limits, _now(), resume=True)):
+                    raise AdmissionRefused(refusal)
             requeued = conn.execute(
                 update(jobs_table)
                 .where(c.generation_id == generation_id, c.owner == owner, c.status.in_(("failed", "cancelled")))

@@ -45,10 +45,14 @@ class AdmissionRefused(Exception):
         self.refusal = refusal
 
 
-def check_admission(store, owner: str, limits: AdmissionLimits, now: datetime | None = None) -> Refusal | None:
+def check_admission(
+    store, owner: str, limits: AdmissionLimits, now: datetime | None = None, *, resume: bool = False
+) -> Refusal | None:
     """None when `owner` may submit one more generation now. `store` is anything with the four
     counts below: the job store (a snapshot, racy) or the admission transaction's own view.
-    Synchronous (database reads): async callers run it in a worker thread."""
+    `resume`: the generation was already submitted (and counted in the window); it only needs
+    room among the active ones. Synchronous (database reads): async callers run it in a worker
+    thread."""
     now = now or datetime.now(timezone.utc)
     active = store.count_active(owner)
     if active >= limits.max_active_per_user:
@@ -59,7 +63,7 @@ def check_admission(store, owner: str, limits: AdmissionLimits, now: datetime | 
             limits.retry_after_s,
         )
     since = now - timedelta(seconds=limits.window_s)
-    submitted = store.count_submitted_since(owner, since)
+    submitted = 0 if resume else store.count_submitted_since(owner, since)
     if submitted >= limits.max_submitted_per_window:
         return Refusal(
             429,

@@ -130,6 +130,14 @@ def _second_submission(env: Env):
     return env.client.post("/api/generate", json=BODY, headers=auth())
 
 
+def _resume_past_the_limit(env: Env):
+    """The limit's one active generation is taken while a cancelled one asks to resume."""
+    first = env.client.post("/api/generate", json=BODY, headers=auth()).json()["generation_id"]
+    env.client.delete(f"/api/generations/{first}", headers=auth())
+    assert env.client.post("/api/generate", json=BODY, headers=auth()).status_code == 202
+    return env.client.post(f"/api/generations/{first}/resume", headers=auth())
+
+
 DOWN = "database_down"
 GENERATE, UPLOAD = ("POST", "/api/generate"), ("POST", "/api/generate-with-image")
 STATUS, CANCEL = ("GET", "/api/status/{generation_id}"), ("DELETE", "/api/generations/{generation_id}")
@@ -170,6 +178,7 @@ RECIPES = {
     (*RESUME, 401): lambda e: e.client.post(f"{ENDPOINT_404}/resume"),
     (*RESUME, 404): lambda e: e.client.post(f"{ENDPOINT_404}/resume", headers=auth()),
     (*RESUME, 409): lambda e: e.client.post(f"/api/generations/{_queued(e)}/resume", headers=auth()),
+    (*RESUME, 429): _resume_past_the_limit,
     (*RESUME, 503): lambda e: e.database_down().client.post(f"{ENDPOINT_404}/resume", headers=auth()),
     (*ARTIFACT, 403): lambda e: e.client.get("/api/artifacts/a/b.png?expires=1&sig=bad"),
     (*ARTIFACT, 404): lambda e: e.client.get(e.signed("a/missing.png")),

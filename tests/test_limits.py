@@ -156,3 +156,38 @@ def test_create_with_limits_refuses_with_the_refusal(tmp_path, where):
         assert store.count_active("bob") == 1
     finally:
         store.close()
+
+
+def test_racing_resumes_of_one_user_start_at_most_the_active_limit(url):
+    """Ten cancelled generations resumed at once from ten threads (separate connections on
+    PostgreSQL): the resume's admission is the same serialised transaction as a submission's."""
+    import threading
+
+    from pipeline.limits import AdmissionRefused
+
+    limits = AdmissionLimits(max_active_per_user=3, max_submitted_per_window=10, max_unfinished=100)
+    store = JobStore(url)
+    try:
+        ids = submit(store, "alice", 10)
+        for generation_id in ids:
+            store.request_cancel(generation_id, "alice")
+        assert store.count_active("alice") == 0
+        start, outcomes = threading.Barrier(len(ids), timeout=60), []
+
+        def resume(generation_id: str) -> None:
+            start.wait()
+            try:
+                outcomes.append(store.requeue(generation_id, "alice", limits=limits))
+            except AdmissionRefused as exc:
+                outcomes.append(exc.refusal.status_code)
+
+        threads = [threading.Thread(target=resume, args=(g,)) for g in ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(outcomes, key=str) == [429] * 7 + [True] * 3  # the window (10 of 10) does not refuse a resume
+        assert store.count_active("alice") == 3
+        assert store.requeue("nobody-has-this", "alice", limits=limits) is False  # not resumable: False, not a refusal
+    finally:
+        store.close()
