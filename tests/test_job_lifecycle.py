@@ -21,6 +21,7 @@ from pipeline.schemas import GenerationRequest
 from pipeline.service import execute_job, run_claimed
 from pipeline.settings import PipelineSettings
 from tests.doubles import PixelScoring
+from tests.waiting import until_settled
 
 REQUEST = GenerationRequest(
     prompt="Artisan coffee that starts your morning right",
@@ -145,19 +146,6 @@ async def test_retryable_generation_error_says_the_job_can_be_resumed(store, set
     assert await execute_job(store, store.claim("runner-a", 30), services(settings), settings) is None
     error = store.get("gen-1").error
     assert error.startswith("scene 2: the image generator replica went away") and "resumed" in error
-
-
-async def until_settled(before: set[asyncio.Task], timeout_s: float = 60) -> None:
-    """Wait until every task started since `before` has ended (a run's children, its lease
-    renewal, its writes in threads, which their tasks await): a check that nothing was written
-    after that does not depend on having waited long enough. Fails if one is still running after
-    `timeout_s`, a bound no healthy run comes near."""
-    loop, me = asyncio.get_running_loop(), asyncio.current_task()
-    deadline = loop.time() + timeout_s
-    while alive := [t for t in asyncio.all_tasks() if t not in before and t is not me and not t.done()]:
-        if loop.time() > deadline:
-            pytest.fail(f"the run left {len(alive)} task(s) running {timeout_s:.0f} s after it returned: {alive}")
-        await asyncio.sleep(0.01)
 
 
 async def test_a_runner_that_lost_its_lease_stops_and_writes_nothing(store, settings):

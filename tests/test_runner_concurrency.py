@@ -25,6 +25,7 @@ from pipeline.runner import GenerationError, ProgressEvent, Services, run_genera
 from pipeline.schemas import GenerationRequest, ScenePlan
 from pipeline.settings import PipelineSettings, TraceSettings
 from tests.doubles import PixelScoring
+from tests.waiting import until_settled
 
 STORY = "A launch video for Aurora, a smart desk lamp that adapts to your circadian rhythm"
 BOARD = [ScenePlan(scene_number=n, duration=5, prompt=f"scene {n}: the Aurora lamp on a desk at dawn") for n in (1, 2, 3)]
@@ -114,7 +115,7 @@ def services_for(tmp_path, chat, images=None, scoring=None, artifacts=None) -> S
 
 
 async def settle() -> None:
-    """Give any straggler task every chance to run (they are gated on events, not on time)."""
+    """Let the tasks that are ready run (for checks that a task is still blocked)."""
     for _ in range(20):
         await asyncio.sleep(0)
     await asyncio.sleep(0.05)
@@ -128,6 +129,7 @@ def after(log: list, marker: tuple) -> list:
 
 
 async def test_a_failing_enhancement_cancels_the_other_scenes_and_nothing_follows(tmp_path):
+    before = asyncio.all_tasks()
     log: list = []
     chat = GatedChat(log, slow={1, 3}, failing=2, error=RuntimeError("the agents replica died (fake)"))
     settings = settings_for(tmp_path)
@@ -140,13 +142,14 @@ async def test_a_failing_enhancement_cancels_the_other_scenes_and_nothing_follow
     # The slow siblings were cancelled by the failure, not left to run.
     assert sorted(chat.cancelled) == [1, 3]
     chat.release.set()  # under asyncio.gather they would now go on calling the LLM and emitting
-    await settle()
+    await until_settled(before)  # whatever the run left behind has ended: nothing can follow now
     assert after(log, ("raised", 2)) == []
     for n in (1, 2, 3):
         assert not (settings.traces.root / "gen-fail" / f"scene_{n}" / "final_enhanced_prompt.txt").exists()
 
 
 async def test_a_failing_variation_write_cancels_the_other_variations(tmp_path):
+    before = asyncio.all_tasks()
     log: list = []
 
     class FailingStore(LocalArtifactStore):
@@ -169,7 +172,7 @@ async def test_a_failing_variation_write_cancels_the_other_variations(tmp_path):
         )
     assert sorted(images.cancelled) == [1, 3, 4]
     images.release.set()
-    await settle()
+    await until_settled(before)  # whatever the run left behind has ended: nothing can follow now
     assert after(log, ("raised", 2)) == []
     assert not list((tmp_path / "a" / "gen-var" / "scene_1").rglob("variation_1.png"))
 
@@ -178,6 +181,7 @@ async def test_a_failing_variation_write_cancels_the_other_variations(tmp_path):
 
 
 async def test_cancelling_the_generation_cancels_enhancement_and_propagates(tmp_path):
+    before = asyncio.all_tasks()
     log: list = []
     chat = GatedChat(log, slow={1, 2, 3})
     task = asyncio.create_task(
@@ -194,11 +198,12 @@ async def test_cancelling_the_generation_cancels_enhancement_and_propagates(tmp_
         await task
     assert sorted(chat.cancelled) == [1, 2, 3]
     chat.release.set()
-    await settle()
+    await until_settled(before)  # whatever the run left behind has ended: nothing can follow now
     assert after(log, ("cancel",)) == []
 
 
 async def test_cancelling_during_variations_propagates_and_checkpoints_nothing_more(tmp_path):
+    before = asyncio.all_tasks()
     log: list = []
     images = GatedImages(log, slow={1, 2, 3, 4})
     scenes: list = []
@@ -216,7 +221,7 @@ async def test_cancelling_during_variations_propagates_and_checkpoints_nothing_m
         await task
     assert sorted(images.cancelled) == [1, 2, 3, 4]
     images.release.set()
-    await settle()
+    await until_settled(before)  # whatever the run left behind has ended: nothing can follow now
     assert after(log, ("cancel",)) == [] and scenes == []
 
 
