@@ -17,6 +17,7 @@ import re
 import tempfile
 import threading
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
@@ -172,6 +173,26 @@ class LocalObjectStore:
                 seen.add((stat.st_dev, stat.st_ino))
                 total += stat.st_size
         return total
+
+    def folders(self) -> list[str]:
+        """The top-level names (one per generation), without listing their objects: what
+        retention's orphan sweep walks."""
+        try:
+            return sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def newest(self, prefix: str) -> datetime | None:
+        """When anything under the prefix was last written (its folders too: one just made for a
+        write in progress counts); None when nothing is there."""
+        times = []
+        for folder, _, names in os.walk(self.root / check_prefix(prefix)):
+            for name in ["", *names]:
+                try:
+                    times.append(os.stat(os.path.join(folder, name)).st_mtime)
+                except FileNotFoundError:  # removed since it was listed
+                    pass
+        return datetime.fromtimestamp(max(times), timezone.utc) if times else None
 
 
 def hard_link(src: Path, dst: Path) -> bool:

@@ -16,10 +16,8 @@ replicas may run the sweep at the same time on the same stores.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -97,12 +95,12 @@ GENERATION_ID = re.compile(r"[0-9a-f]{32}")
 def sweep_orphans(store, objects, older_than: datetime, batch: int = 100) -> list[str]:
     """Remove the objects of generations that have no job row, once all of them were last
     written before `older_than`; return those generations' ids."""
-    names = [name for name in _generations(objects) if GENERATION_ID.fullmatch(name)]
+    names = [name for name in objects.folders() if GENERATION_ID.fullmatch(name)]
     removed = []
     for start in range(0, len(names), batch):
         chunk = names[start : start + batch]
         for generation_id in sorted(set(chunk) - store.known(chunk)):
-            newest = _newest(objects, generation_id)
+            newest = objects.newest(generation_id)
             if newest is not None and newest >= older_than:
                 continue  # a submission in flight, or a late write: not an orphan yet
             objects.delete_prefix(generation_id)
@@ -110,41 +108,3 @@ def sweep_orphans(store, objects, older_than: datetime, batch: int = 100) -> lis
     if removed:
         log.info("retention removed the objects of %d generations with no job row from %s", len(removed), objects.url)
     return removed
-
-
-def _generations(objects) -> list[str]:
-    """The store's top-level names (one per generation), without listing every object."""
-    root = getattr(objects, "root", None)
-    if isinstance(root, Path):  # a local directory
-        try:
-            return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-        except FileNotFoundError:
-            return []
-    # S3: the common prefixes one level down, a page per 1000 generations.
-    pages = objects._client.get_paginator("list_objects_v2").paginate(
-        Bucket=objects.bucket, Prefix=objects._base, Delimiter="/"
-    )
-    with objects._errors("listing"):
-        return sorted(
-            item["Prefix"][len(objects._base):].rstrip("/") for page in pages for item in page.get("CommonPrefixes", ())
-        )
-
-
-def _newest(objects, generation_id: str) -> datetime | None:
-    """When anything under the generation's prefix was last written; None when nothing is."""
-    root = getattr(objects, "root", None)
-    if isinstance(root, Path):
-        times = []
-        for folder, _, files in os.walk(root / generation_id):
-            for name in ["", *files]:  # the folders too: one just made for a write in progress counts
-                try:
-                    times.append(os.stat(os.path.join(folder, name)).st_mtime)
-                except FileNotFoundError:
-                    pass
-        return datetime.fromtimestamp(max(times), timezone.utc) if times else None
-    pages = objects._client.get_paginator("list_objects_v2").paginate(
-        Bucket=objects.bucket, Prefix=f"{objects._base}{generation_id}/"
-    )
-    with objects._errors("listing"):
-        times = [item["LastModified"] for page in pages for item in page.get("Contents", ())]
-    return max(times) if times else None

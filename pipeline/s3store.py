@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mimetypes
 from contextlib import contextmanager
+from datetime import datetime
 
 import boto3
 from botocore.config import Config
@@ -215,3 +216,18 @@ class S3ObjectStore:
 
     def stored_bytes(self, prefix: str = "", seen: set | None = None) -> int:
         return sum(size for _, size in self._objects(prefix))
+
+    def folders(self) -> list[str]:
+        """The top-level names (one per generation): S3's common prefixes, a LIST page per
+        1000 generations rather than one per 1000 objects (retention's orphan sweep)."""
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._base, Delimiter="/")
+        with self._errors("listing"):
+            return sorted(item["Prefix"][len(self._base):].rstrip("/") for page in pages for item in page.get("CommonPrefixes", ()))
+
+    def newest(self, prefix: str) -> datetime | None:
+        """When anything under the folder-like prefix was last written; None when nothing is."""
+        full = self._base + check_prefix(prefix) + "/"
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        with self._errors("listing"):
+            times = [item["LastModified"] for page in pages for item in page.get("Contents", ())]
+        return max(times) if times else None
