@@ -5,12 +5,11 @@ of a user's generations, newest first, page by page."""
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipeline.jobs import FINAL_EVENT, JobStore, LeaseLost, event_row
+from pipeline.jobs import FINAL_EVENT, JobStore, LeaseLost, event_row, jobs_table
 from pipeline.retention import RetentionSettings, sweep
 from pipeline.schemas import ScenePlan, SceneResult
 from tests.test_jobs import REQUEST
@@ -61,8 +60,9 @@ def test_another_owner_and_unknown_ids_read_nothing(store):
 
 def test_a_runner_that_lost_its_lease_appends_nothing(store):
     store.create("gen-1", "alice", REQUEST, offline=True)
-    old = store.claim("runner-a", 0.01)
-    time.sleep(0.05)  # the lease expires
+    old = store.claim("runner-a", 30)
+    with store.engine.begin() as conn:  # its lease lapses (a stalled runner), with no clock involved
+        conn.execute(jobs_table.update().values(lease_expires_at=old.expires_at - timedelta(hours=1)))
     new = store.claim("runner-b", 30)
     assert new is not None and new.token == old.token + 1
     with pytest.raises(LeaseLost):
