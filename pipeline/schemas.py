@@ -131,7 +131,8 @@ class ConsistencySheet(BaseModel):
     characters: list[CharacterSheet] = Field(default_factory=list, max_length=8)
     setting: str = Field("", max_length=400)
     style: str = Field("", max_length=400)
-    source: str = "prompt"
+    # Set by the planner's code, not written by the LLM: readOnly keeps it out of the reply schema.
+    source: str = Field("prompt", json_schema_extra={"readOnly": True})
 
 
 class StoryboardOutput(BaseModel):
