@@ -117,7 +117,7 @@ class Services:
     scoring: ScoringClient
     artifacts: ArtifactStore
     traces: Any = None  # an object store for the trace tree; None: files under settings.traces.root
-    # The image-image consistency model (issue 11); None: consistency is not measured, and then
+    # The image-image consistency model; None: consistency is not measured, and then
     # its selection weight must be 0 (check_services).
     consistency: ConsistencyClient | None = None
 
@@ -421,7 +421,7 @@ async def _run(generation_id, request, services, settings, traces, staged, retri
                    data={"user_provided": True, "image_key": results[1].reference_image_key})
 
     pending = [scene for scene in storyboard if scene.scene_number not in results]
-    meters = {scene.scene_number: Meter() for scene in pending}  # each scene's bill and clock (issue 10)
+    meters = {scene.scene_number: Meter() for scene in pending}  # each scene's bill and clock
     enhanced = await _enhance_all(pending, request, services, settings, staged, emit, meters)
     first_image: bytes | None = None
 
@@ -589,7 +589,7 @@ async def _generate_scene(
     await emit("scoring", progress, f"scene {n}: scoring {len(received)} variations", n)
     weights = settings.scoring.weights.as_dict()
     selection = settings.scoring.weights.selection()
-    # What the text-image scorers compare with: the scene's own content by default (issue 11).
+    # What the text-image scorers compare with: the scene's own content by default.
     text = scene_text(scene) if settings.scoring.text == "scene" else prompt
     info = {"text_source": settings.scoring.text, "text": text}
 

@@ -160,7 +160,7 @@ class TraceWriter(TraceStore):
                 }
                 for r in result.iterations
             ],
-            **(extra or {}),  # additive keys (issue 10: the agents' cost and time)
+            **(extra or {}),  # additive keys (the agents' cost and time)
         }
         self._write(scene_number, "prompt_trace_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
 
@@ -223,7 +223,7 @@ class TraceWriter(TraceStore):
                 }
                 for v in variations
             ],
-            **(extra or {}),  # additive keys (issue 10: the scene's cost and time)
+            **(extra or {}),  # additive keys (the scene's cost and time)
         }
         self._write(scene_number, "quality_scores.json", json.dumps(document, indent=2, ensure_ascii=False))
 
@@ -259,7 +259,7 @@ class TraceWriter(TraceStore):
 
 
 def _consistency(scene: ScenePlan | None) -> dict:
-    """The scene's consistency sheet and markers for its summary (issue 11)."""
+    """The scene's consistency sheet and markers for its summary."""
     if scene is None:
         return {}
     return {
