@@ -52,7 +52,8 @@ _STRICT_KEYWORDS = frozenset({
 def strict_schema(model: type[BaseModel]) -> dict:
     """`model`'s JSON schema in the form strict mode requires: every object closed
     (`additionalProperties: false`) with every property required (an optional field stays
-    optional by being nullable, as pydantic already writes `X | None`), no unsupported keywords.
+    optional by being nullable, as pydantic already writes `X | None`), no unsupported keywords,
+    and no `readOnly` field (one our code sets, such as the consistency sheet's `source`).
     A field with a default becomes required: the model must then write it, which pydantic accepts."""
     return _strict(model.model_json_schema(), "")
 
@@ -68,7 +69,9 @@ def _strict(node: dict, where: str) -> dict:
     for key, value in node.items():
         if key not in _STRICT_KEYWORDS:
             continue
-        if key in ("properties", "$defs"):
+        if key == "properties":  # a readOnly field is set by our code: the model does not write it
+            out[key] = {name: _strict(sub, f"{where}/{name}") for name, sub in value.items() if not sub.get("readOnly")}
+        elif key == "$defs":
             out[key] = {name: _strict(sub, f"{where}/{name}") for name, sub in value.items()}
         elif key == "items":
             out[key] = _strict(value, f"{where}[]")
