@@ -297,10 +297,14 @@ def _fenced(lease: Lease):
 
 
 class JobStore:
-    def __init__(self, url: str = DEFAULT_URL):
+    def __init__(self, url: str = DEFAULT_URL, *, admission_wait_s: float = 10.0):
+        """`admission_wait_s`: how long an admission waits for the admission lock on PostgreSQL
+        before it gives up with the store's temporary error (a 503 with Retry-After), so a
+        stuck holder cannot hang every submission (SQLite's writers wait `busy_timeout`)."""
         from pipeline.migrations import upgrade
 
         self.url = url
+        self.admission_wait_s = admission_wait_s
         self.engine = _make_engine(url)
         self._sqlite = self.engine.dialect.name == "sqlite"
         # SQLite allows one writer at a time; serialising our own writes avoids lock errors
@@ -342,6 +346,7 @@ class JobStore:
             if self._sqlite:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite's one writer, taken before the counts
             else:
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, round(self.admission_wait_s * 1000))}")
                 conn.execute(select(func.pg_advisory_xact_lock(_ADMISSION_LOCK)))
             yield conn
 

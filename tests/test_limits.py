@@ -191,3 +191,43 @@ def test_racing_resumes_of_one_user_start_at_most_the_active_limit(url):
         assert store.requeue("nobody-has-this", "alice", limits=limits) is False  # not resumable: False, not a refusal
     finally:
         store.close()
+
+
+def test_an_admission_waits_a_bounded_time_for_a_stuck_lock_holder(postgres_db):
+    """A stuck admission (its holder paused mid-transaction) does not hang every later one: the
+    wait for the admission lock is bounded and ends in the store's temporary error, which the
+    API answers 503 with Retry-After, and admissions go on once the holder is gone."""
+    import threading
+
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from pipeline.jobs import _ADMISSION_LOCK
+
+    limits = AdmissionLimits()
+    store = JobStore(postgres_db, admission_wait_s=0.5)
+    holder = psycopg.connect(postgres_db.replace("postgresql+psycopg://", "postgresql://"))
+    try:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (_ADMISSION_LOCK,))  # held until its transaction ends
+        outcome: list = []
+
+        def admit() -> None:
+            try:
+                store.create("stuck-1", "alice", REQUEST, offline=True, limits=limits)
+                outcome.append("created")
+            except Exception as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=admit, daemon=True)
+        waiter.start()
+        waiter.join(timeout=60)  # far above the 0.5 s wait: only an unbounded wait gets here alive
+        assert not waiter.is_alive(), "the admission is still waiting for the lock"
+        assert len(outcome) == 1 and isinstance(outcome[0], OperationalError), outcome
+        assert "lock timeout" in str(outcome[0])
+        assert store.get("stuck-1") is None
+        holder.rollback()  # the holder goes away
+        store.create("stuck-1", "alice", REQUEST, offline=True, limits=limits)
+        assert store.get("stuck-1").status == "queued"
+    finally:
+        holder.close()
+        store.close()
