@@ -323,7 +323,7 @@ class Ingress(ViewerRoutes, EventRoutes):
         http: Request,
         # The same bounds as GenerationRequest, so the document declares what is valid.
         prompt: str = Form(..., min_length=PROMPT_MIN, max_length=PROMPT_MAX, json_schema_extra={"pattern": PROMPT_PATTERN}),
-        image: UploadFile = File(..., description="PNG, JPEG or WEBP"),
+        image: UploadFile = File(..., description="PNG, JPEG or WEBP", json_schema_extra={"minLength": 1}),
         target_duration: int = Form(15, ge=DURATION_MIN, le=DURATION_MAX),
         use_advanced_image_generation: bool = Form(True),
         advanced_image_num_variations: int = Form(4, ge=2, le=8),

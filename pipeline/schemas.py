@@ -15,10 +15,11 @@ from pipeline.costs import CostSummary, GenerationTiming, PlanningAccount, Scene
 
 PROMPT_MIN, PROMPT_MAX = 10, 2000
 DURATION_MIN, DURATION_MAX = 9, 60
-PROMPT_PATTERN = r"^[^\u0000-\u0008\u000e-\u001b\u007f-\u0084\u0086-\u009f\ud800-\udfff]*$"
-"""What the OpenAPI document says of a prompt: no control characters but whitespace, no lone
-surrogates (`_invisible_controls`). The validator also wants ten visible characters, which no
-pattern can say for all of Unicode; the 422 then names the rule."""
+PROMPT_PATTERN = r"^[^\u0000-\u0008\u000e-\u001b\u007f-\u0084\u0086-\u009f]*$"
+"""What the OpenAPI document says of a prompt: no control characters but whitespace
+(`_invisible_controls`). The validator also refuses lone surrogates (no regex engine of a JSON
+Schema validator takes them in a pattern) and wants ten visible characters, which no pattern
+can say for all of Unicode; the 422 then names the rule."""
 
 
 def utcnow() -> str:
@@ -56,7 +57,11 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=PROMPT_MIN, max_length=PROMPT_MAX, json_schema_extra={"pattern": PROMPT_PATTERN})
+    prompt: str = Field(
+        min_length=PROMPT_MIN, max_length=PROMPT_MAX, json_schema_extra={"pattern": PROMPT_PATTERN},
+        description=f"at least {PROMPT_MIN} visible characters (zero-width and format characters do not count); "
+        "no control characters but whitespace, no lone surrogates",
+    )
     target_duration: int = Field(15, ge=DURATION_MIN, le=DURATION_MAX, description="seconds")
     use_advanced_image_generation: bool = Field(
         True, description="Accepted for compatibility; advanced generation is always on."
@@ -72,6 +77,14 @@ class GenerationRequest(BaseModel):
         """`false` is not a threshold of 0: JSON booleans are refused where a number is declared."""
         if isinstance(value, bool):
             raise ValueError("must be a number, not true or false")
+        return value
+
+    @field_validator("use_advanced_image_generation", mode="before")
+    @classmethod
+    def _booleans_are_booleans(cls, value):
+        """`1` or `"yes"` is not `true`: what the document declares a boolean takes only one."""
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false")
         return value
 
     @field_validator("prompt")
