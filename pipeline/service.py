@@ -324,7 +324,8 @@ class _LeaseKeeper:
                 log.warning("generation %s: %s", self.lease.generation_id, exc)
                 return self._stop("lost")
             except Exception as exc:  # transient: the next tick tries again, fencing keeps us safe
-                log.warning("generation %s: lease renewal failed (%s)", self.lease.generation_id, exc)
+                log.warning("generation %s: lease renewal failed (%s)", self.lease.generation_id,
+                            _first_line(getattr(exc, "orig", None) or exc))
 
     def _stop(self, reason: str) -> None:
         self.reason = reason
