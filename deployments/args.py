@@ -129,6 +129,11 @@ class AppArgs(BaseModel):
         """The scorers (and a diffusers generator) run on random weights: the app is a demo."""
         return bool(self.offline_models_dir) and self.allow_random_weights
 
+    def offline(self) -> bool:
+        """What every status's `offline` says: offline providers, or scorers on random weights."""
+        pipeline = self.pipeline
+        return pipeline.images.provider == "offline" or pipeline.llm.provider == "offline" or self.random_weights()
+
     def job_store_url(self) -> str:
         return os.environ.get(self.database_url_env) or self.database_url
 

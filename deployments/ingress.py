@@ -117,9 +117,7 @@ class Ingress(ViewerRoutes, EventRoutes):
             traces=self.trace_store,
         )
         check_services(self.services, self.settings)  # a config that cannot work fails the replica now
-        # Offline providers or random-weight scorers: every status says so, to every user.
-        self.offline = (self.settings.images.provider == "offline" or self.settings.llm.provider == "offline"
-                        or args.random_weights())
+        self.offline = args.offline()  # every status says so, to every user
         self.holder = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasks: dict[str, asyncio.Task] = {}
         self.background: set[asyncio.Task] = set()  # follow-ups of ended runs (see _job_ended)

@@ -45,7 +45,9 @@ def test_explicit_consent_is_accepted_and_marks_the_app_offline(tmp_path):
         **config_args("serve_config.yaml"), "offline_models_dir": str(tmp_path / "models"), "allow_random_weights": True,
     })
     assert args.random_weights() is True
-    assert AppArgs.model_validate(config_args("serve_config.yaml")).random_weights() is False
+    assert args.offline() is True  # real providers, random scorers: the status says offline
+    production = AppArgs.model_validate(config_args("serve_config.yaml"))
+    assert production.random_weights() is False and production.offline() is False
 
 
 def test_the_offline_config_says_so_explicitly():
