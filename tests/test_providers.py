@@ -7,7 +7,6 @@ import asyncio
 import io
 import json
 import re
-import time
 from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
 
@@ -127,19 +126,18 @@ async def test_dall_e_models_ask_for_base64(server):
 
 async def test_429_honours_retry_after(server):
     server.add_faults("chat", Fault("429", retry_after=0.3))
-    started = time.perf_counter()
-    await chat_for(server).complete(STORYBOARD_INPUT, task="storyboard")
-    elapsed = time.perf_counter() - started
-    assert [r.fault for r in server.requests_for("chat")] == ["429", None]
-    assert 0.3 <= elapsed < 2.0  # backoff alone would have waited 0.01 s
+    await asyncio.wait_for(chat_for(server).complete(STORYBOARD_INPUT, task="storyboard"), 30)  # a bound, not a figure
+    limited, answered = server.requests_for("chat")
+    assert (limited.fault, answered.fault) == ("429", None)
+    assert answered.started - limited.started >= 0.3  # backoff alone would have waited 0.01 s
 
 
 async def test_retry_after_is_capped_at_max_delay(server):
     server.add_faults("chat", Fault("429", retry_after=60))
     retry = RetrySettings(max_attempts=2, initial_delay_s=0.01, max_delay_s=0.1)
-    started = time.perf_counter()
-    await chat_for(server, retry=retry).complete(STORYBOARD_INPUT, task="storyboard")
-    assert time.perf_counter() - started < 2.0
+    assert backoff_delay(1, retry, 60.0) == 0.1
+    # Uncapped, the retry would wait the server's 60 s: the bound fails it long before that.
+    await asyncio.wait_for(chat_for(server, retry=retry).complete(STORYBOARD_INPUT, task="storyboard"), 30)
     assert len(server.requests_for("chat")) == 2
 
 
@@ -345,13 +343,6 @@ async def test_offline_images_depend_on_prompt_variation_and_reference():
     # Blended toward the reference: closer to it than the unreferenced image is.
     ref_pixels = pixels(reference)
     assert np.abs(pixels(chained.data) - ref_pixels).mean() < np.abs(pixels(base.data) - ref_pixels).mean()
-
-
-def test_offline_images_are_fast():
-    started = time.perf_counter()
-    for variation in range(10):
-        render_offline_image("speed", variation=variation, reference=None, size=(512, 288))
-    assert (time.perf_counter() - started) / 10 < 0.1
 
 
 def test_factory_builds_one_side_without_the_others_key(monkeypatch):

