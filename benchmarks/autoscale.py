@@ -1,4 +1,4 @@
-"""Autoscaling run (issue 9): load raises the scorers' replicas and they come back down after.
+"""Autoscaling run: load raises the scorers' replicas and they come back down after.
 
 A benchmark, not a test: it measures when Serve's autoscaler adds scorer replicas under load
 and removes them once the load is gone, with the offline app on this machine. The app is

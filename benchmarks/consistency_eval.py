@@ -1,4 +1,4 @@
-"""Consistency evaluation (issue 11): does carrying consistency markers, or giving consistency a
+"""Consistency evaluation: does carrying consistency markers, or giving consistency a
 weight in selection, make the scenes of a story look more alike?
 
 Runs each story (several multi-scene stories built in, or --stories FILE with one prompt a

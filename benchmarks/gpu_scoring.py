@@ -1,4 +1,4 @@
-"""GPU scoring benchmark (issue 13): fully scored variations/s for the real model shapes at
+"""GPU scoring benchmark (scoring throughput): fully scored variations/s for the real model shapes at
 fp16/bf16, in both scoring layouts, against the same models' own limit in the same run.
 
     .venv/bin/python benchmarks/gpu_scoring.py --device cuda --dtypes fp16 bf16 \\

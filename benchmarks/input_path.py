@@ -1,5 +1,5 @@
 """How far the tensor input path (decode with torchvision, preprocess with tensor ops) is from
-the PIL reference path, on images of the sizes and kinds the providers return (issue 13).
+the PIL reference path, on images of the sizes and kinds the providers return.
 
     .venv/bin/python -m benchmarks.input_path [--shapes tiny] [--json out.json] [--repeat 3]
 

@@ -1,4 +1,4 @@
-"""Load benchmark (issue 7): how fast health and status answer while many generations run.
+"""Load benchmark: how fast health and status answer while many generations run.
 
 Starts the offline app as users start it (`serve run` on a copy of the tree's
 `serve_config.offline.yaml` with a free port and its own output directory), submits

@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 4): scoring throughput through the ingress with batching on and off,
+"""Serving benchmark: scoring throughput through the ingress with batching on and off,
 and one 4-scene generation against its critical path.
 
 The app runs as users run it: `serve run` on a generated copy of `serve_config.offline.yaml`
@@ -19,16 +19,16 @@ for PickScore (transformers CLIPModel), CLIP-Score and Aesthetic (open_clip ViT-
 shape; aesthetic head 512 -> 1024 -> 128 -> 64 -> 16 -> 1), and a small Qwen2-VL for VQAScore
 (4 text layers of width 512, vision depth 4).
 
-Bytes per scene to the scorers (issue 7): one scene's images (`--variations` of them, made by
+Bytes per scene to the scorers (images by object reference): one scene's images (`--variations` of them, made by
 the ImageGenerator deployment) scored through `HandleScoring` twice, with the bytes inline in
-every scorer call (before issue 7) and by object reference (put once per image); the serialized
+every scorer call (as before) and by object reference (put once per image); the serialized
 size of every argument of every scorer call, and of every `ray.put`, is counted with Ray's own
 serializer.
 
     .venv/bin/python benchmarks/serving.py --concurrency 1 4 16 --variations 2
 
-Issue 13 (scoring throughput against the models' own limit): `--runs` compares the scorers'
-serving as shipped in serve_config.offline.yaml with the one before issue 13, in either layout,
+Scoring throughput against the models' own limit: `--runs` compares the scorers'
+serving as shipped in serve_config.offline.yaml with the serving before that work ("before"), in either layout,
 and after each run measures the limit: the same four models on the run's own images and texts
 in one process at batch 16 with all cores (the app stopped first, so the machine is quiet).
 
@@ -66,7 +66,7 @@ MODES = {
     "on": None,  # the batching of the config's own `scorers:` section
     "off": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
 }
-# The scorers' serving before issue 13, for the before/after table: one deployment per model,
+# The scorers' serving before the scoring-throughput work, for the before/after table: one deployment per model,
 # no CPU reserved (so Ray gives each replica one thread), batch 16 for every model.
 BEFORE = {
     "layout": "separate",
@@ -106,7 +106,7 @@ def free_port() -> int:
 def write_config(directory: Path, port: int, models: dict[str, dict], batching: dict | None, profile: str = "shipped",
                  layout: str | None = None) -> Path:
     """serve_config.offline.yaml with a free port and the bench models; its `scorers:` section as
-    shipped (profile "shipped") or as it was before issue 13 ("before"), optionally another
+    shipped (profile "shipped") or as it was before the scoring-throughput work ("before"), optionally another
     layout, and with batching "off" every deployment's batch at 1."""
     import yaml
 
@@ -445,7 +445,7 @@ class Meter:
 
 
 async def scene_bytes(generator, handles: dict, variations: int) -> dict:
-    """One scene's images scored inline (before issue 7) and by reference (after): bytes per
+    """One scene's images scored inline (before) and by reference (after): bytes per
     scene, as Ray serializes them, and the adapter's own count of image bytes."""
     from deployments.adapters import HandleImages, HandleScoring
 
@@ -692,7 +692,7 @@ def report(results: list[dict], args) -> None:
                 print(f"| {name} | " + " | ".join(f"{row[size]:.1f}" for size in sizes) + " |")
     for result in (r for r in results if "bytes" in r):
         b = result["bytes"]
-        print(f"\nBytes per scene to the scorers (issue 7), batching {result['mode']}: {b['variations']} images of "
+        print(f"\nBytes per scene to the scorers (images by reference), batching {result['mode']}: {b['variations']} images of "
               f"{', '.join(f'{n:,}' for n in b['image_bytes'])} bytes, {b['scorers']} scorers; same scores: {b['same_scores']}\n")
         print("| images sent | scorer calls | bytes in call arguments | ray.put | bytes put | total per scene | adapter count |")
         print("|---|---|---|---|---|---|---|")
@@ -720,13 +720,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="batching on and/or off")
     parser.add_argument("--runs", nargs="+", default=["shipped"],
                         help="scorer serving to compare: PROFILE[:LAYOUT], PROFILE 'shipped' (the `scorers:` of "
-                        "serve_config.offline.yaml) or 'before' (issue 13's starting point), LAYOUT separate or colocated")
+                        "serve_config.offline.yaml) or 'before' (the serving before the scoring-throughput work), LAYOUT separate or colocated")
     parser.add_argument("--skip-build", action="store_true", help="use the models already in --models-dir")
     parser.add_argument("--no-e2e", action="store_true", help="skip the 4-scene end-to-end generation")
     parser.add_argument("--no-limit", dest="limit", action="store_false", help="skip the in-process limit")
     parser.add_argument("--limit-batch", type=int, default=16, help="batch size of the in-process limit")
     parser.add_argument("--sweep", type=int, nargs="*", help="after the limit, each model's ms per image at these batch sizes")
-    parser.add_argument("--bytes", action="store_true", help="also measure bytes per scene (issue 7; separate layout)")
+    parser.add_argument("--bytes", action="store_true", help="also measure bytes per scene (inline against by reference; separate layout)")
     parser.add_argument("--port", type=int, default=0, help="HTTP port of serve run (default: a free one)")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "output/bench-models")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "output/bench-serving")

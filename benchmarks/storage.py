@@ -4,7 +4,7 @@ Runs the real runner with the offline providers and PixelScoring (default reques
 4 scenes x 4 variations, 512x288 PNGs) twice per backend:
 
 - before: every variation stored twice, as an artifact and again as the trace's `image_k.png`
-  (what the runner did before issue 7);
+  (what the runner did before the trace image shared the artifact's bytes);
 - after: the trace image shares the artifact's bytes (local: a hard link; S3: a pointer
   object `image_k.png.link`), see pipeline/traces.py.
 

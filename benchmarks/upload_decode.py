@@ -1,5 +1,5 @@
 """Peak memory and time of normalising one 40-megapixel upload, before and after the cheap
-decode (issue 7). Each measurement runs in a fresh subprocess: the peak RSS of the call (Linux
+decode. Each measurement runs in a fresh subprocess: the peak RSS of the call (Linux
 VmHWM, reset just before it through /proc/self/clear_refs) minus the RSS before it, so Pillow's
 C allocations count (tracemalloc misses them; ru_maxrss carries the parent's peak across exec).
 

@@ -205,7 +205,7 @@ class HandleScoring:
     """One request per image and scorer, all in flight at once: each scorer deployment's
     `@serve.batch` merges them with requests from other scenes and generations.
 
-    `by_reference=False` sends the bytes inside each call (the behaviour before issue 7, kept
+    `by_reference=False` sends the bytes inside each call (the behaviour before images went by reference, kept
     for the serving benchmark's before/after figure)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], retry: HandleRetry | None = None, *, by_reference: bool = True,
@@ -272,7 +272,7 @@ class HandleScoring:
 
 
 class HandleConsistency:
-    """The consistency scorer (image against reference image, issue 11) over its deployment:
+    """The consistency scorer (image against reference image) over its deployment:
     one request per pair, each image put into the object store once, the same retry policy as
     the four text-image scorers."""
 

@@ -62,7 +62,7 @@ class ScorersServing(BaseModel):
     clipscore: ScorerServing = ScorerServing()
     vqascore: ScorerServing = ScorerServing()
     aesthetic: ScorerServing = ScorerServing()
-    consistency: ScorerServing = ScorerServing()  # image-image (issue 11): DINOv2, small
+    consistency: ScorerServing = ScorerServing()  # image-image: DINOv2, small
 
 
 class AppArgs(BaseModel):

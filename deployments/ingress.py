@@ -76,7 +76,7 @@ class Ingress(ViewerRoutes, EventRoutes):
         agents: DeploymentHandle,
         args: AppArgs,
     ):
-        install_metrics()  # the runner's stages, costs and selections, and final statuses (issue 10)
+        install_metrics()  # the runner's stages, costs and selections, and final statuses (metrics)
         self.args = args
         self.settings = args.pipeline
         self.authenticator = Authenticator(args.auth)

@@ -1,4 +1,4 @@
-"""Cross-scene consistency: how much a generated image looks like a reference image (issue 11).
+"""Cross-scene consistency: how much a generated image looks like a reference image.
 
 Image-image, unlike the four text-image scorers: score(images, references) compares images[i]
 with references[i], pair by pair. The embedding is DINOv2's (Oquab et al. 2023) through

@@ -20,7 +20,7 @@ keeps a hostile input cheap:
    for a downscale, then EXIF orientation and conversion to 8-bit RGB: transparency composited
    onto white, 16-bit greyscale scaled (not clipped) to 8 bits.
 
-`decode_tensor` is the same intake for the tensor input path (issue 13): steps 1-5 as above on
+`decode_tensor` is the same intake for the tensor input path: steps 1-5 as above on
 the header, then torchvision's decoders into a uint8 (3, H, W) tensor with the same RGB meaning
 (see its docstring for which inputs fall back to the PIL decode). torch is imported only there.
 

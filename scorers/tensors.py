@@ -1,4 +1,4 @@
-"""The tensor input path (issue 13): scorer preprocessing on the scorer's device.
+"""The tensor input path (scoring throughput): scorer preprocessing on the scorer's device.
 
 On a GPU the models take milliseconds per batch and the host's PIL work (resize of a 1536x1024
 image, per scorer) becomes the cap, so a uint8 RGB (3, H, W) tensor (from

@@ -33,7 +33,7 @@ export function statusBadge(status) {
   return h("span", { class: `badge st-${status}` }, status);
 }
 
-// Cost and timing are additive fields (issue 10, slice M: pipeline/costs.py CostSummary,
+// Cost and timing are additive fields (observability: pipeline/costs.py CostSummary,
 // SceneTiming, GenerationTiming): a price the table lacks is "unknown" (usd null), never $0.
 export function costTime(cost, timing) {
   const rows = [];
