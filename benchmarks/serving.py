@@ -432,7 +432,7 @@ class Meter:
 
         class Handle:
             def __init__(self, handle):
-                self.score = Method(handle.score)
+                self.score_text = Method(handle.score_text)
 
         return {name: Handle(h) for name, h in handles.items()}
 

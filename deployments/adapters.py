@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import ray
@@ -233,17 +233,23 @@ class HandleScoring:
             for i in range(len(images))
         ]
 
-    async def score_one(self, name: str, payload, prompt) -> dict:
+    async def score_one(self, name: str, payload, prompt: str) -> dict:
+        """One image (bytes or its ObjectRef) and its prompt, scored by scorer `name`."""
+        return await self.call(name, "score_text", payload, prompt)
+
+    async def call(self, name: str, method: str, *args) -> dict:
+        """`handles[name].<method>(*args)`, bounded by the call timeout and retried while its
+        replica is gone; a scorer's own error is a ScoringError naming the scorer."""
         handle = self.handles[name]
         try:
-            return await bounded(handle.score.remote(payload, prompt), self.retry.scoring_call_timeout_s, self.served[name])
+            return await bounded(getattr(handle, method).remote(*args), self.retry.scoring_call_timeout_s, self.served[name])
         except Exception as error:
             reason = replica_gone(error)
             if reason is None:
                 raise _scorer_error(name, error) from error
-        return await self._retry_until_live(name, handle, payload, prompt, reason)
+        return await self._retry_until_live(name, getattr(handle, method), args, reason)
 
-    async def _retry_until_live(self, name, handle, payload, prompt, reason: str) -> dict:
+    async def _retry_until_live(self, name: str, method, args: tuple, reason: str) -> dict:
         """The replica died mid-call: try again (backoff between tries) until Serve has a live
         replica again, within `scoring_budget_s` from the first failure."""
         budget, retry = self.retry.scoring_budget_s, self.retry.calls
@@ -258,7 +264,7 @@ class HandleScoring:
                 break
             timeout = min(left, self.retry.scoring_call_timeout_s)
             try:
-                return await bounded(handle.score.remote(payload, prompt), timeout)
+                return await bounded(method.remote(*args), timeout)
             except NoReplicaAnswered as error:
                 if timeout < self.retry.scoring_call_timeout_s:  # the budget ran out while waiting
                     break
@@ -289,7 +295,7 @@ class HandleConsistency:
         refs = await asyncio.to_thread(lambda: {key: put(data) for key, data in unique.items()})
         self.scoring.sent.put += sum(len(data) for data in unique.values())
         outputs = await all_or_none(
-            self.scoring.score_one("consistency", refs[id(i)], refs[id(r)]) for i, r in zip(images, references)
+            self.scoring.call("consistency", "score_pair", refs[id(i)], refs[id(r)]) for i, r in zip(images, references)
         )
         if self.colocated:
             if any("consistency" not in out for out in outputs):
@@ -331,6 +337,48 @@ class HandleColocatedScoring:
                                    "that model (its weight was changed without redeploying?)")
             results.append({name: ScorerResult(**output[name]) for name in self.names})
         return results
+
+
+@dataclass(frozen=True)
+class ScorerHandles:
+    """The scoring deployments the ingress calls, by role (built in `deployments.app`).
+
+    `separate`: `per_model` holds one handle per text-image scorer (by scorer name) and
+    `consistency` the image-image scorer's. `colocated`: `colocated` is the one Scoring
+    deployment, which answers text-image scores and consistency pairs alike."""
+
+    layout: str
+    per_model: dict[str, DeploymentHandle] = field(default_factory=dict)
+    colocated: DeploymentHandle | None = None
+    consistency: DeploymentHandle | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout == "colocated":
+            if self.colocated is None or self.per_model or self.consistency is not None:
+                raise ValueError("the colocated layout has one Scoring handle and nothing else")
+        elif self.layout == "separate":
+            if self.colocated is not None or self.consistency is None:
+                raise ValueError("the separate layout has one handle per scorer, consistency included, and no Scoring")
+        else:
+            raise ValueError(f"unknown scoring layout {self.layout!r}: separate or colocated")
+
+    def needed(self, active: list[str]) -> list[DeploymentHandle]:
+        """The handles a generation with these weighed text-image scorers calls."""
+        if self.colocated is not None:
+            return [self.colocated]
+        missing = [name for name in active if name not in self.per_model]
+        if missing:
+            raise ValueError(f"no scorer deployment for weighed scorer(s) {', '.join(missing)}")
+        return [*(self.per_model[name] for name in active), self.consistency]
+
+    def clients(self, active: list[str], retry: HandleRetry, served: Served | None):
+        """The pipeline's scoring and consistency protocols over these handles."""
+        if self.colocated is not None:
+            return (HandleColocatedScoring(self.colocated, active, retry, served=served),
+                    HandleConsistency(self.colocated, retry, served, colocated=True))
+        self.needed(active)
+        return (HandleScoring({name: self.per_model[name] for name in active}, retry, served=served),
+                HandleConsistency(self.consistency, retry, served))
 
 
 async def all_or_none(calls) -> list:

@@ -24,9 +24,9 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import Authenticator, Principal, bearer_principal
-from deployments.bodylimit import UploadBodyLimit
+from deployments.bodylimit import JSON_BODY_LIMIT, BodyLimit, upload_body_limit
 from deployments.contract import (
-    PROBLEM_MEDIA_TYPE, JsonBodyLimit, problem, problem_schemas, request_path, validation_problem,
+    PROBLEM_MEDIA_TYPE, problem, problem_schemas, request_path, validation_problem,
 )
 from pipeline.objectstore import ObjectStoreError
 
@@ -118,8 +118,9 @@ def create_api(server: Any, *, authenticator: Authenticator, upload_limit_bytes:
     app.add_exception_handler(ObjectStoreError, object_store_unavailable)
     app.add_exception_handler(Exception, server_error)
     # Refused while they stream in, before Starlette spools or parses the body.
-    app.add_middleware(UploadBodyLimit, paths=UPLOAD_PATHS, limit=UploadBodyLimit.body_limit(upload_limit_bytes))
-    app.add_middleware(JsonBodyLimit, paths=JSON_PATHS)  # 413 past 64 KiB, before parsing
+    limits = {path: upload_body_limit(upload_limit_bytes) for path in UPLOAD_PATHS}
+    limits.update({path: JSON_BODY_LIMIT for path in JSON_PATHS})
+    app.add_middleware(BodyLimit, limits=limits)
 
     for name, spec in routes_of(type(server)):
         handler = getattr(server, name)

@@ -64,6 +64,11 @@ class ScorersServing(BaseModel):
     aesthetic: ScorerServing = ScorerServing()
     consistency: ScorerServing = ScorerServing()  # image-image: DINOv2, small
 
+    def serving(self, name: str) -> ScorerServing:
+        """How scorer `name` is served in the separate layout; defaults for a registered scorer
+        this config has no entry for."""
+        return getattr(self, name, None) or ScorerServing()
+
 
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -1,4 +1,5 @@
-"""A request-body limit enforced while the body streams in, as ASGI middleware.
+"""The request-body limits, enforced while the body streams in, as one ASGI middleware: a JSON
+body (`JSON_BODY_LIMIT`) and an upload form (the image limit plus `FORM_ALLOWANCE`) alike.
 
 A route's own size check runs too late for multipart: Starlette parses (and spools to disk) the
 whole form before the route function is called, so a 60 MB body was read in full before a
@@ -20,6 +21,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+JSON_BODY_LIMIT = 64 * 1024
+"""Bytes of a JSON request body. The largest valid body is a 2000-character prompt (at most
+8000 bytes of UTF-8, or 12 000 as `\\uXXXX` escapes) plus five small fields; 64 KiB is several
+times that, and small enough that no client can make a replica parse megabytes of junk."""
+
 FORM_ALLOWANCE = 64 * 1024
 """Bytes of a multipart upload that are not the image. The largest form field is the prompt (at
 most 2000 characters, so at most 8000 bytes of UTF-8); the other five fields are a few bytes
@@ -31,40 +37,41 @@ class _BodyTooLarge(Exception):
     """Raised into the app from `receive` once the body passes the limit: its parsing stops."""
 
 
-class UploadBodyLimit:
-    """Answers 413 (a Problem, `deployments.contract`) for requests to `paths` whose body is over
-    `limit` bytes: at once when Content-Length says so, else as soon as the streamed body
-    passes it (also when the route had started parsing: whatever the app answers to the body it
-    never got whole is replaced by the 413). The response says `Connection: close`, so the server
-    drops the connection instead of reading the rest of the body to reach a next request.
+def upload_body_limit(image_bytes: int) -> int:
+    """The body limit for a multipart form carrying one image of at most `image_bytes`."""
+    return image_bytes + FORM_ALLOWANCE
 
-    Each replica's app is built with its own limit (`deployments.api.create_api`). For an upload form, use
-    `UploadBodyLimit.body_limit(image_bytes)`: the image limit plus `FORM_ALLOWANCE`.
+
+class BodyLimit:
+    """Answers 413 (a Problem, `deployments.contract`) for a request to one of `limits`' paths
+    whose body is over that path's limit in bytes: at once when Content-Length says so, else as
+    soon as the streamed body passes it (also when the route had started parsing: whatever the
+    app answers to the body it never got whole is replaced by the 413). The response says
+    `Connection: close`, so the server drops the connection instead of reading the rest of the
+    body to reach a next request. Other paths pass untouched.
+
+    Each replica's app is built with its own limits (`deployments.api.create_api`).
     """
 
-    def __init__(self, app: ASGIApp, *, paths: tuple[str, ...], limit: int):
+    def __init__(self, app: ASGIApp, *, limits: dict[str, int]):
         self.app = app
-        self.paths = frozenset(paths)
-        self.limit = limit
+        self.limits = dict(limits)
 
-    @staticmethod
-    def body_limit(image_bytes: int) -> int:
-        """The body limit for a multipart form carrying one image of at most `image_bytes`."""
-        return image_bytes + FORM_ALLOWANCE
-
-    def _applies(self, scope: Scope) -> bool:
+    def _limit(self, scope: Scope) -> int | None:
         if scope["type"] != "http":
-            return False
+            return None
         path = scope.get("path", "")
         root = scope.get("root_path", "")
         # Starlette puts the mount prefix in both `root_path` and `path`; match either form.
-        return path in self.paths or (bool(root) and path.startswith(root) and path[len(root):] in self.paths)
+        if path not in self.limits and root and path.startswith(root):
+            path = path[len(root):]
+        return self.limits.get(path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._applies(scope):
+        limit = self._limit(scope)
+        if limit is None:
             await self.app(scope, receive, send)
             return
-        limit = self.limit
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _refuse(send, scope, limit, f"Content-Length is {declared}")
@@ -114,6 +121,5 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _refuse(send: Send, scope: Scope, limit: int, why: str) -> None:
-    detail = (f"request body too large: the image is over the upload limit of {limit} bytes "
-              f"({limit / 2**20:.1f} MiB) including the form fields; {why}")
+    detail = f"request body too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB); {why}"
     await send_problem(send, scope, 413, detail, {"Connection": "close"})

@@ -23,7 +23,7 @@ from ray import serve
 
 import scorers
 from deployments.scorer import (
-    BatchConfig, ScorerServing, ScoringReplica, content_key, decode_input, load_model, probe_image,
+    BatchConfig, ImagePair, ScorerServing, ScoringReplica, content_key, load_model, probe_image,
     scorer_deployment_options,
 )
 from pipeline.telemetry import hooks
@@ -72,8 +72,9 @@ def colocated_deployment_options(serving: ColocatedServing | dict | None = None)
 )
 class ColocatedScorer(ScoringReplica):
     """All the weighed text-image models in one replica, and (with `consistency`) the
-    image-image model: `score(image, prompt)` answers every text-image model's score for that
-    image, keyed by model name; `score(image, reference_image)` answers {"consistency": ...}."""
+    image-image model: `score_text(image, prompt)` answers every text-image model's score for
+    that image, keyed by model name; `score_pair(image, reference)` answers {"consistency": ...}.
+    Both kinds share one pass, each image decoded once for all five models."""
 
     label = "Scoring"
 
@@ -91,10 +92,13 @@ class ColocatedScorer(ScoringReplica):
         devices = {str(model.device) for model in [*models.values(), *([self.consistency] if consistency else [])]}
         if len(devices) > 1:
             raise ValueError(f"the co-located models must share one device; the config puts them on {sorted(devices)}")
-        self.device = next(iter(models.values())).device
         self.model_sizes: dict[str, list[int]] = {name: [] for name in [*names, *(["consistency"] if consistency else [])]}
         self.ensemble = Ensemble(models, on_batch=self._model_pass)
         self.pairs = EmbeddingCache(self.consistency) if consistency else None
+
+    @property
+    def device(self):
+        return next(iter(self.ensemble.models.values())).device
 
     def reconfigure(self, user_config: dict) -> None:
         super().reconfigure({k: v for k, v in (user_config or {}).items() if k != "model_max_batch_size"})
@@ -110,37 +114,17 @@ class ColocatedScorer(ScoringReplica):
     def _result(self, output: dict) -> dict:
         return {name: self._as_dict(one) for name, one in output.items()}
 
-    def _score(self, requests: list[tuple[bytes, str | bytes]]):
-        """A request with a prompt is scored by the text-image models; one whose second input is
-        an image (bytes) is a consistency pair. Each distinct image is decoded once in the pass,
-        through the one image intake; an ImageError fails the pass and the coalescer's isolation
-        names the bad image to its own caller."""
-        decoded: dict[bytes, object] = {}
+    def _score_texts(self, images: list, prompts: list[str]) -> list:
+        return self.ensemble.score(images, prompts)
 
-        def decode(data: bytes):
-            key = content_key(data)
-            if key not in decoded:
-                decoded[key] = decode_input(data, self.input_path)
-            return decoded[key]
-
-        texts = [i for i, (_, second) in enumerate(requests) if not isinstance(second, (bytes, bytearray))]
-        text_set = set(texts)
-        pairs = [i for i in range(len(requests)) if i not in text_set]
-        if pairs and self.pairs is None:
+    def _score_pairs(self, pairs: list[ImagePair], decode) -> list:
+        if self.pairs is None:
             raise ValueError("this Scoring replica does not hold the consistency model: image pairs cannot be scored here")
-        outputs: list = [None] * len(requests)
-        if texts:
-            scored = self.ensemble.score([decode(requests[i][0]) for i in texts], [requests[i][1] for i in texts])
-            for i, output in zip(texts, scored):
-                outputs[i] = output
-        if pairs:
-            started = time.perf_counter()
-            keyed = [(content_key(requests[i][0]), requests[i][0], content_key(requests[i][1]), requests[i][1]) for i in pairs]
-            similar = self.pairs.similarity(keyed, decode)
-            self._model_pass("consistency", len(pairs), time.perf_counter() - started)
-            for i, output in zip(pairs, similar):
-                outputs[i] = {"consistency": output}
-        return outputs
+        started = time.perf_counter()
+        keyed = [(content_key(p.image), p.image, content_key(p.reference), p.reference) for p in pairs]
+        similar = self.pairs.similarity(keyed, decode)
+        self._model_pass("consistency", len(pairs), time.perf_counter() - started)
+        return [{"consistency": output} for output in similar]
 
     def _probe(self):
         outputs = self.ensemble.score([probe_image()], ["a health check image"], record=False)

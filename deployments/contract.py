@@ -1,5 +1,5 @@
 """What the HTTP API promises and checks at its edge: the error bodies and status codes its
-OpenAPI document declares, the JSON body cap, the checks on names taken from the URL, and the
+OpenAPI document declares, the checks on names taken from the URL, and the
 links it returns.
 
 These live beside the ingress, not in it, so the contract can be read (and tested) in one
@@ -12,16 +12,13 @@ from __future__ import annotations
 import json
 import re
 from http import HTTPStatus
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
-JSON_BODY_LIMIT = 64 * 1024
-"""Bytes of a JSON request body. The largest valid body is a 2000-character prompt (at most
-8000 bytes of UTF-8, or 12 000 as `\\uXXXX` escapes) plus five small fields; 64 KiB is several
-times that, and small enough that no client can make a replica parse megabytes of junk."""
+Scope = MutableMapping[str, Any]  # an ASGI scope
 
 MAX_ID_CHARS = 64
 _ID = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_ID_CHARS)
@@ -182,64 +179,6 @@ def link(public_base_url: str | None, root_path: str, path: str) -> str:
     is the app's own route prefix, set by Serve's config, not by the client."""
     base = (public_base_url or "").rstrip("/")
     return f"{base}{root_path.rstrip('/')}{path}"
-
-
-# --- JSON body cap ------------------------------------------------------------------------
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
-
-
-class JsonBodyLimit:
-    """413 for a JSON body over `limit` bytes on `paths`, decided from Content-Length when the
-    client declares one, else by counting the body as it streams in (stopping at the limit).
-    The body is read here and handed to the app whole, which is cheap at this size."""
-
-    def __init__(self, app: ASGIApp, *, paths: tuple[str, ...], limit: int = JSON_BODY_LIMIT):
-        self.app = app
-        self.paths = frozenset(paths)
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive, send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else None
-        root = scope.get("root_path", "") if path is not None else ""
-        if path is None or not (path in self.paths or (root and path.startswith(root) and path[len(root):] in self.paths)):
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name.lower() == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(send, scope)
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._refuse(send, scope)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, send, scope: Scope) -> None:
-        await send_problem(send, scope, 413, f"request body too large: the JSON body limit is {self.limit} bytes",
-                           {"Connection": "close"})
 
 
 # --- success bodies -----------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.adapters import HandleChat, HandleColocatedScoring, HandleConsistency, HandleImages, HandleScoring
+from deployments.adapters import HandleChat, HandleImages, ScorerHandles
 from deployments.api import create_api, principal, route
 from deployments.args import AppArgs
 from deployments.auth import Authenticator, Principal
@@ -48,9 +48,7 @@ from pipeline.jobs import JobStore
 from pipeline.limits import AdmissionRefused, Refusal, check_admission
 from pipeline.retention import sweep
 from pipeline.runner import Services, check_services
-from pipeline.schemas import (
-    DURATION_MAX, DURATION_MIN, PROMPT_MAX, PROMPT_MIN, PROMPT_PATTERN, GenerationRequest, GenerationStatus,
-)
+from pipeline.schemas import GenerationRequest, GenerationStatus
 from pipeline.status import to_status
 from pipeline.service import execute_job
 from pipeline.traces import TraceWriter
@@ -65,13 +63,25 @@ CANCEL_ANSWER_WAIT_S = 10.0
 STORES_RETRY_AFTER_S = 5  # a submission refused while a store cannot be reached
 
 
+def request_form(name: str):
+    """The multipart form field for GenerationRequest's field `name`: its default and bounds,
+    written once in the request model (the JSON route's body)."""
+    field = GenerationRequest.model_fields[name]
+    bounds = {
+        attr: getattr(rule, attr) for rule in field.metadata
+        for attr in ("gt", "ge", "lt", "le", "min_length", "max_length") if hasattr(rule, attr)
+    }
+    default = ... if field.is_required() else field.default
+    return Form(default, json_schema_extra=field.json_schema_extra, **bounds)
+
+
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress()  # the app is built per replica by __serve_build_asgi_app__ (deployments/api.py)
 class Ingress(ViewerRoutes, EventRoutes):
     def __init__(
         self,
-        scoring: dict[str, DeploymentHandle],
-        consistency: DeploymentHandle | None,
+        *,
+        scorers: ScorerHandles,
         generator: DeploymentHandle,
         agents: DeploymentHandle,
         args: AppArgs,
@@ -85,34 +95,22 @@ class Ingress(ViewerRoutes, EventRoutes):
         self.artifacts = open_store(self.settings.artifacts_dir, self.settings.s3)
         self.trace_store = open_store(self.settings.traces.root, self.settings.s3)
         weights = self.settings.scoring.weights.as_dict()
-        # `scoring`: one handle per text-image model (layout separate), or the one Scoring
-        # deployment that holds them all (colocated): deployments.app.scoring_deployments.
-        active = [name for name, weight in weights.items() if weight > 0]
-        if "scoring" in scoring:
-            scoring_handles = [scoring["scoring"]]
-        else:
-            scoring_handles = [scoring[name] for name in active]
+        active = [name for name, weight in weights.items() if weight > 0]  # the weighed text-image scorers
         # What a generation needs: a submission while one has no live replica answers 503, and a
         # call past its timeout keeps waiting only while its deployment has a live replica.
-        needed = [generator, agents, *scoring_handles, *([consistency] if consistency is not None else [])]
+        needed = [generator, agents, *scorers.needed(active)]
         self.readiness = ReadinessCheck(serve.status, generator.app_name, [h.deployment_name for h in needed])
         # The stores every route depends on, for GET /api/ready and submissions (deployments.readiness).
         probes = {"job store": self.store.ping, "object store": functools.partial(ping_object_store, self.artifacts)}
         if self.trace_store.url != self.artifacts.url:
             probes["trace store"] = functools.partial(ping_object_store, self.trace_store)
         self.store_check = StoreCheck(probes)
-        served = self._served
-        if "scoring" in scoring:
-            scoring_client = HandleColocatedScoring(scoring["scoring"], active, args.handle_retry, served=served)
-        else:
-            scoring_client = HandleScoring({n: scoring[n] for n in active}, args.handle_retry, served=served)
+        scoring_client, consistency_client = scorers.clients(active, args.handle_retry, self._served)
         self.services = Services(
-            chat=HandleChat(agents, args.handle_retry, served),
-            images=HandleImages(generator, args.handle_retry, served),
+            chat=HandleChat(agents, args.handle_retry, self._served),
+            images=HandleImages(generator, args.handle_retry, self._served),
             scoring=scoring_client,
-            # Colocated: the Scoring deployment holds the consistency model as well.
-            consistency=HandleConsistency(consistency, args.handle_retry, served) if consistency is not None
-            else HandleConsistency(scoring["scoring"], args.handle_retry, served, colocated=True),
+            consistency=consistency_client,
             artifacts=self.artifacts,
             traces=self.trace_store,
         )
@@ -319,14 +317,14 @@ class Ingress(ViewerRoutes, EventRoutes):
     async def generate_with_image(
         self,
         http: Request,
-        # The same bounds as GenerationRequest, so the document declares what is valid.
-        prompt: str = Form(..., min_length=PROMPT_MIN, max_length=PROMPT_MAX, json_schema_extra={"pattern": PROMPT_PATTERN}),
+        # Defaults and bounds read from GenerationRequest, so the document declares what is valid.
+        prompt: str = request_form("prompt"),
         image: UploadFile = File(..., description="PNG, JPEG or WEBP", json_schema_extra={"minLength": 1}),
-        target_duration: int = Form(15, ge=DURATION_MIN, le=DURATION_MAX),
-        use_advanced_image_generation: bool = Form(True),
-        advanced_image_num_variations: int = Form(4, ge=2, le=8),
-        advanced_image_max_enhancement_iterations: int = Form(4, ge=1, le=6),
-        advanced_image_quality_threshold: float = Form(30.0, ge=0.0, le=100.0),
+        target_duration: int = request_form("target_duration"),
+        use_advanced_image_generation: bool = request_form("use_advanced_image_generation"),
+        advanced_image_num_variations: int = request_form("advanced_image_num_variations"),
+        advanced_image_max_enhancement_iterations: int = request_form("advanced_image_max_enhancement_iterations"),
+        advanced_image_quality_threshold: float = request_form("advanced_image_quality_threshold"),
         principal: Principal = Depends(principal),
     ) -> dict:
         try:

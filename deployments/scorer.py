@@ -1,8 +1,9 @@
 """One Serve deployment class for all four scoring models; the app binds it four times under
 the names PickScore, CLIPScore, VQAScore and Aesthetic, each with its own GPU fraction.
 
-Requests carry one image and one prompt; `@serve.batch` merges them across variations,
-scenes and concurrent generations. Batch size and wait time come from `user_config`, so
+A request is one of two kinds, each with its own method: `score_text(image, prompt)` (the
+text-image models) and `score_pair(image, reference)` (the consistency model, an image against a
+reference image). `@serve.batch` merges them across variations, scenes and concurrent generations. Batch size and wait time come from `user_config`, so
 `serve deploy` can change them without restarting the replica.
 
 `@serve.batch` forms a batch as soon as its wait time has passed, even while the model is
@@ -14,12 +15,14 @@ at a time over everything waiting when the model frees, up to `max_batch_size` i
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hashlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Callable, Union, get_args
 
 import ray
 import torch
@@ -199,12 +202,31 @@ class Coalescer:
             future.set_result(outputs)
 
 
-def describe_request(request: tuple[bytes, str]) -> str:
+@dataclass(frozen=True)
+class TextImage:
+    """A text-image request: how well `image` (PNG bytes) shows `prompt`."""
+
+    image: bytes
+    prompt: str
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """An image-image request: how consistent `image` is with `reference` (both PNG bytes)."""
+
+    image: bytes
+    reference: bytes
+
+
+ScoringRequest = Union[TextImage, ImagePair]
+
+
+def describe_request(request: ScoringRequest) -> str:
     """How an error names one scoring input: its size and, when its header reads, its format
     and pixel size (the header only; the image is not decoded here)."""
-    described = _describe_image(request[0])
-    if isinstance(request[1], (bytes, bytearray)):  # an image-image pair: the reference too
-        described += f" against a reference {_describe_image(request[1])}"
+    described = _describe_image(request.image)
+    if isinstance(request, ImagePair):
+        described += f" against a reference {_describe_image(request.reference)}"
     return described
 
 
@@ -237,12 +259,47 @@ def content_key(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-class ScoringReplica:
+class ScoringReplica(abc.ABC):
     """What a scoring replica does whatever models it holds: torch threads from its config,
     batch settings applied by `reconfigure`, one forward pass at a time through the coalescer,
-    health from recent passes or a probe, and figures for the benchmarks."""
+    each distinct image decoded once per pass, health from recent passes or a probe, and figures
+    for the benchmarks.
+
+    A subclass says which models it holds through the hooks declared abstract below, so a new
+    layout cannot forget one and fail only when Serve first calls it."""
 
     input_path = "pil"  # until _setup: instances made without __init__ (tests) use the reference path
+
+    @property
+    @abc.abstractmethod
+    def label(self) -> str:
+        """How health errors name this replica (its model, or "Scoring")."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where the models compute, for `device_stats`."""
+
+    @abc.abstractmethod
+    def _score_texts(self, images: list, prompts: list[str]) -> list:
+        """One output per decoded image and its prompt (runs in a worker thread)."""
+
+    @abc.abstractmethod
+    def _score_pairs(self, pairs: list[ImagePair], decode: Callable[[bytes], object]) -> list:
+        """One output per image pair; `decode` turns bytes into a model input, once per image
+        in the pass (runs in a worker thread)."""
+
+    @abc.abstractmethod
+    def _probe(self) -> list:
+        """Outputs of one small probe through every model the replica holds."""
+
+    @abc.abstractmethod
+    def _named(self, output) -> list[tuple[str, object]]:
+        """(model name, ScoreOutput) of each score in one output, for the finiteness check."""
+
+    @abc.abstractmethod
+    def _result(self, output) -> dict:
+        """One output as the plain dict the caller receives."""
 
     def _setup(self, threads: int, input_path: str) -> None:
         # Ray leaves OMP_NUM_THREADS=1 in actors that reserve no CPU; the config says how many.
@@ -269,10 +326,10 @@ class ScoringReplica:
         batch_wait_timeout_s=DEFAULT_BATCH.batch_wait_timeout_s,
         max_concurrent_batches=MAX_PENDING_BATCHES,
     )
-    async def score_batch(self, requests: list[tuple[bytes, str]]) -> list:
+    async def score_batch(self, requests: list[ScoringRequest]) -> list:
         return await self.coalescer.submit(requests)
 
-    async def _forward(self, requests: list[tuple[bytes, str]]) -> list:
+    async def _forward(self, requests: list[ScoringRequest]) -> list:
         self.batch_sizes = (self.batch_sizes + [len(requests)])[-1000:]
         # Decoding and the forward pass are CPU/GPU work: off the event loop, so new requests
         # keep arriving meanwhile.
@@ -280,6 +337,30 @@ class ScoringReplica:
         self._check_finite(outputs)
         self.healthy_at = time.monotonic()
         return [self._result(output) for output in outputs]
+
+    def _score(self, requests: list[ScoringRequest]) -> list:
+        """One pass over both kinds of request, in order. Each distinct image is decoded once,
+        through the one image intake: an ImageError fails the pass, and the coalescer's
+        isolation names the bad image to its own caller."""
+        decoded: dict[bytes, object] = {}
+
+        def decode(data: bytes):
+            key = content_key(data)
+            if key not in decoded:
+                decoded[key] = decode_input(data, self.input_path)
+            return decoded[key]
+
+        texts = [i for i, request in enumerate(requests) if isinstance(request, TextImage)]
+        pairs = [i for i, request in enumerate(requests) if isinstance(request, ImagePair)]
+        outputs: list = [None] * len(requests)
+        if texts:
+            scored = self._score_texts([decode(requests[i].image) for i in texts], [requests[i].prompt for i in texts])
+            for i, output in zip(texts, scored):
+                outputs[i] = output
+        if pairs:
+            for i, output in zip(pairs, self._score_pairs([requests[i] for i in pairs], decode)):
+                outputs[i] = output
+        return outputs
 
     @staticmethod
     def _as_dict(output) -> dict:
@@ -293,20 +374,22 @@ class ScoringReplica:
                 if not (math.isfinite(one.raw) and math.isfinite(one.score)):
                     raise UnhealthyModel(f"{name} gave a non-finite score: its weights or device are broken")
 
-    async def score(self, image: bytes | ray.ObjectRef, prompt: str | bytes | ray.ObjectRef) -> dict:
-        """`image` is PNG bytes. The ingress puts each image into the object store once and
-        passes the same ObjectRef to every scoring deployment as a top-level argument, which Ray
-        resolves to the bytes before this runs (a node fetches the object once for all its
-        replicas). Where Serve does not resolve it (local testing mode), the reference is
-        awaited here.
+    async def score_text(self, image: bytes | ray.ObjectRef, prompt: str) -> dict:
+        """How well `image` (PNG bytes) shows `prompt`, by every text-image model this replica
+        holds. The ingress puts each image into the object store once and passes the same
+        ObjectRef to every scoring deployment as a top-level argument, which Ray resolves to the
+        bytes before this runs (a node fetches the object once for all its replicas). Where Serve
+        does not resolve it (local testing mode), the reference is awaited here. An input the
+        model cannot score raises here, to its own caller only (`ItemError`)."""
+        return await self._submit(TextImage(await _resolved(image), prompt))
 
-        For the consistency scorer `prompt` is the reference image (bytes or an ObjectRef, like
-        `image`). An input the model cannot score raises here, to its own caller only (`ItemError`)."""
-        if isinstance(image, ray.ObjectRef):
-            image = await image
-        if isinstance(prompt, ray.ObjectRef):
-            prompt = await prompt
-        result = await self.score_batch((image, prompt))
+    async def score_pair(self, image: bytes | ray.ObjectRef, reference: bytes | ray.ObjectRef) -> dict:
+        """How consistent `image` is with `reference` (both PNG bytes or ObjectRefs, as in
+        `score_text`), by the consistency model."""
+        return await self._submit(ImagePair(await _resolved(image), await _resolved(reference)))
+
+    async def _submit(self, request: ScoringRequest) -> dict:
+        result = await self.score_batch(request)
         if isinstance(result, Exception):
             raise result
         return result
@@ -345,6 +428,11 @@ class ScoringReplica:
         }
 
 
+async def _resolved(value):
+    """An ObjectRef's bytes (Serve resolves top-level ones itself, except in local testing mode)."""
+    return await value if isinstance(value, ray.ObjectRef) else value
+
+
 def load_model(name: str, options: dict | None, offline_models_dir: str | None):
     options = dict(options or {})
     if offline_models_dir:
@@ -367,14 +455,21 @@ class ScorerDeployment(ScoringReplica):
     def __init__(self, name: str, options: dict | None = None, offline_models_dir: str | None = None, threads: int = 1,
                  input_path: str = "pil"):
         self._setup(threads, input_path)
-        self.name = self.label = name
-        # An image-image scorer (consistency) takes a reference image where the others take a prompt.
+        self.name = name
+        # An image-image scorer (consistency) takes pairs (`score_pair`); the others prompts (`score_text`).
         self.image_pairs = name in scorers.IMAGE_SCORER_NAMES
         self.model = load_model(name, options, offline_models_dir)  # once per replica
-        self.device = self.model.device
         self.pairs = EmbeddingCache(self.model) if self.image_pairs else None
 
-    async def _forward(self, requests: list[tuple[bytes, str]]) -> list[dict]:
+    @property
+    def label(self) -> str:
+        return self.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    async def _forward(self, requests: list[ScoringRequest]) -> list[dict]:
         started = time.perf_counter()
         results = await super()._forward(requests)
         hooks().scorer_batch(self.name, len(requests), time.perf_counter() - started)
@@ -386,14 +481,17 @@ class ScorerDeployment(ScoringReplica):
     def _result(self, output) -> dict:
         return self._as_dict(output)
 
-    def _score(self, requests: list[tuple[bytes, str]]):
-        # The one image intake: pixel limit from the header, no animation, modes checked; an
-        # ImageError here fails the pass, and the coalescer's isolation names the bad image.
-        if self.image_pairs:  # each image decoded and embedded once, however often it is compared
-            pairs = [(content_key(image), image, content_key(reference), reference) for image, reference in requests]
-            return self.pairs.similarity(pairs, lambda data: decode_input(data, self.input_path))
-        images = [decode_input(data, self.input_path) for data, _ in requests]
-        return self.model.score(images, [prompt for _, prompt in requests])
+    def _score_texts(self, images: list, prompts: list[str]) -> list:
+        if self.image_pairs:
+            raise ValueError(f"{self.name} scores image pairs (score_pair), not prompts")
+        return self.model.score(images, prompts)
+
+    def _score_pairs(self, pairs: list[ImagePair], decode) -> list:
+        if not self.image_pairs:
+            raise ValueError(f"{self.name} scores prompts (score_text), not image pairs")
+        # Each image decoded and embedded once, however often it is compared.
+        keyed = [(content_key(p.image), p.image, content_key(p.reference), p.reference) for p in pairs]
+        return self.pairs.similarity(keyed, decode)
 
     def _probe(self):
         other = probe_image().transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.image_pairs else "a health check image"

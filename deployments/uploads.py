@@ -1,5 +1,5 @@
 """Checks for a user's reference image, in the order that keeps a hostile upload cheap: the
-request body's size while it streams in (`UploadBodyLimit`, before Starlette parses the form),
+request body's size while it streams in (`deployments.bodylimit`, before Starlette parses the form),
 the file's size while reading (never more than the limit in memory), type from the magic bytes
 (not the filename or the client's content type), pixel count from the header (before any pixel
 is decoded), and only then a decode into a plain RGB PNG: at full size for an image that fits
@@ -24,7 +24,6 @@ import anyio
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.bodylimit import FORM_ALLOWANCE, UploadBodyLimit
 from scorers.images import (
     SNIFF_BYTES,
     ImageError,
@@ -42,10 +41,8 @@ ImageKind = Literal["PNG", "JPEG", "WEBP"]
 
 __all__ = [
     "CHUNK_BYTES",
-    "FORM_ALLOWANCE",
     "ImageKind",
     "PreparedImage",
-    "UploadBodyLimit",
     "UploadError",
     "UploadLimits",
     "fit_within",

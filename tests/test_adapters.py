@@ -163,7 +163,7 @@ class Ref:
 
 def scoring(behaviours: dict, retry: HandleRetry = FAST, by_reference: bool = True):
     methods = {name: Method(behaviours.get(name, scripted(result(50.0 + i)))) for i, name in enumerate(NAMES)}
-    client = HandleScoring({name: Handle(score=m) for name, m in methods.items()}, retry, by_reference=by_reference)
+    client = HandleScoring({name: Handle(score_text=m) for name, m in methods.items()}, retry, by_reference=by_reference)
     puts: list[bytes] = []
     client.put = lambda data: puts.append(data) or Ref(data)
     return client, methods, puts
@@ -298,7 +298,7 @@ async def test_a_timed_out_call_is_cancelled_at_serve():
             self.task.cancel()
 
     method = Method(lambda n, *args: Response())
-    client = HandleScoring({"pickscore": Handle(score=method)}, BOUNDED)
+    client = HandleScoring({"pickscore": Handle(score_text=method)}, BOUNDED)
     client.put = lambda data: Ref(data)
     with pytest.raises(ScorerUnavailable):
         await client.score([b"img"], ["prompt"])
@@ -315,7 +315,7 @@ async def test_consistency_pairs_put_each_image_once_and_retry_a_dead_replica():
         return result(len(payload.data) + len(reference.data))
 
     method = Method(by_pair)
-    client = HandleConsistency(Handle(score=method), FAST)
+    client = HandleConsistency(Handle(score_pair=method), FAST)
     puts: list[bytes] = []
     client.scoring.put = lambda data: puts.append(data) or Ref(data)
     scene_1, previous = b"s" * 10, b"p" * 20

@@ -99,10 +99,10 @@ def test_json_body_limit_refuses_large_bodies_and_passes_small_ones():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from deployments.contract import JsonBodyLimit
+    from deployments.bodylimit import BodyLimit
 
     app = FastAPI()
-    app.add_middleware(JsonBodyLimit, paths=("/api/generate",), limit=1000)
+    app.add_middleware(BodyLimit, limits={"/api/generate": 1000})
 
     @app.post("/api/generate")
     def generate(body: dict) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, File, Form, Request, UploadFile
 
-from deployments.uploads import FORM_ALLOWANCE, UploadBodyLimit
+from deployments.bodylimit import FORM_ALLOWANCE, BodyLimit, upload_body_limit
 
 BOUNDARY = "sceneref-test-boundary"
 CHUNK = 64 * 1024
@@ -45,7 +45,7 @@ class Consumed:
 
 def make_app(limit: int = LIMIT) -> Consumed:
     app = FastAPI()
-    app.add_middleware(UploadBodyLimit, paths=("/upload", "/raw", "/swallow"), limit=limit)
+    app.add_middleware(BodyLimit, limits={path: limit for path in ("/upload", "/raw", "/swallow")})
 
     @app.post("/upload")
     async def upload(image: UploadFile = File(...), prompt: str = Form(...)) -> dict:
@@ -167,7 +167,7 @@ async def test_each_app_has_its_limit_and_other_paths_are_free():
 
 
 def test_body_limit_adds_the_form_allowance():
-    assert UploadBodyLimit.body_limit(20 * 2**20) == 20 * 2**20 + FORM_ALLOWANCE
+    assert upload_body_limit(20 * 2**20) == 20 * 2**20 + FORM_ALLOWANCE
     assert 8000 * 4 < FORM_ALLOWANCE < 2**20  # a 2000-character prompt several times over, still small
 
 

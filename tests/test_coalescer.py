@@ -163,12 +163,12 @@ def test_the_app_derives_each_scorers_deployment_options_from_args():
         "vqascore": {"batch": {"max_batch_size": 4}, "num_gpus": 0.5, "threads": 3},
         "clipscore": {"num_replicas": 2},
     }})
-    scoring, consistency = build(args)._bound_deployment.init_args[:2]  # the ingress's scorer handles
-    bound = {d._bound_deployment.name: d._bound_deployment for d in [*scoring.values(), consistency]}
+    scorers = build(args)._bound_deployment.init_kwargs["scorers"]  # the ingress's scorer handles
+    bound = {d._bound_deployment.name: d._bound_deployment for d in [*scorers.per_model.values(), scorers.consistency]}
     assert set(bound) == set(SCORER_DEPLOYMENTS.values())
     vqa = bound["VQAScore"]
     assert (vqa.max_ongoing_requests, vqa.user_config["max_batch_size"], vqa.ray_actor_options["num_gpus"]) == (32, 4, 0.5)
-    assert vqa.init_args[3] == 3  # torch threads, set in the replica
+    assert vqa.init_kwargs["threads"] == 3  # torch threads, set in the replica
     assert bound["CLIPScore"].num_replicas == 2
     assert bound["PickScore"].max_ongoing_requests == 8 * bound["PickScore"].user_config["max_batch_size"]
 
@@ -197,9 +197,9 @@ def test_provider_diffusers_binds_the_self_hosted_generator_under_the_generator_
     from deployments.app import build
     from deployments.args import AppArgs
 
-    api = build(AppArgs())._bound_deployment.init_args[2]._bound_deployment
+    api = build(AppArgs())._bound_deployment.init_kwargs["generator"]._bound_deployment
     assert (api.name, api.func_or_class.__name__) == ("ImageGenerator", "ImageGenerator")
     args = AppArgs.model_validate({"pipeline": {"images": {"provider": "diffusers", "diffusion": {"max_batch_size": 24}}}})
-    own = build(args)._bound_deployment.init_args[2]._bound_deployment
+    own = build(args)._bound_deployment.init_kwargs["generator"]._bound_deployment
     assert own.name == "ImageGenerator" and own.func_or_class.__name__ == "DiffusionGenerator"
-    assert own.max_ongoing_requests == 48 and own.init_args[0].max_batch_size == 24
+    assert own.max_ongoing_requests == 48 and own.init_kwargs["settings"].max_batch_size == 24

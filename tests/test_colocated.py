@@ -15,7 +15,7 @@ from PIL import Image
 
 import scorers
 from deployments.colocated import ColocatedBatchConfig, ColocatedScorer, colocated_deployment_options
-from deployments.scorer import ItemError, ScorerDeployment, UnhealthyModel
+from deployments.scorer import ImagePair, ItemError, ScorerDeployment, TextImage, UnhealthyModel
 from pipeline.scoring import ScoringError
 from scorers.ensemble import Ensemble
 
@@ -41,7 +41,7 @@ def colocated(tiny_models_dir, names=NAMES, consistency=False, **config) -> Colo
 
 async def test_one_request_gets_every_models_score_equal_to_the_separate_replicas(tiny_models_dir):
     replica = colocated(tiny_models_dir)
-    requests = [(png(seed=i), f"a cup of coffee number {i}") for i in range(3)]
+    requests = [TextImage(png(seed=i), f"a cup of coffee number {i}") for i in range(3)]
     results = await replica.coalescer.submit(requests)
     assert [sorted(r) for r in results] == [sorted(NAMES)] * 3
     for name in NAMES:
@@ -55,7 +55,7 @@ async def test_one_request_gets_every_models_score_equal_to_the_separate_replica
 
 async def test_each_model_keeps_its_own_batch_limit(tiny_models_dir):
     replica = colocated(tiny_models_dir, batch_wait_timeout_s=0.0, max_batch_size=16, model_max_batch_size={"vqascore": 2})
-    await replica.coalescer.submit([(png(seed=i), "a prompt") for i in range(5)])
+    await replica.coalescer.submit([TextImage(png(seed=i), "a prompt") for i in range(5)])
     sizes = replica.model_batch_sizes()
     assert sizes["vqascore"] == [2, 2, 1]
     assert sizes["pickscore"] == sizes["clipscore"] == sizes["aesthetic"] == [5]
@@ -63,19 +63,19 @@ async def test_each_model_keeps_its_own_batch_limit(tiny_models_dir):
 
 
 async def test_text_requests_and_image_pairs_share_one_pass_and_each_image_is_decoded_once(tiny_models_dir, monkeypatch):
-    import deployments.colocated as module
+    import deployments.scorer as module  # the base class decodes, once per image and pass
 
     replica = colocated(tiny_models_dir, consistency=True)
     decoded = []
     real = module.decode_input
     monkeypatch.setattr(module, "decode_input", lambda data, path: decoded.append(data) or real(data, path))
     first, second, third = png(seed=1), png(seed=2), png(seed=3)
-    results = await replica.coalescer.submit([(second, "scene two"), (third, "scene two"), (second, first), (third, first)])
+    results = await replica.coalescer.submit([TextImage(second, "scene two"), TextImage(third, "scene two"), ImagePair(second, first), ImagePair(third, first)])
     assert sorted(results[0]) == sorted(NAMES) and sorted(results[1]) == sorted(NAMES)
     assert list(results[2]) == list(results[3]) == ["consistency"]
     assert sorted(decoded) == sorted([first, second, third])  # once each, for all five models
     alone = ScorerDeployment.func_or_class("consistency", CPU, tiny_models_dir)
-    expected = await alone.coalescer.submit([(second, first), (third, first)])
+    expected = await alone.coalescer.submit([ImagePair(second, first), ImagePair(third, first)])
     assert [r["consistency"]["raw"] for r in results[2:]] == pytest.approx([e["raw"] for e in expected], abs=1e-5)
     assert replica.model_batch_sizes()["consistency"] == [2]
     replica.health_check_cache_s = 0
@@ -85,13 +85,13 @@ async def test_text_requests_and_image_pairs_share_one_pass_and_each_image_is_de
 
 async def test_pairs_sent_to_a_replica_without_the_consistency_model_are_refused(tiny_models_dir):
     replica = colocated(tiny_models_dir, names=["clipscore"])
-    [result] = await replica.coalescer.submit([(png(), png(seed=2))])
+    [result] = await replica.coalescer.submit([ImagePair(png(), png(seed=2))])
     assert isinstance(result, ItemError) and "does not hold the consistency model" in str(result)
 
 
 async def test_a_bad_image_is_named_to_its_own_caller_and_the_others_are_scored(tiny_models_dir):
     replica = colocated(tiny_models_dir)
-    results = await replica.coalescer.submit([(png(), "good"), (b"not an image", "junk"), (png(seed=2), "good too")])
+    results = await replica.coalescer.submit([TextImage(png(), "good"), TextImage(b"not an image", "junk"), TextImage(png(seed=2), "good too")])
     assert isinstance(results[0], dict) and isinstance(results[2], dict)
     assert isinstance(results[1], ItemError)
     assert "item 2 of 3" in str(results[1]) and "12 bytes (not a readable image)" in str(results[1])
@@ -152,19 +152,23 @@ def test_the_app_binds_one_scoring_deployment_in_the_colocated_layout(tmp_path):
     base = {"database_url": f"sqlite:///{tmp_path}/db.sqlite", "offline_models_dir": str(tmp_path / "models"),
             "allow_random_weights": True}
     separate = scoring_deployments(AppArgs.model_validate(base))
-    assert {name: app._bound_deployment.name for name, app in separate.items()} == SCORER_DEPLOYMENTS
+    assert separate.layout == "separate" and separate.colocated is None
+    bound = {name: app._bound_deployment.name for name, app in [*separate.per_model.items(), ("consistency", separate.consistency)]}
+    assert bound == SCORER_DEPLOYMENTS
+    assert separate.per_model["vqascore"]._bound_deployment.init_kwargs["name"] == "vqascore"  # bound by keyword
 
     args = AppArgs.model_validate({**base, "pipeline": {"scoring": {"weights": {"vqascore": 0}}}, "scorers": {
         "layout": "colocated", "colocated": {"num_cpus": 2, "batch": {"max_batch_size": 8}}}})
     apps = scoring_deployments(args)
-    assert sorted(apps) == ["scoring"]  # the consistency model is held by Scoring too
-    scoring = apps["scoring"]._bound_deployment
+    assert apps.layout == "colocated" and not apps.per_model and apps.consistency is None  # Scoring holds consistency too
+    scoring = apps.colocated._bound_deployment
     assert scoring.name == COLOCATED_DEPLOYMENT
     assert scoring.ray_actor_options["num_cpus"] == 2 and scoring.max_ongoing_requests == 64
-    bound_names = scoring.init_args[0]
+    bound_names = scoring.init_kwargs["names"]
     assert bound_names == ["pickscore", "clipscore", "aesthetic"]  # weight 0: not loaded
-    assert sorted(scoring.init_args[1]) == sorted([*bound_names, "consistency"])
-    assert scoring.init_args[5] is True  # with the consistency model
+    assert sorted(scoring.init_kwargs["options"]) == sorted([*bound_names, "consistency"])
+    assert scoring.init_kwargs["consistency"] is True  # with the consistency model
+    assert scoring.init_args == ()  # bound by keyword
     with pytest.raises(ValueError, match="layout"):
         AppArgs.model_validate({"scorers": {"layout": "one-big-box"}})
 
@@ -182,10 +186,13 @@ class Method:
 
 
 class Handle:
+    """The Scoring deployment's two methods: text-image scores and image pairs."""
+
     deployment_name = "Scoring"
 
     def __init__(self, behaviour):
-        self.score = Method(behaviour)
+        self.score_text = Method(behaviour)
+        self.score_pair = Method(behaviour)
 
 
 def answer(names):
@@ -205,7 +212,7 @@ async def test_the_adapter_sends_each_image_once_and_reads_every_models_score():
     client.put = lambda data: puts.append(data) or f"ref-{len(puts)}"
     results = await client.score([b"one", b"two"], ["short", "a longer prompt"])
     assert puts == [b"one", b"two"]
-    assert handle.score.calls == [("ref-1", "short"), ("ref-2", "a longer prompt")]
+    assert handle.score_text.calls == [("ref-1", "short"), ("ref-2", "a longer prompt")] and handle.score_pair.calls == []
     assert [sorted(r) for r in results] == [["clipscore", "pickscore"]] * 2  # the weighed models only
     assert results[1]["pickscore"].raw == len("a longer prompt")
     assert client.sent.calls == 2 and client.sent.put == 6
@@ -222,7 +229,7 @@ async def test_the_consistency_adapter_reads_the_pair_answer_of_the_scoring_depl
     client.scoring.put = lambda data: data
     first = b"first"
     [a, b] = await client.similarity([b"two", b"three"], [first, first])
-    assert a.raw == b.raw == 0.5 and len(handle.score.calls) == 2
+    assert a.raw == b.raw == 0.5 and len(handle.score_pair.calls) == 2 and handle.score_text.calls == []
 
 
 async def test_an_answer_without_a_weighed_model_is_an_error_not_a_missing_score():
@@ -241,7 +248,7 @@ async def test_the_tensor_input_path_scores_within_the_documented_tolerance(tiny
     options = {name: CPU for name in [*NAMES, "consistency"]}
     reference = ColocatedScorer.func_or_class(NAMES, options, tiny_models_dir, 1, "pil", True)
     tensor = ColocatedScorer.func_or_class(NAMES, options, tiny_models_dir, 1, "tensor", True)
-    requests = [(png((300, 200), seed=4), "a cup of coffee"), (png((96, 54), seed=5), png((300, 200), seed=4))]
+    requests = [TextImage(png((300, 200), seed=4), "a cup of coffee"), ImagePair(png((96, 54), seed=5), png((300, 200), seed=4))]
     expected, got = await reference.coalescer.submit(requests), await tensor.coalescer.submit(requests)
     for want, have in zip(expected, got):
         assert sorted(want) == sorted(have)

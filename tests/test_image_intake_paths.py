@@ -1,7 +1,7 @@
 """Every path that receives image bytes goes through scorers.images, with the same rules.
 
 Before issue 8 images were decoded in six places with different safety rules: the runner's
-`_as_png` and `pipeline.scoring.decode_rgb` had no pixel limit and no animation rule, the scorer
+`_as_png` and `pipeline.ranking.decode_rgb` had no pixel limit and no animation rule, the scorer
 deployment decoded with a bare `Image.open`, and the runner dropped alpha where uploads and
 scorers composite it onto white. These tests hold each path to the one module's rules.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from deployments.scorer import TextImage
 from deployments.uploads import UploadLimits, normalize_image
 from pipeline.runner import _as_png
 from pipeline.scoring import decode_rgb
@@ -100,15 +101,15 @@ def test_the_scorer_deployment_refuses_a_bomb_before_decoding_it():
     """Before: the replica ran `Image.open(...).convert("RGB")` on whatever arrived."""
     replica = scorer_replica()
     with pytest.raises(ImageError, match="9000x9000"):
-        replica._score([(one_bit_png(9000, 9000), "a prompt")])
+        replica._score([TextImage(one_bit_png(9000, 9000), "a prompt")])
     assert replica.model.calls == []
 
 
 def test_the_scorer_deployment_names_an_input_from_its_header_only():
     from deployments.scorer import describe_request
 
-    assert "PNG 9000x9000" in describe_request((one_bit_png(9000, 9000), "p"))
-    assert "not a readable image" in describe_request((b"garbage", "p"))
+    assert "PNG 9000x9000" in describe_request(TextImage(one_bit_png(9000, 9000), "p"))
+    assert "not a readable image" in describe_request(TextImage(b"garbage", "p"))
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
@@ -120,7 +121,7 @@ def test_animated_images_are_refused_on_every_path(fmt):
     with pytest.raises(ImageError, match="animated"):
         decode_rgb(data)
     with pytest.raises(ImageError, match="animated"):
-        scorer_replica()._score([(data, "p")])
+        scorer_replica()._score([TextImage(data, "p")])
     from deployments.uploads import UploadError
 
     with pytest.raises(UploadError, match="animated") as info:

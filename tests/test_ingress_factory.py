@@ -74,3 +74,20 @@ def test_sync_handlers_are_refused(monkeypatch):
 
     with pytest.raises(TypeError, match="async"):
         create_api(Sync(), authenticator=authenticator(monkeypatch), upload_limit_bytes=1)
+
+
+def test_the_upload_form_takes_its_defaults_and_bounds_from_the_request_model(monkeypatch):
+    """Before: generate-with-image's form repeated GenerationRequest's defaults and bounds by
+    hand; now each form field is read from the model, so the two routes cannot drift apart."""
+    from pipeline.schemas import GenerationRequest
+
+    server = object.__new__(ingress_module.Ingress.func_or_class)
+    document = create_api(server, authenticator=authenticator(monkeypatch), upload_limit_bytes=1024).openapi()
+    body = document["paths"]["/api/generate-with-image"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    ref = body["schema"]["$ref"].rsplit("/", 1)[-1]
+    form = document["components"]["schemas"][ref]["properties"]
+    model = GenerationRequest.model_json_schema()["properties"]
+    assert set(form) == set(model) | {"image"}
+    for name, declared in model.items():
+        for key in ("default", "minimum", "maximum", "minLength", "maxLength", "pattern"):
+            assert form[name].get(key) == declared.get(key), (name, key)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.scorer import ItemError, ScorerDeployment, UnhealthyModel
+from deployments.scorer import ImagePair, ItemError, ScorerDeployment, TextImage, UnhealthyModel
 
 
 def png(size=(64, 36)) -> bytes:
@@ -35,7 +35,7 @@ async def test_the_health_check_runs_the_model_unless_a_pass_just_succeeded(tiny
     await scorer.check_health()  # nothing ran yet: a real probe
     assert scorer.probes == 1
     await scorer.check_health()  # the probe itself counts as a recent success
-    await scorer._forward([(png(), "a cup of coffee")])
+    await scorer._forward([TextImage(png(), "a cup of coffee")])
     await scorer.check_health()
     assert scorer.probes == 1
 
@@ -47,16 +47,16 @@ async def test_a_broken_model_fails_the_health_check_and_gives_no_scores(tiny_mo
     break_weights(scorer)
     with pytest.raises(UnhealthyModel, match="clipscore health probe failed.*non-finite score"):
         await scorer.check_health()
-    [result] = await scorer.coalescer.submit([(png(), "a cup of coffee")])
+    [result] = await scorer.coalescer.submit([TextImage(png(), "a cup of coffee")])
     assert isinstance(result, ItemError) and "non-finite score" in str(result)
 
 
 async def test_the_cache_does_not_hide_a_model_that_broke_after_it(tiny_models_dir):
     scorer = replica(tiny_models_dir, cache_s=60)
-    await scorer._forward([(png(), "a cup of coffee")])
+    await scorer._forward([TextImage(png(), "a cup of coffee")])
     break_weights(scorer)
     with pytest.raises(UnhealthyModel):
-        await scorer._forward([(png(), "a cup of coffee")])
+        await scorer._forward([TextImage(png(), "a cup of coffee")])
     await scorer.check_health()  # within the cache: the earlier success still counts...
     scorer.health_check_cache_s = 0  # ...until it is older than the cache period
     with pytest.raises(UnhealthyModel):
@@ -65,7 +65,7 @@ async def test_the_cache_does_not_hide_a_model_that_broke_after_it(tiny_models_d
 
 async def test_a_request_error_names_its_image(tiny_models_dir):
     scorer = replica(tiny_models_dir, cache_s=5)
-    results = await scorer.coalescer.submit([(png(), "good"), (png((8, 8)), "tiny"), (b"not an image", "junk")])
+    results = await scorer.coalescer.submit([TextImage(png(), "good"), TextImage(png((8, 8)), "tiny"), TextImage(b"not an image", "junk")])
     assert isinstance(results[0], dict)
     assert "item 2 of 3" in str(results[1]) and "PNG 8x8 px" in str(results[1])
     assert "item 3 of 3" in str(results[2]) and "12 bytes (not a readable image)" in str(results[2])
@@ -96,7 +96,7 @@ async def test_the_consistency_replica_scores_image_pairs_and_names_a_bad_refere
 
     scorer = ScorerDeployment.func_or_class("consistency", {"device": "cpu", "dtype": "fp32"}, tiny_models_dir)
     a, b = png((64, 36)), png((40, 40))
-    outputs = scorer._score([(a, a), (a, b)])
+    outputs = scorer._score([ImagePair(a, a), ImagePair(a, b)])
     model = scorers.load_scorer("consistency", **{**build_tiny_models(tiny_models_dir)["consistency"], "device": "cpu"})
     expected = model.score([scorers.open_image(a)] * 2, [scorers.open_image(a), scorers.open_image(b)])
     assert [round(o.score, 4) for o in outputs] == [round(e.score, 4) for e in expected]
@@ -105,7 +105,7 @@ async def test_the_consistency_replica_scores_image_pairs_and_names_a_bad_refere
     await scorer.check_health()
     assert scorer.probes == 1
     with pytest.raises(ItemError, match=r"against a reference image of 5 bytes \(not a readable image\)"):
-        _raise_item(await scorer.coalescer.submit([(a, b"junk!")]))
+        _raise_item(await scorer.coalescer.submit([ImagePair(a, b"junk!")]))
 
 
 def _raise_item(results):
@@ -123,9 +123,9 @@ async def test_the_consistency_replica_embeds_each_image_once_however_often_it_i
 
     scorer = ScorerDeployment.func_or_class("consistency", {"device": "cpu", "dtype": "fp32"}, tiny_models_dir)
     first, second, third = png((64, 36)), png((40, 40)), png((50, 30))
-    outputs = scorer._score([(second, first), (third, first)])
+    outputs = scorer._score([ImagePair(second, first), ImagePair(third, first)])
     assert scorer.pairs.embedded == 3
-    later = scorer._score([(third, second), (third, first)])  # all three seen: nothing embedded, nothing decoded
+    later = scorer._score([ImagePair(third, second), ImagePair(third, first)])  # all three seen: nothing embedded, nothing decoded
     assert scorer.pairs.embedded == 3
     model = scorers.load_scorer("consistency", **{**build_tiny_models(tiny_models_dir)["consistency"], "device": "cpu"})
     opened = {key: scorers.open_image(key) for key in (first, second, third)}
@@ -133,3 +133,40 @@ async def test_the_consistency_replica_embeds_each_image_once_however_often_it_i
                            [opened[first], opened[first], opened[second], opened[first]])
     got = [o.raw for o in outputs + later]
     assert got == pytest.approx([e.raw for e in expected], abs=1e-5)
+
+
+def test_the_replica_base_declares_every_hook_its_layouts_provide():
+    """Before: ScoringReplica used seven attributes and hooks that only its subclasses defined,
+    so a layout missing one failed at its first request under Serve, not when it was made."""
+    from deployments.colocated import ColocatedScorer
+    from deployments.scorer import ScoringReplica
+
+    hooks = {"label", "device", "_score_texts", "_score_pairs", "_probe", "_named", "_result"}
+    assert ScoringReplica.__abstractmethods__ == hooks
+    assert not ScorerDeployment.func_or_class.__abstractmethods__
+    assert not ColocatedScorer.func_or_class.__abstractmethods__
+
+    class Forgetful(ScoringReplica):
+        label = "forgetful"
+
+        def _score_texts(self, images, prompts):
+            return []
+
+    with pytest.raises(TypeError, match="_probe"):
+        Forgetful()
+
+
+async def test_each_kind_of_request_is_scored_by_its_own_hook_and_the_wrong_kind_is_refused(tiny_models_dir):
+    """Text-image requests (`score_text`) and image pairs (`score_pair`) are two request types;
+    a replica whose model takes the other kind names the method to use instead of mistaking a
+    prompt for an image. (The methods themselves under Serve: tests/serve/test_deployments.py.)"""
+    clip = replica(tiny_models_dir, cache_s=5)
+    consistency = ScorerDeployment.func_or_class("consistency", {"device": "cpu", "dtype": "fp32"}, tiny_models_dir)
+    [scored] = await clip.coalescer.submit([TextImage(png(), "a cup of coffee")])
+    assert set(scored) == {"raw", "score", "truncated"}
+    [paired] = await consistency.coalescer.submit([ImagePair(png(), png())])
+    assert paired["score"] == pytest.approx(100.0, abs=1e-3)
+    [wrong] = await clip.coalescer.submit([ImagePair(png(), png())])
+    assert isinstance(wrong, ItemError) and "clipscore scores prompts (score_text), not image pairs" in str(wrong)
+    [wrong] = await consistency.coalescer.submit([TextImage(png(), "a cup of coffee")])
+    assert isinstance(wrong, ItemError) and "consistency scores image pairs (score_pair), not prompts" in str(wrong)

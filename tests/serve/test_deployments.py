@@ -26,14 +26,14 @@ def handle(deployment: str):
 
 @pytest.mark.parametrize("deployment", ["PickScore", "CLIPScore", "VQAScore", "Aesthetic"])
 def test_scorer_deployment_scores_one_image(offline_app, deployment):
-    result = handle(deployment).score.remote(png(1), "a cup of coffee on a wooden table").result(timeout_s=120)
+    result = handle(deployment).score_text.remote(png(1), "a cup of coffee on a wooden table").result(timeout_s=120)
     assert set(result) == {"raw", "score", "truncated"}
     assert 0 <= result["score"] <= 100 and result["truncated"] is False
 
 
 def test_scorer_flags_truncated_prompts(offline_app):
     long_prompt = " ".join(["espresso"] * 120)
-    assert handle("CLIPScore").score.remote(png(2), long_prompt).result(timeout_s=120)["truncated"] is True
+    assert handle("CLIPScore").score_text.remote(png(2), long_prompt).result(timeout_s=120)["truncated"] is True
 
 
 def test_generator_and_agents_deployments(offline_app):
@@ -51,7 +51,7 @@ def test_generator_and_agents_deployments(offline_app):
 async def _concurrent_scores(deployment: str, count: int) -> list[dict]:
     h = handle(deployment)
     # As from different scenes and generations: different images and prompts, all in flight.
-    calls = [h.score.remote(png(i), f"scene {i % 4} of generation {i // 4}: coffee") for i in range(count)]
+    calls = [h.score_text.remote(png(i), f"scene {i % 4} of generation {i // 4}: coffee") for i in range(count)]
     return await asyncio.gather(*calls)
 
 
@@ -64,7 +64,7 @@ def test_concurrent_requests_are_batched_and_reconfigure_applies(offline_app):
     assert sum(sizes) == 16 and max(sizes) > 1, sizes
 
     # Same numbers one at a time: batching changes throughput, never the scores.
-    single = pick.score.remote(png(5), "scene 1 of generation 1: coffee").result(timeout_s=60)
+    single = pick.score_text.remote(png(5), "scene 1 of generation 1: coffee").result(timeout_s=60)
     assert single["score"] == pytest.approx(results[5]["score"], abs=1e-3)
 
     # reconfigure (what a user_config change calls, without restarting the replica):

@@ -156,10 +156,10 @@ def unready_app(ray_cluster, app_args, tmp_path):
         "database_url": f"sqlite:///{tmp_path / 'jobs.db'}", "pipeline": pipeline,
         "scorers": ScorersServing(layout="colocated"),
     })
-    served = scoring_deployments(args)
     never = ImageGenerator.options(ray_actor_options={"num_cpus": 0.1, "num_gpus": 0, "resources": {"sceneref_nowhere": 1}})
     app = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5, "num_gpus": 0}).bind(
-        served, None, never.bind(args.pipeline), PromptAgents.bind(args.pipeline), args
+        scorers=scoring_deployments(args), generator=never.bind(settings=args.pipeline),
+        agents=PromptAgents.bind(settings=args.pipeline), args=args,
     )
     _run(app, name="unready", route_prefix="/unready", _blocking=False)  # it never becomes RUNNING
     base = f"{ray_cluster['http']}/unready"

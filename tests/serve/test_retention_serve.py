@@ -1,5 +1,5 @@
 """Retention while the app runs: the ingress's retention loop (`Ingress._retention_loop`,
-pipeline.retention.sweep) removes a finished generation's trace files after `traces_s`, then
+pipeline.jobs.retention.sweep) removes a finished generation's trace files after `traces_s`, then
 its images, its uploaded original, its scenes and its row after `generations_s`; status and
 image links then answer 404.
 
@@ -42,6 +42,7 @@ def wait_for(predicate, timeout_s: float, every_s: float = 0.2, what: str = "con
 def retention_app(ray_cluster, offline_app, app_args, tmp_path):
     from ray import serve
 
+    from deployments.adapters import ScorerHandles
     from deployments.app import SCORER_DEPLOYMENTS
     from deployments.ingress import Ingress
 
@@ -59,9 +60,12 @@ def retention_app(ray_cluster, offline_app, app_args, tmp_path):
     def handle(name: str):
         return serve.get_deployment_handle(name, app_name="sceneref")
 
-    scoring = {key: handle(name) for key, name in SCORER_DEPLOYMENTS.items() if key != "consistency"}
+    scorers = ScorerHandles(
+        layout="separate", consistency=handle("Consistency"),
+        per_model={key: handle(name) for key, name in SCORER_DEPLOYMENTS.items() if key != "consistency"},
+    )
     app = Ingress.options(name="RetentionIngress", num_replicas=1, ray_actor_options={"num_cpus": 0.5, "num_gpus": 0}).bind(
-        scoring, handle("Consistency"), handle("ImageGenerator"), handle("PromptAgents"), args
+        scorers=scorers, generator=handle("ImageGenerator"), agents=handle("PromptAgents"), args=args
     )
     serve.run(app, name="retention", route_prefix="/retention")
     yield f"{ray_cluster['http']}/retention", args

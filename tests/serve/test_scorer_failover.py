@@ -53,9 +53,9 @@ def scorer_class():
             time.sleep(self.delay_s)
             return super()._score(requests)
 
-        async def score(self, image, prompt):
+        async def score_text(self, image, prompt):
             self.payload_types.append(type(image).__name__)
-            return await super().score(image, prompt)
+            return await super().score_text(image, prompt)
 
         def forward_passes(self) -> int:
             return self.passes

@@ -73,8 +73,8 @@ def test_a_bad_image_fails_only_its_own_caller(clip):
     the bad one's error names its image."""
 
     async def all_at_once():
-        calls = [clip.score.remote(png(i), f"{PROMPT} {i}") for i in range(8)]
-        calls.insert(4, clip.score.remote(png(99, (8, 8)), PROMPT))
+        calls = [clip.score_text.remote(png(i), f"{PROMPT} {i}") for i in range(8)]
+        calls.insert(4, clip.score_text.remote(png(99, (8, 8)), PROMPT))
         return await asyncio.gather(*calls, return_exceptions=True)
 
     batch_sizes_before = len(clip.recent_batch_sizes.remote().result(timeout_s=30))
@@ -91,7 +91,7 @@ def test_a_broken_model_fails_its_health_check_and_serve_replaces_the_replica(cl
     """Before: check_health tested `self.model is None`, so a replica with NaN weights stayed
     healthy and answered NaN scores. Now its health probe fails and Serve starts a new one."""
     before = clip.actor_id.remote().result(timeout_s=30)
-    good = clip.score.remote(png(1), PROMPT).result(timeout_s=60)
+    good = clip.score_text.remote(png(1), PROMPT).result(timeout_s=60)
     # Idle: the health check runs its probe (the cache is 1 s, the period 1 s).
     deadline = time.monotonic() + 30
     while clip.health_probes.remote().result(timeout_s=30) == 0:
@@ -100,7 +100,7 @@ def test_a_broken_model_fails_its_health_check_and_serve_replaces_the_replica(cl
 
     clip.break_model.remote().result(timeout_s=30)
     with pytest.raises(Exception, match="non-finite score"):
-        clip.score.remote(png(1), PROMPT).result(timeout_s=60)  # never a made-up number
+        clip.score_text.remote(png(1), PROMPT).result(timeout_s=60)  # never a made-up number
 
     deadline = time.monotonic() + 120
     while True:
@@ -111,5 +111,5 @@ def test_a_broken_model_fails_its_health_check_and_serve_replaces_the_replica(cl
             pass  # the broken replica is going away
         assert time.monotonic() < deadline, "Serve did not replace the unhealthy replica"
         time.sleep(1)
-    again = clip.score.remote(png(1), PROMPT).result(timeout_s=120)
+    again = clip.score_text.remote(png(1), PROMPT).result(timeout_s=120)
     assert again["score"] == pytest.approx(good["score"], abs=1e-4)  # the new replica loaded the real weights
