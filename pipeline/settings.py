@@ -10,12 +10,12 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
     PlainValidator,
     WithJsonSchema,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -24,7 +24,19 @@ from pipeline.costs import PricingSettings
 from pipeline.diffusion import DiffusionSettings
 from pipeline.objectstore import is_url
 from pipeline.schemas import DIMENSIONS
-from scorers import SCORER_NAMES  # the one list of the text-image scorers (re-exported here)
+from scorers import SCORER_NAMES  # the text-image scorers, from the scorer registry (re-exported here)
+from scorers import registry as scorer_registry
+from scorers.base import DTYPE_NAMES
+from scorers.options import (  # noqa: F401  (re-exported: the options' home before the registry)
+    AestheticOptions,
+    ClipScoreOptions,
+    ConsistencyOptions,
+    ModelSource,
+    OpenClipModel,
+    PickScoreOptions,
+    VQAScoreOptions,
+    check_dtype,
+)
 
 CONSISTENCY = "consistency"  # the image-image scorer (issue 11): compares with reference images
 
@@ -106,7 +118,7 @@ def _apply_provider_defaults(settings):
 class ImageSettings(_Settings):
     """Image API: generate for a scene with no reference, edit with the reference otherwise.
 
-    `gemini` (pipeline/gemini.py, Google's own SDK) sends no size: it takes `aspect_ratio` (null:
+    `gemini` (pipeline/providers/gemini.py, Google's own SDK) sends no size: it takes `aspect_ratio` (null:
     the ratio of `size`) and `image_size`; unless set, its model and key variable are the ones in
     PROVIDER_DEFAULTS (docs/providers.md: where the ids come from and when they were checked)."""
 
@@ -152,15 +164,18 @@ class ImageSettings(_Settings):
         return int(width), int(height)
 
 
-class ScorerWeights(_Settings):
-    pickscore: float = Field(0.50, ge=0)
-    clipscore: float = Field(0.25, ge=0)
-    vqascore: float = Field(0.15, ge=0)
-    aesthetic: float = Field(0.10, ge=0)
-    consistency: float = Field(
-        0.0, ge=0, description="cross-scene consistency in selection; 0 keeps the guide's formula exact, "
-        "above 0 the overall is renormalised by the sum of the weights",
-    )
+def _scorer_weight(entry) -> tuple:
+    if entry.kind == scorer_registry.IMAGE_IMAGE:
+        return (float, Field(entry.weight, ge=0, description=(
+            f"{entry.name} (image against reference image) in selection; 0 keeps the guide's formula exact, "
+            "above 0 the overall is renormalised by the sum of the weights")))
+    return (float, Field(entry.weight, ge=0))
+
+
+class ScorerWeights(create_model(
+    "_ScorerWeightFields", __base__=_Settings, **{e.name: _scorer_weight(e) for e in scorer_registry.entries()}
+)):
+    """One weight per registered scorer, defaults from the scorer registry."""
 
     @model_validator(mode="after")
     def _positive_total(self) -> "ScorerWeights":
@@ -169,12 +184,12 @@ class ScorerWeights(_Settings):
         return self
 
     def as_dict(self) -> dict[str, float]:
-        """The four text-image scorers' weights (what ScoringClient computes)."""
+        """The text-image scorers' weights (what ScoringClient computes)."""
         return {name: getattr(self, name) for name in SCORER_NAMES}
 
     def selection(self) -> dict[str, float]:
-        """All five weights, consistency included."""
-        return {**self.as_dict(), CONSISTENCY: self.consistency}
+        """All the weights, the image-image scorers (consistency) included."""
+        return {name: getattr(self, name) for name in scorer_registry.names()}
 
 
 class DimensionWeights(_Settings):
@@ -190,92 +205,11 @@ class DimensionWeights(_Settings):
         return {name: getattr(self, name) for name in DIMENSIONS}
 
 
-def _path_to_str(value):
-    return os.fspath(value) if isinstance(value, os.PathLike) else value
+DTYPES = DTYPE_NAMES  # the scorers' dtype table (scorers.base.DTYPES) and "auto"
 
 
-ModelSource = Annotated[str, BeforeValidator(_path_to_str)]
-OpenClipModel = Annotated[str | dict, BeforeValidator(_path_to_str)]
-DTYPES = ("auto", "fp32", "float32", "float", "fp16", "float16", "half", "bf16", "bfloat16")
-
-
-class _ScorerOptions(_Settings):
-    """Options of one scorer, the keyword arguments of `scorers.load_scorer(name, **options)`.
-
-    Typed, and unknown keys refused naming the field, so a misspelt option fails when the config
-    is read instead of being ignored or failing inside a replica later. Defaults are the
-    scorers' own (a test keeps them equal); only the options a config sets are passed on, so
-    the offline models' paths are not overridden by defaults. `device` and `dtype` here
-    override ScoringSettings' for this scorer alone.
-    """
-
-    device: str | None = Field(None, description="this scorer's device; default: scoring.device")
-    dtype: str | None = Field(None, description="this scorer's dtype; default: scoring.dtype")
-    allow_random_weights: bool = Field(
-        False, description="load even where weights would be random (pretrained: null, an incomplete checkpoint): "
-        "scores then mean nothing; for speed benchmarks only",
-    )
-
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, value: str | None) -> str | None:
-        if value is not None and value.lower() not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}: use one of {', '.join(DTYPES)}")
-        return value
-
-
-class _OpenClipOptions(_ScorerOptions):
-    @model_validator(mode="after")
-    def _trained_weights(self):
-        """`pretrained: null` builds an untrained open_clip model, whose scores are noise: refuse
-        it here, before any replica starts, unless the config asks for it in so many words."""
-        bundled = isinstance(self.model, str) and self.model.startswith(("hf-hub:", "local-dir:"))
-        if self.pretrained is None and not bundled and not self.allow_random_weights:
-            raise ValueError(
-                "pretrained is null, so the model would have random weights and meaningless scores: "
-                "give a pretrained tag or a checkpoint file, or set allow_random_weights: true"
-            )
-        return self
-
-
-class PickScoreOptions(_ScorerOptions):
-    model: ModelSource = Field("yuvalkirstain/PickScore_v1", description="Hugging Face id or local folder")
-    processor: ModelSource = Field("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="Hugging Face id or local folder")
-    reference: float = Field(20.0, description="the raw score that maps to 50")
-
-
-class ClipScoreOptions(_OpenClipOptions):
-    model: OpenClipModel = Field("ViT-B-32-quickgelu", description="open_clip architecture, config file/dict, hf-hub: or local-dir:")
-    pretrained: ModelSource | None = Field("openai", description="open_clip pretrained tag or checkpoint file")
-
-
-class VQAScoreOptions(_ScorerOptions):
-    model: ModelSource = Field("Qwen/Qwen2.5-VL-3B-Instruct", description="Hugging Face id or local folder")
-    processor: ModelSource | None = Field(None, description="default: the model's own")
-    question: str = Field('Does this figure show "{}"? Please answer yes or no.', description="{} is the prompt")
-    answer: str = Field("Yes", min_length=1, description="one token of the model's tokenizer")
-
-    @field_validator("question")
-    @classmethod
-    def _one_slot(cls, value: str) -> str:
-        if value.count("{}") != 1 or value.replace("{}", "").count("{") or value.replace("{}", "").count("}"):
-            raise ValueError("question needs exactly one {} (where the prompt goes) and no other braces")
-        return value
-
-
-class AestheticOptions(_OpenClipOptions):
-    model: OpenClipModel = Field("ViT-L-14-quickgelu", description="open_clip architecture, config file/dict, hf-hub: or local-dir:")
-    pretrained: ModelSource | None = Field("openai", description="open_clip pretrained tag or checkpoint file")
-    head: ModelSource = Field("sac+logos+ava1-l14-linearMSE.pth", description="the LAION MLP head file")
-
-
-class ConsistencyOptions(_ScorerOptions):
-    model: ModelSource = Field("facebook/dinov2-base", description="Hugging Face id or local folder (a DINOv2 model)")
-    processor: ModelSource | None = Field(None, description="default: the model's own")
-
-
-class ScoringSettings(_Settings):
-    """The scorers' options, typed (see _ScorerOptions), plus the device and dtype they share.
+class _ScoringSettings(_Settings):
+    """The scorers' options, typed (scorers.options), plus the device and dtype they share.
 
     `text` is what the text-image scorers compare each variation with: `scene` (default) is the
     scene's storyboard prompt, its description and consistency markers, i.e. what the story
@@ -297,13 +231,11 @@ class ScoringSettings(_Settings):
     )
     device: str = "auto"
     dtype: str = "auto"
-    pickscore: PickScoreOptions = PickScoreOptions()
-    clipscore: ClipScoreOptions = ClipScoreOptions()
-    vqascore: VQAScoreOptions = VQAScoreOptions()
-    aesthetic: AestheticOptions = AestheticOptions()
-    consistency: ConsistencyOptions = ConsistencyOptions()
 
-    _known_dtype = field_validator("dtype")(_ScorerOptions._known_dtype.__func__)
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        return check_dtype(value)
 
     def options_for(self, name: str) -> dict:
         """load_scorer options: the ones the config sets, over the shared device and dtype."""
@@ -312,6 +244,14 @@ class ScoringSettings(_Settings):
             if options.get(key) is None:
                 options[key] = getattr(self, key)
         return options
+
+
+# One typed options field per registered scorer (scorers.options), after the shared fields; defaults
+# from the scorer registry.
+ScoringSettings = create_model(
+    "ScoringSettings", __base__=_ScoringSettings, __module__=__name__, __doc__=_ScoringSettings.__doc__,
+    **{e.name: (model, model()) for e in scorer_registry.entries() for model in [e.options_model()]},
+)
 
 
 def _location(value):

@@ -18,13 +18,16 @@ from typing import Any
 from .base import ModelNotFoundError, RandomWeightsError, ScoreOutput, Scorer
 from .images import ImageError, open_image, to_rgb
 
-SCORER_NAMES = ("pickscore", "clipscore", "vqascore", "aesthetic")  # text-image: score(images, prompts)
-IMAGE_SCORER_NAMES = ("consistency",)  # image-image: score(images, references)
+from . import registry
+
+SCORER_NAMES = registry.names(registry.TEXT_IMAGE)  # score(images, prompts)
+IMAGE_SCORER_NAMES = registry.names(registry.IMAGE_IMAGE)  # score(images, references)
 
 
 def load_scorer(name: str, **options: Any) -> Scorer:
     """Load a scorer by name with its options (model ids or local paths, device, dtype; see each class).
 
+    The names, classes and default options are the scorer registry's (scorers.registry):
     pickscore: model, processor, reference, device, dtype       (scorers.pickscore.PickScore)
     clipscore: model, pretrained, device, dtype                  (scorers.clipscore.ClipScore)
     vqascore:  model, processor, question, answer, device, dtype (scorers.vqascore.VQAScore)
@@ -34,19 +37,7 @@ def load_scorer(name: str, **options: Any) -> Scorer:
     Every scorer also takes allow_random_weights (default False): without it, a model that would have random
     weights (open_clip pretrained=None, a checkpoint that lacks some weights) raises RandomWeightsError.
     """
-    if name == "pickscore":
-        from .pickscore import PickScore as cls
-    elif name == "clipscore":
-        from .clipscore import ClipScore as cls
-    elif name == "vqascore":
-        from .vqascore import VQAScore as cls
-    elif name == "aesthetic":
-        from .aesthetic import Aesthetic as cls
-    elif name == "consistency":
-        from .consistency import Consistency as cls
-    else:
-        raise ValueError(f"unknown scorer {name!r}: choose one of {', '.join(SCORER_NAMES + IMAGE_SCORER_NAMES)}")
-    return cls(**options)
+    return registry.get(name).load_class()(**options)
 
 
 __all__ = [

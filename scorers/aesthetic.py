@@ -23,11 +23,10 @@ from torch import nn
 
 from .base import ModelNotFoundError, ScoreOutput, Scorer, clamp01, resolve_device, resolve_dtype
 from .openclip import load_open_clip
+from .registry import defaults
 from .tensors import CropTransform
 
-DEFAULT_MODEL = "ViT-L-14-quickgelu"
-DEFAULT_PRETRAINED = "openai"
-DEFAULT_HEAD = "sac+logos+ava1-l14-linearMSE.pth"
+DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_HEAD = (defaults("aesthetic")[k] for k in ("model", "pretrained", "head"))
 HEAD_ENV = "SCENEREF_AESTHETIC_HEAD"
 HEAD_SOURCE = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
 

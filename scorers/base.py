@@ -52,11 +52,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-_DTYPES = {
+# The one table of dtype names: the scorers resolve them, the settings validate against them.
+DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
+DTYPE_NAMES = ("auto", *DTYPES)  # what a config may write: "auto" or a name of the table
+_DTYPES = DTYPES
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, gpu_auto: torch.dtype = torch.float16) -> torch.dtype:
@@ -66,7 +69,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, gpu_auto: torc
     if dtype == "auto":
         return gpu_auto if device.type == "cuda" else torch.float32
     try:
-        return _DTYPES[dtype.lower()]
+        return DTYPES[dtype.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'fp32', 'fp16' or 'bf16'") from None
 

@@ -20,10 +20,10 @@ from PIL import Image
 
 from .base import ScoreOutput, Scorer, clamp01, resolve_device, resolve_dtype
 from .openclip import load_open_clip
+from .registry import defaults
 from .tensors import CropTransform
 
-DEFAULT_MODEL = "ViT-B-32-quickgelu"
-DEFAULT_PRETRAINED = "openai"
+DEFAULT_MODEL, DEFAULT_PRETRAINED = defaults("clipscore")["model"], defaults("clipscore")["pretrained"]
 PREFIX = "A photo depicts "
 WEIGHT = 2.5
 

@@ -20,17 +20,16 @@ ImageNet mean and std), its PIL version as for the other scorers. Nothing is cut
 from __future__ import annotations
 
 import os
-from functools import cached_property
 
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, Dinov2Model
 
 from .base import ScoreOutput, Scorer, as_input, clamp01, resolve_device, resolve_dtype
-from .hub import from_pretrained, pil_image_processor_kwargs, trained_model
-from .tensors import CropTransform
+from .hub import ImageProcessorPixels, from_pretrained, pil_image_processor_kwargs, trained_model
+from .registry import defaults
 
-DEFAULT_MODEL = "facebook/dinov2-base"
+DEFAULT_MODEL = defaults("consistency")["model"]
 
 
 def normalise(cos: float) -> float:
@@ -38,7 +37,7 @@ def normalise(cos: float) -> float:
     return 100.0 * clamp01(cos)
 
 
-class Consistency(Scorer):
+class Consistency(ImageProcessorPixels, Scorer):
     name = "consistency"
 
     def __init__(
@@ -73,17 +72,6 @@ class Consistency(Scorer):
         pixels = self.pixel_batch(images, self._pixels, self._tensor_pixels)
         emb = self.model(pixel_values=pixels).pooler_output.float()
         return emb / emb.norm(dim=-1, keepdim=True)
-
-    def _pixels(self, image: Image.Image) -> torch.Tensor:
-        return self.image_processor(images=[image], return_tensors="pt").pixel_values
-
-    @cached_property
-    def tensor_transform(self) -> CropTransform:
-        """The tensor path's preprocessing, from the same image processor the PIL path uses."""
-        return CropTransform.from_hf(self.image_processor)
-
-    def _tensor_pixels(self, image: torch.Tensor) -> torch.Tensor:
-        return self.tensor_transform(image).unsqueeze(0)
 
     def _score(self, images: list[Image.Image], references: list[Image.Image]) -> list[ScoreOutput]:  # type: ignore[override]
         emb = self.embed(images + references)

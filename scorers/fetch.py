@@ -18,15 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-# What each known scorer's options name, by role. "model": a transformers model (configs + weights);
-# "config": tokenizer / processor / config files only; "open_clip": an open_clip model + pretrained pair;
-# "file": a local file. Unknown scorers (added later) are read generically: see _rules.
-RULES: dict[str, tuple[tuple[str, str], ...]] = {
-    "pickscore": (("model", "model"), ("processor", "config")),
-    "vqascore": (("model", "model"), ("processor", "config")),
-    "clipscore": (("model", "open_clip"),),
-    "aesthetic": (("model", "open_clip"), ("head", "file")),
-}
+from . import registry
+
+# What a scorer's options name, by role, is its registry entry's `fetch` (scorers.registry). "model": a
+# transformers model (configs + weights); "config": tokenizer / processor / config files only; "open_clip": an
+# open_clip model + pretrained pair; "file": a local file. Scorers without rules are read generically: see _rules.
 CONFIG_FILE = re.compile(r"^[^/]+\.(json|txt|jinja|model|tiktoken)$")  # configs, tokenizers, chat templates
 SAFETENSORS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
 PYTORCH_BIN = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?$")
@@ -77,8 +73,9 @@ class RepoResult:
 
 
 def _rules(name: str, options: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    if name in RULES:
-        return RULES[name]
+    rules = registry.get(name).fetch if name in registry.names() else None
+    if rules is not None:
+        return rules
     if "pretrained" in options:
         return (("model", "open_clip"),)
     return tuple((key, role) for key, role in (("model", "model"), ("processor", "config")) if key in options)

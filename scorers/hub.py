@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import transformers
 
 from .base import ModelNotFoundError, RandomWeightsError
+from .tensors import CropTransform
 
 _TRUE = {"1", "true", "yes", "on"}
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -72,3 +75,22 @@ def trained_model(loader: Callable[..., Any], source: str | os.PathLike, what: s
             "allow_random_weights=True (allow_random_weights: true in the config) if random weights are wanted."
         )
     return model
+
+
+class ImageProcessorPixels:
+    """The pixel functions of a scorer whose images go through a transformers image processor
+    (`self.image_processor`, a PIL one): PickScore and Consistency share them, so both paths
+    (PIL and tensor) preprocess exactly alike in both."""
+
+    image_processor: Any
+
+    def _pixels(self, image) -> torch.Tensor:
+        return self.image_processor(images=[image], return_tensors="pt").pixel_values
+
+    @cached_property
+    def tensor_transform(self) -> CropTransform:
+        """The tensor path's preprocessing, from the same image processor the PIL path uses."""
+        return CropTransform.from_hf(self.image_processor)
+
+    def _tensor_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        return self.tensor_transform(image).unsqueeze(0)

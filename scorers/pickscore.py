@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import math
 import os
-from functools import cached_property
 
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from .base import CLIP_CONTEXT_LENGTH, ScoreOutput, Scorer, features, resolve_device, resolve_dtype
-from .hub import from_pretrained, pil_image_processor_kwargs, trained_model
-from .tensors import CropTransform
+from .hub import ImageProcessorPixels, from_pretrained, pil_image_processor_kwargs, trained_model
+from .registry import defaults
 
-DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
-DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-DEFAULT_REFERENCE = 20.0
+DEFAULT_MODEL, DEFAULT_PROCESSOR, DEFAULT_REFERENCE = (defaults("pickscore")[k] for k in ("model", "processor", "reference"))
 
 
 def normalise(raw: float, reference: float = DEFAULT_REFERENCE) -> float:
@@ -39,7 +36,7 @@ def normalise(raw: float, reference: float = DEFAULT_REFERENCE) -> float:
     return 100.0 / (1.0 + math.exp(min(reference - raw, 700.0)))
 
 
-class PickScore(Scorer):
+class PickScore(ImageProcessorPixels, Scorer):
     name = "pickscore"
 
     def __init__(
@@ -62,17 +59,6 @@ class PickScore(Scorer):
             **pil_image_processor_kwargs(),
         )
         self.max_tokens = min(CLIP_CONTEXT_LENGTH, self.model.config.text_config.max_position_embeddings)
-
-    def _pixels(self, image: Image.Image) -> torch.Tensor:
-        return self.image_processor(images=[image], return_tensors="pt").pixel_values
-
-    @cached_property
-    def tensor_transform(self) -> CropTransform:
-        """The tensor path's preprocessing, from the same image processor the PIL path uses."""
-        return CropTransform.from_hf(self.image_processor)
-
-    def _tensor_pixels(self, image: torch.Tensor) -> torch.Tensor:
-        return self.tensor_transform(image).unsqueeze(0)
 
     def _score(self, images: list[Image.Image], prompts: list[str]) -> list[ScoreOutput]:
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False).input_ids]

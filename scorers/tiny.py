@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from . import registry
+
 COMPLETE = "COMPLETE"
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -52,8 +54,8 @@ def load_shapes(shapes: str) -> dict:
 
 
 def build_tiny_models(root: Path, shapes: str = "tiny", dtype: str | torch.dtype | None = None) -> dict[str, dict]:
-    """Build (once; later calls reuse them) the four random-weight models of `shapes` under root and
-    return their load_scorer options.
+    """Build (once; later calls reuse them) the random-weight models of `shapes` under root, one per
+    registered scorer with a tiny recipe (scorers.registry), and return their load_scorer options.
 
     `dtype` (fp16, bf16) builds and saves the weights in that precision; None keeps fp32. The
     scorers cast to their own dtype when they load, so one half-precision copy serves fp16 and bf16 runs.
@@ -64,24 +66,20 @@ def build_tiny_models(root: Path, shapes: str = "tiny", dtype: str | torch.dtype
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     precision = _dtype(dtype)
-    pick = _once(root / "pickscore", lambda d: _build_pickscore(d, shape["pickscore"], precision))
-    clip = _once(root / "clipscore", lambda d: _build_open_clip(d, shape["clipscore"], seed=1, dtype=precision))
-    vqa = _once(root / "vqascore", lambda d: _build_vqascore(d, shape["vqascore"], precision))
-    aes = _once(root / "aesthetic", lambda d: _build_aesthetic(d, shape["aesthetic"], precision))
-    con = _once(root / "consistency", lambda d: _build_consistency(d, shape["consistency"], precision))
-    return {
-        "pickscore": {
-            "model": str(pick / "model"), "processor": str(pick / "processor"), "reference": shape["pickscore"]["reference"],
-        },
-        "clipscore": {"model": str(clip / "open_clip_model_config.json"), "pretrained": str(clip / "open_clip_model.safetensors")},
-        "vqascore": {"model": str(vqa)},
-        "aesthetic": {
-            "model": str(aes / "open_clip_model_config.json"),
-            "pretrained": str(aes / "open_clip_model.safetensors"),
-            "head": str(aes / "aesthetic_head.pth"),
-        },
-        "consistency": {"model": str(con)},
-    }
+    return {entry.name: _build_entry(root, entry, shape, precision) for entry in registry.entries() if entry.tiny}
+
+
+def _build_entry(root: Path, entry: registry.ScorerEntry, shapes: dict, dtype: torch.dtype) -> dict:
+    """One registered scorer's stand-in, built by its recipe (scorers.registry.TinyRecipe), and the
+    load_scorer options that point into it."""
+    recipe = entry.tiny
+    if entry.shape not in shapes:
+        raise ValueError(f"the model shapes have no {entry.shape!r} section for scorer {entry.name!r}")
+    shape = shapes[entry.shape]
+    build = registry.resolve(recipe.build)
+    folder = _once(root / entry.name, lambda d: build(d, shape, dtype))
+    options = {option: str(folder if path == "." else folder / path) for option, path in recipe.files.items()}
+    return {**options, **{key: shape[key] for key in recipe.from_shape}}
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -181,6 +179,10 @@ def _build_open_clip(directory: Path, config: dict, seed: int, dtype: torch.dtyp
     model = open_clip.create_model(_register(config), pretrained=None)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "open_clip_model.safetensors"))
+
+
+def _build_clipscore(directory: Path, config: dict, dtype: torch.dtype = torch.float32) -> None:
+    _build_open_clip(directory, config, seed=1, dtype=dtype)
 
 
 def _build_aesthetic(directory: Path, config: dict, dtype: torch.dtype = torch.float32) -> None:

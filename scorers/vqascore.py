@@ -26,12 +26,12 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoPr
 
 from .base import ScoreOutput, Scorer, has_tensors, resolve_device, resolve_dtype
 from .hub import from_pretrained, pil_image_processor_kwargs, trained_model
+from .registry import defaults
 from .tensors import PatchTransform
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+DEFAULT_MODEL = defaults("vqascore")["model"]
 SMALL_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
-QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
-ANSWER = "Yes"
+QUESTION, ANSWER = defaults("vqascore")["question"], defaults("vqascore")["answer"]
 
 
 def normalise(p_yes: float) -> float:
