@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.jobs import JobStore  # noqa: E402
-from pipeline.limits import AdmissionLimits  # noqa: E402
+from pipeline.jobs.store import JobStore  # noqa: E402
+from pipeline.jobs.limits import AdmissionLimits  # noqa: E402
 
 REQUEST = {"prompt": "A lighthouse keeper's morning", "target_duration": 9}
 

@@ -33,11 +33,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.artifacts import LocalArtifactStore  # noqa: E402
-from pipeline.factory import build_providers  # noqa: E402
+from pipeline.storage.objectstore import LocalObjectStore  # noqa: E402
+from pipeline.providers.factory import build_providers  # noqa: E402
 from pipeline.runner import Services, run_generation  # noqa: E402
 from pipeline.schemas import GenerationRequest  # noqa: E402
-from pipeline.scoring import LocalConsistency, LocalScoring  # noqa: E402
+from pipeline.ranking import LocalConsistency, LocalScoring  # noqa: E402
 from pipeline.settings import CONSISTENCY, SCORER_NAMES, PipelineSettings, TraceSettings  # noqa: E402
 
 STORIES = (
@@ -81,7 +81,7 @@ def load_models(settings: PipelineSettings, offline: bool, models_dir: Path | No
 
 async def run_arm(story: str, settings: PipelineSettings, scoring, consistency, args, out: Path) -> list:
     chat, images = build_providers(settings)
-    services = Services(chat=chat, images=images, scoring=scoring, artifacts=LocalArtifactStore(out / "artifacts"),
+    services = Services(chat=chat, images=images, scoring=scoring, artifacts=LocalObjectStore(out / "artifacts"),
                         consistency=consistency)
     request = GenerationRequest(
         prompt=story, target_duration=args.duration, advanced_image_num_variations=args.variations,

@@ -35,12 +35,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.agents import CINEMATOGRAPHER, PROMPT_ENGINEER  # noqa: E402
-from pipeline.artifacts import LocalArtifactStore  # noqa: E402
-from pipeline.jobs import JobStore  # noqa: E402
-from pipeline.openai_clients import OpenAIChat, OpenAIImages  # noqa: E402
+from pipeline.storage.objectstore import LocalObjectStore  # noqa: E402
+from pipeline.jobs.store import JobStore  # noqa: E402
+from pipeline.providers.openai_clients import OpenAIChat, OpenAIImages  # noqa: E402
 from pipeline.runner import ProgressEvent, Services, run_generation  # noqa: E402
 from pipeline.schemas import GenerationRequest  # noqa: E402
-from pipeline.service import execute_job  # noqa: E402
+from pipeline.jobs.run import execute_job  # noqa: E402
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings  # noqa: E402
 from pipeline.storyboard import SYSTEM as STORYBOARD_SYSTEM  # noqa: E402
 from tests.doubles import FakeOpenAIServer, PixelScoring  # noqa: E402
@@ -118,7 +118,7 @@ async def run(args: argparse.Namespace) -> dict:
             chat=chat,
             images=images,
             scoring=scoring,
-            artifacts=LocalArtifactStore(settings.artifacts_dir),
+            artifacts=LocalObjectStore(settings.artifacts_dir),
         )
         request = GenerationRequest(
             prompt=PROMPT,

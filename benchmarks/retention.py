@@ -1,9 +1,9 @@
 """Retention benchmark: does the store's size stay bounded while generations keep coming?
 
 Runs many offline generations back to back in this process, the way an ingress replica runs
-them (`pipeline.service.execute_job` on a claimed lease, the offline providers, the tiny
+them (`pipeline.jobs.run.execute_job` on a claimed lease, the offline providers, the tiny
 scorer models through the real loading code), with retention on: a loop that calls
-`pipeline.retention.sweep` every `--interval-s`, as `Ingress._retention_loop` does, with short
+`pipeline.jobs.retention.sweep` every `--interval-s`, as `Ingress._retention_loop` does, with short
 `--traces-s` / `--generations-s`. Every `--sample-s` it samples the artifact and trace stores
 (bytes, each hard-linked byte once, and object count) and the job store (rows), and keeps
 sampling after the last generation until the store has drained.
@@ -35,13 +35,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cli import local_consistency, local_scoring  # noqa: E402
-from pipeline.factory import build_providers  # noqa: E402
-from pipeline.jobs import JobStore  # noqa: E402
-from pipeline.objectstore import open_store, stored_bytes  # noqa: E402
-from pipeline.retention import RetentionSettings, sweep  # noqa: E402
+from pipeline.providers.factory import build_providers  # noqa: E402
+from pipeline.jobs.store import JobStore  # noqa: E402
+from pipeline.storage.factory import open_store  # noqa: E402
+from pipeline.storage.objectstore import stored_bytes  # noqa: E402
+from pipeline.jobs.retention import RetentionSettings, sweep  # noqa: E402
 from pipeline.runner import Services  # noqa: E402
 from pipeline.schemas import GenerationRequest  # noqa: E402
-from pipeline.service import execute_job  # noqa: E402
+from pipeline.jobs.run import execute_job  # noqa: E402
 from pipeline.settings import PipelineSettings, TraceSettings  # noqa: E402
 
 REQUEST = GenerationRequest(prompt="A launch video for Aurora, a smart desk lamp that adapts to you", target_duration=9,

@@ -24,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline.runner as runner  # noqa: E402
-from pipeline.objectstore import open_store, stored_bytes  # noqa: E402
-from pipeline.offline import OfflineChat, OfflineImages  # noqa: E402
+from pipeline.storage.factory import open_store  # noqa: E402
+from pipeline.storage.objectstore import stored_bytes  # noqa: E402
+from pipeline.providers.offline import OfflineChat, OfflineImages  # noqa: E402
 from pipeline.runner import Services, run_generation  # noqa: E402
 from pipeline.schemas import GenerationRequest  # noqa: E402
 from pipeline.settings import PipelineSettings, TraceSettings  # noqa: E402

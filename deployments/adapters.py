@@ -28,10 +28,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.costs import CallUsage
-from pipeline.providers import GeneratedImage, ProviderError
-from pipeline.retry import Failure, backoff_delay, with_retries
+from pipeline.providers.base import GeneratedImage, ProviderError
+from pipeline.providers.retry import Failure, backoff_delay, with_retries
 from pipeline.schemas import ScorerResult
-from pipeline.scoring import ScoringError
+from pipeline.ranking import ScoringError
 from pipeline.settings import RetrySettings
 from pipeline.telemetry import account
 

@@ -28,7 +28,7 @@ from deployments.bodylimit import JSON_BODY_LIMIT, BodyLimit, upload_body_limit
 from deployments.contract import (
     PROBLEM_MEDIA_TYPE, problem, problem_schemas, request_path, validation_problem,
 )
-from pipeline.objectstore import ObjectStoreError
+from pipeline.storage.objectstore import ObjectStoreError
 
 log = logging.getLogger("sceneref.ingress")
 

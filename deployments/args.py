@@ -14,8 +14,8 @@ from deployments.auth import AuthSettings, load_secret
 from deployments.colocated import ColocatedServing
 from deployments.scorer import ScorerServing
 from deployments.uploads import UploadLimits
-from pipeline.limits import AdmissionLimits
-from pipeline.retention import RetentionSettings
+from pipeline.jobs.limits import AdmissionLimits
+from pipeline.jobs.retention import RetentionSettings
 from pipeline.settings import PipelineSettings
 
 

@@ -1,4 +1,4 @@
-"""The self-hosted generator as a Serve deployment: a thin shell around pipeline.diffusion.
+"""The self-hosted generator as a Serve deployment: a thin shell around pipeline.providers.diffusers.
 
 `generate` has the ImageGenerator deployment's signature and answer (deployments/providers.py),
 so HandleImages drives either one. `@serve.batch` merges the calls of all variations, scenes
@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ray import serve
 
-from pipeline.diffusion import DiffusionEngine, DiffusionRequest, DiffusionSettings
-from pipeline.providers import GeneratedImage, ProviderError
+from pipeline.providers.diffusers.engine import DiffusionEngine, DiffusionRequest
+from pipeline.providers.diffusers.settings import DiffusionSettings
+from pipeline.providers.base import GeneratedImage, ProviderError
 
 DEFAULTS = DiffusionSettings.model_fields
 
@@ -39,7 +40,7 @@ class DiffusionGenerator:
             torch.set_num_threads(threads)
         settings = DiffusionSettings.model_validate(settings or {})
         if offline_models_dir:
-            from pipeline.diffusion_tiny import build_tiny_pipeline
+            from pipeline.providers.diffusers.tiny import build_tiny_pipeline
 
             tiny = build_tiny_pipeline(Path(offline_models_dir) / "diffusion")
             settings = settings.model_copy(update={"model": str(tiny)})

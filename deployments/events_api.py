@@ -3,7 +3,7 @@ server-sent events, and the caller's own list of generations.
 
 Both read only the shared job store (`self.store`, through the replica's request thread pool
 `self._api`), so any replica answers for any generation, wherever it runs. The stream's rules
-(resumption, its end, keepalive, its time bound) are in `pipeline.events`; here are the HTTP
+(resumption, its end, keepalive, its time bound) are in `pipeline.jobs.events`; here are the HTTP
 details: the owner check (404 for anyone else, so ids cannot be probed), `Last-Event-ID` or
 `?after=`, 204 when there is nothing more to say, and the OpenAPI declaration.
 """
@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field
 from deployments.api import principal, route
 from deployments.auth import Principal
 from deployments.contract import AUTHED, JOB_STORE, check_generation_id, responses
-from pipeline import events as sse
-from pipeline.jobs import GenerationSummary
+from pipeline.jobs import events as sse
+from pipeline.jobs.records import GenerationSummary
 
 MAX_SEQ = 2**31 - 1  # the events.seq column is a 32-bit integer
 MAX_PAGE = 100

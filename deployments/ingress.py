@@ -43,14 +43,15 @@ from deployments.readiness import ReadinessCheck, StoreCheck, ping_object_store
 from deployments.signing import SignatureError, sign_url, verify_signed
 from deployments.uploads import UploadError, prepare_upload
 from deployments.viewer import ViewerRoutes
-from pipeline.objectstore import ArtifactNotFound, open_store
-from pipeline.jobs import JobStore
-from pipeline.limits import AdmissionRefused, Refusal, check_admission
-from pipeline.retention import sweep
+from pipeline.storage.objectstore import ArtifactNotFound
+from pipeline.storage.factory import open_store
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.limits import AdmissionRefused, Refusal, check_admission
+from pipeline.jobs.retention import sweep
 from pipeline.runner import Services, check_services
 from pipeline.schemas import GenerationRequest, GenerationStatus
-from pipeline.status import to_status
-from pipeline.service import execute_job
+from pipeline.jobs.status import to_status
+from pipeline.jobs.run import execute_job
 from pipeline.traces import TraceWriter
 
 log = logging.getLogger("sceneref.ingress")

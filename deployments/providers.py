@@ -11,8 +11,8 @@ from __future__ import annotations
 from ray import serve
 
 from deployments.metrics import install as install_metrics
-from pipeline.factory import build_chat, build_images, check_provider
-from pipeline.providers import ProviderError
+from pipeline.providers.factory import build_chat, build_images, check_provider
+from pipeline.providers.base import ProviderError
 from pipeline.settings import PipelineSettings
 from pipeline.telemetry import collect
 
@@ -24,7 +24,7 @@ def _error(exc: ProviderError) -> dict:
 @serve.deployment(max_ongoing_requests=128)
 class ImageGenerator:
     async def __init__(self, settings: PipelineSettings):
-        install_metrics()  # the provider's calls, retries and errors (pipeline.retry's hooks)
+        install_metrics()  # the provider's calls, retries and errors (pipeline.providers.retry's hooks)
         self.provider = build_images(settings.images)
         # A retired or unknown model id fails the replica at start, with the vendor's message
         # and the setting to change, instead of failing every generation later.

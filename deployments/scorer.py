@@ -32,7 +32,7 @@ from ray import serve
 
 import scorers
 from deployments.metrics import install as install_metrics
-from pipeline.scoring import InputPath, decode_input
+from pipeline.ranking import InputPath, decode_input
 from pipeline.telemetry import hooks
 from scorers.ensemble import EmbeddingCache
 from scorers.images import read_header

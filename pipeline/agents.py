@@ -18,7 +18,7 @@ import logging
 from typing import Awaitable, Callable
 
 from pipeline.consistency import missing_markers
-from pipeline.providers import ChatModel, ProviderError
+from pipeline.providers.base import ChatModel, ProviderError
 from pipeline.schemas import (
     CinematographerOutput,
     DimensionScores,

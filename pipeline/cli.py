@@ -17,20 +17,21 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from pipeline.jobs import JobStore
-from pipeline.objectstore import LocalObjectStore, open_store
+from pipeline.jobs.store import JobStore
+from pipeline.storage.objectstore import LocalObjectStore
+from pipeline.storage.factory import open_store
 from pipeline.live import make_display
 from pipeline.runner import Services
 from pipeline.schemas import GenerationRequest
-from pipeline.scoring import LocalConsistency, LocalScoring
+from pipeline.ranking import LocalConsistency, LocalScoring
 from scorers.images import ImageLimits, to_png
 
 USER_REFERENCE = ImageLimits(
     max_bytes=20 * 1024 * 1024, max_pixels=40_000_000, min_side=None, max_aspect=None, max_side=2048
 )
-from pipeline.service import execute_job
+from pipeline.jobs.run import execute_job
 from pipeline.settings import CONSISTENCY, SCORER_NAMES, PipelineSettings
-from pipeline.status import to_status
+from pipeline.jobs.status import to_status
 from pipeline.tokens import mint_token
 
 MODELS_DIR_ENV = "SCENEREF_MODELS_DIR"
@@ -168,7 +169,7 @@ def _settings(args: argparse.Namespace, *, offline: bool, output: Path) -> Pipel
 
 
 def _services(settings: PipelineSettings, *, offline: bool, announce: bool = True) -> Services | None:
-    from pipeline.factory import build_providers
+    from pipeline.providers.factory import build_providers
 
     try:
         chat, images = build_providers(settings)

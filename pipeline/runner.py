@@ -27,14 +27,21 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 from pipeline.agents import enhance_scene
-from pipeline.artifacts import ArtifactStore
-from pipeline.objectstore import ObjectStoreError, ObjectStoreUnavailable
-from pipeline.providers import ChatModel, ImageProvider, ProviderError
+from pipeline.storage.objectstore import ObjectStore
+from pipeline.storage.objectstore import ObjectStoreError, ObjectStoreUnavailable
+from pipeline.providers.base import ChatModel, ImageProvider, ProviderError
 from pipeline.schemas import EnhancementResult, GenerationRequest, ScenePlan, SceneResult, VariationResult
 from pipeline.consistency import scene_text
 from pipeline.costs import Meter, image_usage, summarize
 from pipeline.telemetry import hooks
-from pipeline.scoring import ConsistencyClient, ScoringClient, formula, measure_consistency, rank, selection_overall
+from pipeline.ranking import (
+    ConsistencyClient,
+    ScoringClient,
+    formula,
+    measure_consistency,
+    rank,
+    selection_overall,
+)
 from pipeline.settings import PipelineSettings
 from pipeline.storyboard import plan_storyboard
 from pipeline.structured import structured_output_summary
@@ -115,7 +122,7 @@ class Services:
     chat: ChatModel
     images: ImageProvider
     scoring: ScoringClient
-    artifacts: ArtifactStore
+    artifacts: ObjectStore
     traces: Any = None  # an object store for the trace tree; None: files under settings.traces.root
     # The image-image consistency model; None: consistency is not measured, and then
     # its selection weight must be 0 (check_services).

@@ -21,8 +21,8 @@ from pydantic import (
 )
 
 from pipeline.costs import PricingSettings
-from pipeline.diffusion import DiffusionSettings
-from pipeline.objectstore import is_url
+from pipeline.providers.diffusers.settings import DiffusionSettings
+from pipeline.storage.objectstore import is_url
 from pipeline.schemas import DIMENSIONS
 from scorers import SCORER_NAMES  # the text-image scorers, from the scorer registry (re-exported here)
 from scorers import registry as scorer_registry

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.consistency import compose_prompt, scene_markers
-from pipeline.providers import ChatModel
+from pipeline.providers.base import ChatModel
 from pipeline.schemas import ScenePlan, StoryboardOutput
 from pipeline.structured import ask_json
 

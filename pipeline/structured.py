@@ -22,7 +22,7 @@ from typing import Callable, Literal, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from pipeline.costs import CallUsage
-from pipeline.providers import ChatModel, ChatTask
+from pipeline.providers.base import ChatModel, ChatTask
 from pipeline.schemas import CinematographerOutput, PromptReview, StoryboardOutput
 
 log = logging.getLogger("sceneref.agents")

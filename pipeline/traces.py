@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 
 from pipeline.agents import failed_agent
-from pipeline.objectstore import ArtifactNotFound, LocalObjectStore, ObjectStore, as_store, check_key, open_store, share
+from pipeline.storage.objectstore import ArtifactNotFound, LocalObjectStore, ObjectStore, check_key, share
+from pipeline.storage.factory import as_store, open_store
 from pipeline.schemas import EnhancementResult, IterationRecord, ScenePlan, SceneResult, VariationResult
 
 # An image that lives in the artifact store is named in an S3 trace tree by a small pointer

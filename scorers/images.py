@@ -2,7 +2,7 @@
 
 Every path that receives image bytes calls this module: user uploads (`deployments.uploads`),
 image-provider answers (`pipeline.runner._as_png`), scorer inputs (`open_image`, used by
-`pipeline.scoring.decode_rgb` and `deployments.scorer`). One set of rules, in the order that
+`pipeline.ranking.decode_rgb` and `deployments.scorer`). One set of rules, in the order that
 keeps a hostile input cheap:
 
 1. byte size (`ImageLimits.max_bytes`), before anything is parsed;

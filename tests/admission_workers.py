@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import threading
 
-from pipeline.jobs import JobStore
-from pipeline.limits import AdmissionLimits, AdmissionRefused
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.limits import AdmissionLimits, AdmissionRefused
 
 REQUEST = {"prompt": "A lighthouse keeper's morning", "target_duration": 9}
 

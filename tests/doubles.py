@@ -28,8 +28,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pipeline.offline import infer_task, last_user_payload, offline_reply, render_offline_image
-from pipeline.providers import ProviderError
+from pipeline.providers.offline import infer_task, last_user_payload, offline_reply, render_offline_image
+from pipeline.providers.base import ProviderError
 
 Endpoint = Literal["chat", "generations", "edits"]
 FaultKind = Literal["429", "500", "400", "timeout", "malformed", "malformed_schema"]

@@ -23,8 +23,8 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pipeline.offline import render_offline_image
-from pipeline.providers import ProviderError
+from pipeline.providers.offline import render_offline_image
+from pipeline.providers.base import ProviderError
 from tests.doubles import LoopbackServer
 
 FaultKind = Literal[

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import time
 
-from pipeline.jobs import JobStore
+from pipeline.jobs.store import JobStore
 from pipeline.schemas import SceneResult
 
 
 def open_store(url: str) -> str:
     """Open (and so migrate) the store; answer the schema revision it found."""
-    from pipeline import migrations
+    from pipeline.jobs import migrations
 
     store = JobStore(url)
     try:
@@ -57,7 +57,7 @@ def doomed_runner(url: str, artifacts_root: str, generation_id: str, lease_s: fl
     (a rerun would never reproduce them), then hangs mid-scene until it is killed."""
     import threading
 
-    from pipeline.objectstore import LocalObjectStore
+    from pipeline.storage.objectstore import LocalObjectStore
 
     store, artifacts = JobStore(url), LocalObjectStore(artifacts_root)
     lease = store.claim("doomed", lease_s, generation_id=generation_id)

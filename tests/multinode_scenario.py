@@ -231,8 +231,8 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:  # noqa: C901
 
     from deployments.app import SCORER_DEPLOYMENTS
     from deployments.auth import mint_token
-    from pipeline.artifacts import open_store
-    from pipeline.jobs import JobStore
+    from pipeline.storage.factory import open_store
+    from pipeline.jobs.store import JobStore
     from scorers.tiny import build_tiny_models
 
     t0 = time.monotonic()

@@ -12,9 +12,9 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
 from deployments.adapters import HandleChat, HandleImages, HandleRetry, HandleScoring, ScorerUnavailable, replica_gone
-from pipeline.providers import ProviderError
+from pipeline.providers.base import ProviderError
 from pipeline.runner import transient
-from pipeline.scoring import ScoringError
+from pipeline.ranking import ScoringError
 from pipeline.settings import RetrySettings
 
 FAST = HandleRetry(calls=RetrySettings(max_attempts=3, initial_delay_s=0.001, max_delay_s=0.01), scoring_budget_s=0.5)

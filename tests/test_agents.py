@@ -184,7 +184,7 @@ async def test_markers_are_matched_verbatim_up_to_case_and_spacing():
 
 
 def test_the_offline_agents_keep_markers_and_judge_them():
-    from pipeline.offline.agents import cinematographer, prompt_engineer
+    from pipeline.providers.offline.agents import cinematographer, prompt_engineer
 
     bare = ScenePlan(scene_number=2, duration=4, prompt="A reader switches on the lamp", markers=MARKERS)
     rewritten = cinematographer(bare.prompt, STORY, markers=MARKERS)["enhanced_prompt"]

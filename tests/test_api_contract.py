@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pipeline.jobs import JobStore
+from pipeline.jobs.store import JobStore
 from pipeline.schemas import GenerationRequest, SceneResult, ScenePlan
-from pipeline.status import to_status
+from pipeline.jobs.status import to_status
 
 GUIDE_BODY = {
     "prompt": "Eco-friendly running shoes made from recycled ocean plastic",

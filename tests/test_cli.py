@@ -130,7 +130,7 @@ def test_missing_key_and_bad_config_are_clear_errors(capsys, monkeypatch, tmp_pa
 
 # --- jobs: the stored user image, resume, Ctrl-C ---------------------------------------------
 
-from pipeline.jobs import JobStore  # noqa: E402
+from pipeline.jobs.store import JobStore  # noqa: E402
 
 REQUEST = {
     "prompt": PROMPT, "target_duration": 9, "advanced_image_num_variations": 2,

@@ -16,7 +16,7 @@ from PIL import Image
 import scorers
 from deployments.colocated import ColocatedBatchConfig, ColocatedScorer, colocated_deployment_options
 from deployments.scorer import ImagePair, ItemError, ScorerDeployment, TextImage, UnhealthyModel
-from pipeline.scoring import ScoringError
+from pipeline.ranking import ScoringError
 from scorers.ensemble import Ensemble
 
 NAMES = list(scorers.SCORER_NAMES)

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from deployments.args import AppArgs
-from pipeline.objectstore import is_url
+from pipeline.storage.objectstore import is_url
 
 ROOT = Path(__file__).resolve().parents[1]
 

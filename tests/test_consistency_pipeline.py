@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.artifacts import LocalArtifactStore
+from pipeline.storage.objectstore import LocalObjectStore
 from pipeline.consistency import missing_markers
-from pipeline.offline import OfflineChat, OfflineImages
+from pipeline.providers.offline import OfflineChat, OfflineImages
 from pipeline.runner import GenerationError, Services, run_generation
 from pipeline.schemas import GenerationRequest, ScorerResult
-from pipeline.scoring import LocalConsistency, formula, selection_overall
+from pipeline.ranking import LocalConsistency, formula, selection_overall
 from pipeline.settings import PipelineSettings, ScorerWeights, TraceSettings
 from scorers import load_scorer
 from tests.doubles import PixelScoring
@@ -62,7 +62,7 @@ def make(tmp_path, *, weights=None, text="scene", scoring=None, consistency=None
     )
     services = Services(
         chat=OfflineChat(), images=OfflineImages(settings.images), scoring=scoring or PixelScoring(),
-        artifacts=LocalArtifactStore(settings.artifacts_dir), consistency=consistency,
+        artifacts=LocalObjectStore(settings.artifacts_dir), consistency=consistency,
     )
     return settings, services
 
@@ -219,9 +219,9 @@ def test_the_overall_formula_with_and_without_consistency():
 
 
 async def test_the_status_shows_the_sheet_markers_and_consistency(tmp_path):
-    from pipeline.jobs import JobStore
+    from pipeline.jobs.store import JobStore
     from pipeline.schemas import SceneResult
-    from pipeline.status import to_status
+    from pipeline.jobs.status import to_status
     from pipeline.storyboard import plan_storyboard
 
     plan = await plan_storyboard(OfflineChat(), STORY, 15, retries=0)

@@ -13,14 +13,14 @@ import pytest
 from pipeline.costs import (
     CallUsage, CostSummary, Meter, ModelPrice, PricingSettings, SceneTiming, combine, image_usage, price, summarize,
 )
-from pipeline.jobs import JobStore
-from pipeline.offline import OfflineChat
-from pipeline.retry import with_retries
-from pipeline.providers import ProviderError
+from pipeline.jobs.store import JobStore
+from pipeline.providers.offline import OfflineChat
+from pipeline.providers.retry import with_retries
+from pipeline.providers.base import ProviderError
 from pipeline.runner import run_generation
 from pipeline.schemas import SceneResult, ScenePlan
 from pipeline.settings import PipelineSettings, RetrySettings
-from pipeline.status import to_status
+from pipeline.jobs.status import to_status
 from pipeline.telemetry import MemorySink, Telemetry, account, collect, hooks, set_sink
 from tests.doubles import FakeOpenAIServer
 from tests.test_runner import KEY_ENV, make_services, make_settings, new_id, request

@@ -14,16 +14,16 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from pipeline.diffusion import (
+from pipeline.providers.diffusers.engine import (
     DiffusionEngine,
     DiffusionImages,
     DiffusionRequest,
-    DiffusionSettings,
     UnhealthyGenerator,
 )
-from pipeline.diffusion_loading import set_scheduler
-from pipeline.diffusion_tiny import build_tiny_pipeline
-from pipeline.providers import GeneratedImage, ProviderError
+from pipeline.providers.diffusers.settings import DiffusionSettings
+from pipeline.providers.diffusers.loading import set_scheduler
+from pipeline.providers.diffusers.tiny import build_tiny_pipeline
+from pipeline.providers.base import GeneratedImage, ProviderError
 from scorers.base import ModelNotFoundError, RandomWeightsError
 
 SIZE = "64x48"

@@ -27,8 +27,8 @@ from deployments.auth import Authenticator
 from deployments.ingress import Ingress
 from deployments.readiness import ReadinessCheck, StoreCheck, ping_object_store
 from deployments.signing import sign_url
-from pipeline.jobs import JobStore
-from pipeline.objectstore import open_store
+from pipeline.jobs.store import JobStore
+from pipeline.storage.factory import open_store
 from pipeline.tokens import mint_token
 from tests.test_events_routes import finished_job
 from tests.test_jobs import REQUEST

@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from deployments.api import create_api
 from deployments.auth import Authenticator, AuthSettings
 from deployments.events_api import EventRoutes
-from pipeline.jobs import JobStore, event_row
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.records import event_row
 from pipeline.tokens import mint_token
 from tests.test_jobs import REQUEST
 

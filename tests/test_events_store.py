@@ -9,8 +9,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipeline.jobs import FINAL_EVENT, JobStore, LeaseLost, event_row, jobs_table
-from pipeline.retention import RetentionSettings, sweep
+from pipeline.jobs.tables import FINAL_EVENT, jobs_table
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.leases import LeaseLost
+from pipeline.jobs.records import event_row
+from pipeline.jobs.retention import RetentionSettings, sweep
 from pipeline.schemas import ScenePlan, SceneResult
 from tests.test_jobs import REQUEST
 
@@ -96,7 +99,7 @@ def test_cancelled_without_a_runner_and_resumed_jobs_have_their_events(store):
 
 
 def test_retention_deletes_the_events_with_the_generation(store, tmp_path):
-    from pipeline.objectstore import LocalObjectStore
+    from pipeline.storage.objectstore import LocalObjectStore
 
     store.create("gen-1", "alice", REQUEST, offline=True)
     store.create("gen-2", "alice", REQUEST, offline=True)
@@ -109,7 +112,7 @@ def test_retention_deletes_the_events_with_the_generation(store, tmp_path):
     assert store.events_after("gen-1", None) is None
     with store.engine.connect() as conn:
         from sqlalchemy import func, select
-        from pipeline.jobs import events_table
+        from pipeline.jobs.tables import events_table
 
         left = conn.execute(select(events_table.c.generation_id, func.count()).group_by(events_table.c.generation_id)).all()
     assert [tuple(row) for row in left] == [("gen-2", 1)]

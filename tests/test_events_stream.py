@@ -1,4 +1,4 @@
-"""The SSE stream of pipeline/events.py without a server: frames in the text/event-stream
+"""The SSE stream of pipeline/jobs/events.py without a server: frames in the text/event-stream
 format, resumption after a seq, the end after the final status, keepalive comments while
 nothing happens, the time bound, and the list's cursor."""
 
@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from pipeline import events as sse
-from pipeline.jobs import EventPage, EventRecord
+from pipeline.jobs import events as sse
+from pipeline.jobs.records import EventPage, EventRecord
 
 AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 

@@ -19,13 +19,14 @@ import threading
 import pytest
 from PIL import Image
 
-from pipeline.jobs import JobStore
-from pipeline.objectstore import LocalObjectStore, open_store
-from pipeline.offline import OfflineChat, OfflineImages
-from pipeline.providers import GeneratedImage
+from pipeline.jobs.store import JobStore
+from pipeline.storage.objectstore import LocalObjectStore
+from pipeline.storage.factory import open_store
+from pipeline.providers.offline import OfflineChat, OfflineImages
+from pipeline.providers.base import GeneratedImage
 from pipeline.runner import Services
 from pipeline.schemas import GenerationRequest
-from pipeline.service import execute_job
+from pipeline.jobs.run import execute_job
 from pipeline.settings import PipelineSettings
 from pipeline.traces import TraceStore
 from tests.doubles import PixelScoring

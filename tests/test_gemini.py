@@ -10,11 +10,11 @@ import logging
 import pytest
 from PIL import Image
 
-from pipeline.artifacts import LocalArtifactStore
-from pipeline.factory import build_images, check_provider
-from pipeline.gemini import GeminiImages, aspect_ratio
-from pipeline.offline import OfflineChat, OfflineImages
-from pipeline.providers import ProviderError
+from pipeline.storage.objectstore import LocalObjectStore
+from pipeline.providers.factory import build_images, check_provider
+from pipeline.providers.gemini import GeminiImages, aspect_ratio
+from pipeline.providers.offline import OfflineChat, OfflineImages
+from pipeline.providers.base import ProviderError
 from pipeline.runner import Services, run_generation
 from pipeline.schemas import GenerationRequest
 from pipeline.settings import ImageSettings, PipelineSettings, RetrySettings
@@ -217,7 +217,7 @@ async def test_a_blocked_variation_is_recorded_and_the_generation_goes_on(server
     settings = PipelineSettings.offline(output=tmp_path)
     settings = settings.model_copy(update={"images": settings_for(server, seed=1)})
     images = GeminiImages(settings.images)
-    services = Services(chat=OfflineChat(), images=images, scoring=PixelScoring(), artifacts=LocalArtifactStore(settings.artifacts_dir))
+    services = Services(chat=OfflineChat(), images=images, scoring=PixelScoring(), artifacts=LocalObjectStore(settings.artifacts_dir))
     server.add_faults(Fault("blocked_candidate", reason="IMAGE_SAFETY"))
     request = GenerationRequest(prompt="A launch video for Aurora, a smart desk lamp", target_duration=9, advanced_image_num_variations=2)
     try:

@@ -20,7 +20,7 @@ from PIL import Image
 from deployments.scorer import TextImage
 from deployments.uploads import UploadLimits, normalize_image
 from pipeline.runner import _as_png
-from pipeline.scoring import decode_rgb
+from pipeline.ranking import decode_rgb
 from scorers.images import ImageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,8 +169,8 @@ def test_the_offline_renderer_takes_its_reference_through_the_intake():
     a provider error that names the problem, not a frame-1 guess or a full decode."""
     import asyncio
 
-    from pipeline.offline import OfflineImages
-    from pipeline.providers import ProviderError
+    from pipeline.providers.offline import OfflineImages
+    from pipeline.providers.base import ProviderError
     from pipeline.settings import ImageSettings
 
     images = OfflineImages(ImageSettings(provider="offline", size="96x64"))

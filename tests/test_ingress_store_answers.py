@@ -26,12 +26,12 @@ from deployments.api import create_api
 from deployments.args import AppArgs
 from deployments.auth import Authenticator, AuthSettings, mint_token
 from deployments.readiness import StoreCheck, ping_object_store
-from pipeline.jobs import JobStore
-from pipeline.objectstore import open_store
-from pipeline.openai_clients import OpenAIChat, OpenAIImages
+from pipeline.jobs.store import JobStore
+from pipeline.storage.factory import open_store
+from pipeline.providers.openai_clients import OpenAIChat, OpenAIImages
 from pipeline.runner import ProgressEvent, Services
 from pipeline.schemas import GenerationRequest
-from pipeline.service import execute_job
+from pipeline.jobs.run import execute_job
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings
 from tests.doubles import FakeOpenAIServer, PixelScoring
 

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 from sqlalchemy.exc import OperationalError
 
 from deployments.ingress import Ingress
-from pipeline.jobs import JobStore, Lease
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.leases import Lease
 
 
 class _Bare(Ingress.func_or_class):

@@ -1,4 +1,4 @@
-"""execute_job around a lease (pipeline/service.py), with the offline providers and pixel
+"""execute_job around a lease (pipeline/jobs/run.py), with the offline providers and pixel
 scoring: the stored user image is scene 1, best-effort progress, retried checkpoints,
 "all scenes checkpointed" means completed, lost leases write nothing, cancellation from the
 owner or from outside, resumption of a failed job."""
@@ -13,12 +13,13 @@ from PIL import Image
 from sqlalchemy.exc import OperationalError
 
 from pipeline import runner
-from pipeline.jobs import JobStore, jobs_table
-from pipeline.objectstore import LocalObjectStore
-from pipeline.offline import OfflineChat, OfflineImages
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.tables import jobs_table
+from pipeline.storage.objectstore import LocalObjectStore
+from pipeline.providers.offline import OfflineChat, OfflineImages
 from pipeline.runner import GenerationError, Services
 from pipeline.schemas import GenerationRequest
-from pipeline.service import execute_job, run_claimed
+from pipeline.jobs.run import execute_job, run_claimed
 from pipeline.settings import PipelineSettings
 from tests.doubles import PixelScoring
 from tests.waiting import until_settled
@@ -85,7 +86,7 @@ async def test_failing_progress_writes_never_fail_the_job(store, settings, monke
         raise locked()
 
     monkeypatch.setattr(store, "append_events", flaky_append)
-    monkeypatch.setattr("pipeline.service._EventWriter.RETRY_S", 0.01)
+    monkeypatch.setattr("pipeline.jobs.run._EventWriter.RETRY_S", 0.01)
     scenes = await execute_job(store, store.claim("runner-a", 30), services(settings), settings)
     assert failures and scenes is not None
     assert store.get("gen-1").status == "completed"
@@ -142,7 +143,7 @@ async def test_retryable_generation_error_says_the_job_can_be_resumed(store, set
         error.retryable = True
         raise error
 
-    monkeypatch.setattr("pipeline.service.run_generation", gone)
+    monkeypatch.setattr("pipeline.jobs.run.run_generation", gone)
     assert await execute_job(store, store.claim("runner-a", 30), services(settings), settings) is None
     error = store.get("gen-1").error
     assert error.startswith("scene 2: the image generator replica went away") and "resumed" in error

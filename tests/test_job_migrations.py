@@ -17,8 +17,9 @@ from sqlalchemy import (
     create_engine, insert, inspect,
 )
 
-from pipeline import migrations
-from pipeline.jobs import JobStore, metadata
+from pipeline.jobs import migrations
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.tables import metadata
 from tests.job_workers import open_store
 
 # The tables exactly as pipeline/jobs.py declared them before migrations (git 19b5182).
@@ -166,7 +167,7 @@ def test_0004_database_gets_the_event_log(url):
     from alembic import command
     from sqlalchemy import MetaData as Reflected
 
-    from pipeline.jobs import event_row
+    from pipeline.jobs.records import event_row
 
     engine = create_engine(url)
     with engine.begin() as conn:

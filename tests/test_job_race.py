@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pipeline.jobs import JobStore
-from pipeline.objectstore import LocalObjectStore
+from pipeline.jobs.store import JobStore
+from pipeline.storage.objectstore import LocalObjectStore
 from tests.job_workers import race, run_scene
 
 REQUEST = {"prompt": "A lighthouse keeper climbs the stairs at dawn", "target_duration": 15}

@@ -10,9 +10,11 @@ import pytest
 
 from datetime import datetime, timedelta, timezone
 
-from pipeline.jobs import JobNotFound, JobStore, Lease, LeaseLost
+from pipeline.jobs.records import JobNotFound
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.leases import Lease, LeaseLost
 from pipeline.schemas import GenerationRequest, GenerationStatus, SceneResult, ScenePlan
-from pipeline.status import to_status
+from pipeline.jobs.status import to_status
 
 REQUEST = GenerationRequest(
     prompt="A lighthouse keeper climbs the stairs at dawn",
@@ -323,7 +325,7 @@ def test_cancel_requested_job_whose_runner_died_ends_at_next_claim(store):
     store.request_cancel("gen-1", "alice")
     assert store.get("gen-1").status == "running"  # its runner may still be alive
     with store.engine.begin() as conn:  # the runner dies: its lease runs out
-        from pipeline.jobs import jobs_table
+        from pipeline.jobs.tables import jobs_table
 
         conn.execute(jobs_table.update().values(lease_expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
     assert store.claim("runner-b", 30) is None

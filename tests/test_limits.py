@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipeline.jobs import JobStore
-from pipeline.limits import AdmissionLimits, check_admission
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.limits import AdmissionLimits, check_admission
 from pipeline.schemas import GenerationRequest
 
 REQUEST = GenerationRequest(prompt="A lighthouse keeper's morning", target_duration=9).model_dump(mode="json")
@@ -140,7 +140,7 @@ def test_racing_submissions_hold_the_window_and_the_global_queue(url):
 def test_create_with_limits_refuses_with_the_refusal(tmp_path, where):
     """The admission inside `create` answers as `check_admission` does, in-memory SQLite (one
     shared connection) included, and a refused submission leaves no row and no event."""
-    from pipeline.limits import AdmissionRefused
+    from pipeline.jobs.limits import AdmissionRefused
 
     store = JobStore("sqlite://" if where == "memory" else f"sqlite:///{tmp_path}/jobs.db")
     limits = AdmissionLimits(max_active_per_user=2, max_submitted_per_window=100, max_unfinished=100, retry_after_s=5)
@@ -163,7 +163,7 @@ def test_racing_resumes_of_one_user_start_at_most_the_active_limit(url):
     PostgreSQL): the resume's admission is the same serialised transaction as a submission's."""
     import threading
 
-    from pipeline.limits import AdmissionRefused
+    from pipeline.jobs.limits import AdmissionRefused
 
     limits = AdmissionLimits(max_active_per_user=3, max_submitted_per_window=10, max_unfinished=100)
     store = JobStore(url)
@@ -202,7 +202,7 @@ def test_an_admission_waits_a_bounded_time_for_a_stuck_lock_holder(postgres_db):
     import psycopg
     from sqlalchemy.exc import OperationalError
 
-    from pipeline.jobs import _ADMISSION_LOCK
+    from pipeline.jobs.store import _ADMISSION_LOCK
 
     limits = AdmissionLimits()
     store = JobStore(postgres_db, admission_wait_s=0.5)

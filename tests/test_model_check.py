@@ -11,10 +11,10 @@ import pytest
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from pipeline.factory import build_chat, build_images, check_provider
-from pipeline.modelcheck import CheckedOpenAIChat, CheckedOpenAIImages
-from pipeline.offline import OfflineChat
-from pipeline.providers import ProviderError
+from pipeline.providers.factory import build_chat, build_images, check_provider
+from pipeline.providers.modelcheck import CheckedOpenAIChat, CheckedOpenAIImages
+from pipeline.providers.offline import OfflineChat
+from pipeline.providers.base import ProviderError
 from pipeline.settings import ImageSettings, LLMSettings, RetrySettings
 from tests.doubles import FakeOpenAIServer
 

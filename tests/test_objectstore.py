@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import LocalArtifactStore
-from pipeline.objectstore import (
+from pipeline.storage.objectstore import (
     ArtifactNotFound,
     LocalObjectStore,
     ObjectStore,
     ObjectStoreError,
     is_url,
-    open_store,
     stored_bytes,
 )
-from pipeline.s3store import S3ObjectStore
+from pipeline.storage.factory import open_store
+from pipeline.storage.s3 import S3ObjectStore
 from pipeline.settings import PipelineSettings, S3Settings, TraceSettings
 
 
@@ -136,7 +135,7 @@ def test_concurrent_puts_from_threads(store):
 
 
 def test_local_store_keeps_its_old_name_and_leaves_no_temporary_files(tmp_path):
-    store = LocalArtifactStore(tmp_path)
+    store = LocalObjectStore(tmp_path)
     store.put("g/a.png", b"x")
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["a.png"]
     assert store.url == tmp_path.absolute().as_uri()

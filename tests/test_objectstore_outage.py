@@ -15,13 +15,14 @@ import uuid
 
 import pytest
 
-from pipeline.jobs import JobStore
-from pipeline.objectstore import ObjectStoreError, ObjectStoreUnavailable, open_store
-from pipeline.openai_clients import OpenAIChat, OpenAIImages
+from pipeline.jobs.store import JobStore
+from pipeline.storage.objectstore import ObjectStoreError, ObjectStoreUnavailable
+from pipeline.storage.factory import open_store
+from pipeline.providers.openai_clients import OpenAIChat, OpenAIImages
 from pipeline.runner import ProgressEvent, Services
-from pipeline.s3store import S3ObjectStore
+from pipeline.storage.s3 import S3ObjectStore
 from pipeline.schemas import GenerationRequest
-from pipeline.service import execute_job
+from pipeline.jobs.run import execute_job
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings
 from tests.doubles import FakeOpenAIServer, PixelScoring
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.factory import build_chat, build_images, build_providers
-from pipeline.offline import OfflineChat, OfflineImages, render_offline_image
-from pipeline.openai_clients import OpenAIChat, OpenAIImages
-from pipeline.providers import ProviderError
-from pipeline.retry import backoff_delay, parse_retry_after, with_retries
+from pipeline.providers.factory import build_chat, build_images, build_providers
+from pipeline.providers.offline import OfflineChat, OfflineImages, render_offline_image
+from pipeline.providers.openai_clients import OpenAIChat, OpenAIImages
+from pipeline.providers.base import ProviderError
+from pipeline.providers.retry import backoff_delay, parse_retry_after, with_retries
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings
 from tests.doubles import FakeOpenAIServer, Fault
 

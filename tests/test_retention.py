@@ -9,10 +9,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from pipeline.artifacts import LocalObjectStore
-from pipeline.objectstore import open_store
-from pipeline.jobs import JobStore
-from pipeline.retention import RetentionSettings, sweep, sweep_orphans
+from pipeline.storage.objectstore import LocalObjectStore
+from pipeline.storage.factory import open_store
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.retention import RetentionSettings, sweep, sweep_orphans
 from pipeline.schemas import GenerationRequest
 
 REQUEST = GenerationRequest(prompt="A lighthouse keeper's morning", target_duration=9).model_dump(mode="json")

@@ -19,15 +19,15 @@ import pytest
 from PIL import Image
 
 from pipeline.agents import CINEMATOGRAPHER, PROMPT_ENGINEER
-from pipeline.artifacts import LocalArtifactStore
-from pipeline.jobs import JobStore
-from pipeline.openai_clients import OpenAIChat, OpenAIImages
+from pipeline.storage.objectstore import LocalObjectStore
+from pipeline.jobs.store import JobStore
+from pipeline.providers.openai_clients import OpenAIChat, OpenAIImages
 from pipeline.runner import GenerationError, ProgressEvent, Services, run_generation
 from pipeline.schemas import GenerationRequest, ScorerResult, SceneResult, VariationResult
-from pipeline.scoring import rank
-from pipeline.service import execute_job
+from pipeline.ranking import rank
+from pipeline.jobs.run import execute_job
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings
-from pipeline.status import to_status
+from pipeline.jobs.status import to_status
 from pipeline.storyboard import SYSTEM as STORYBOARD_SYSTEM
 from tests.doubles import FakeOpenAIServer, Fault, PixelScoring, RecordedRequest
 
@@ -74,7 +74,7 @@ def make_services(settings: PipelineSettings, scoring: PixelScoring | None = Non
         chat=OpenAIChat(settings.llm),
         images=OpenAIImages(settings.images),
         scoring=scoring or PixelScoring(),
-        artifacts=LocalArtifactStore(settings.artifacts_dir),
+        artifacts=LocalObjectStore(settings.artifacts_dir),
     )
 
 
@@ -333,7 +333,7 @@ async def test_traces_are_removed_after_completion_by_default(server, tmp_path):
     scenes = await run_generation(gid, request(), make_services(settings), settings, on_scene=on_scene)
     assert seen_during_run == [False, True, True, True]  # written while running ...
     assert not (settings.traces.root / gid).exists()  # ... and removed at completion
-    store = LocalArtifactStore(settings.artifacts_dir)
+    store = LocalObjectStore(settings.artifacts_dir)
     assert all(store.exists(s.reference_image_key) for s in scenes)  # images are artifacts, kept
 
 

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 import pipeline.runner as runner
-from pipeline.artifacts import LocalArtifactStore
-from pipeline.providers import GeneratedImage, ProviderError
+from pipeline.storage.objectstore import LocalObjectStore
+from pipeline.providers.base import GeneratedImage, ProviderError
 from pipeline.runner import GenerationError, ProgressEvent, Services, run_generation
 from pipeline.schemas import GenerationRequest, ScenePlan
 from pipeline.settings import PipelineSettings, TraceSettings
@@ -110,7 +110,7 @@ def services_for(tmp_path, chat, images=None, scoring=None, artifacts=None) -> S
         chat=chat,
         images=images or GatedImages([]),
         scoring=scoring or PixelScoring(),
-        artifacts=artifacts or LocalArtifactStore(tmp_path / "artifacts"),
+        artifacts=artifacts or LocalObjectStore(tmp_path / "artifacts"),
     )
 
 
@@ -152,7 +152,7 @@ async def test_a_failing_variation_write_cancels_the_other_variations(tmp_path):
     before = asyncio.all_tasks()
     log: list = []
 
-    class FailingStore(LocalArtifactStore):
+    class FailingStore(LocalObjectStore):
         def put(self, key, data):
             if key.endswith("variation_2.png"):
                 log.append(("raised", 2))
@@ -321,7 +321,7 @@ async def test_writes_run_in_worker_threads_images_precede_the_checkpoint_and_tr
     loop_thread = threading.get_ident()
     calls: list[tuple[str, bool]] = []
 
-    class RecordingStore(LocalArtifactStore):
+    class RecordingStore(LocalObjectStore):
         def put(self, key, data):
             calls.append(("put", threading.get_ident() == loop_thread))
             return super().put(key, data)
@@ -365,7 +365,7 @@ async def test_writes_run_in_worker_threads_images_precede_the_checkpoint_and_tr
 async def test_a_cancelled_generation_ends_only_after_its_write_in_progress_has_landed(tmp_path):
     entered, proceed = threading.Event(), threading.Event()
 
-    class SlowStore(LocalArtifactStore):
+    class SlowStore(LocalObjectStore):
         def put(self, key, data):
             entered.set()
             proceed.wait(30)

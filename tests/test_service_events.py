@@ -1,4 +1,4 @@
-"""execute_job writes every runner event to the job's event log (pipeline/service.py): in the
+"""execute_job writes every runner event to the job's event log (pipeline/jobs/run.py): in the
 runner's order, with the detail the SSE stream and the viewer show, closed by the final status
 event for completed, failed and cancelled jobs; a failing event write never fails the job."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from pipeline.jobs import FINAL_EVENT
-from pipeline.offline import OfflineImages
-from pipeline.providers import ProviderError
-from pipeline.service import execute_job
+from pipeline.jobs.tables import FINAL_EVENT
+from pipeline.providers.offline import OfflineImages
+from pipeline.providers.base import ProviderError
+from pipeline.jobs.run import execute_job
 from tests.test_job_lifecycle import REQUEST, locked, services, settings, store  # noqa: F401 (fixtures)
 
 
@@ -93,7 +93,7 @@ async def test_failing_event_writes_never_fail_the_job(store, settings, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(store, "append_events", sometimes_locked)
-    monkeypatch.setattr("pipeline.service._EventWriter.RETRY_S", 0.01)
+    monkeypatch.setattr("pipeline.jobs.run._EventWriter.RETRY_S", 0.01)
     assert await execute_job(store, store.claim("runner-a", 30), services(settings), settings) is not None
     events = store.events_after("gen-1", "alice").events
     assert len(calls) > 2 and events[-1].kind == FINAL_EVENT  # retried: every event landed in order

@@ -1,5 +1,5 @@
 """Job-store outages against a real PostgreSQL server stopped and restarted inside the test
-(pipeline/service.py): an outage shorter than the documented bound loses nothing and needs no
+(pipeline/jobs/run.py): an outage shorter than the documented bound loses nothing and needs no
 user action, a longer one ends the job resumable (never an internal error), a final status that
 cannot land leaves the job to lease takeover, and events lost on the way are announced by a
 `gap` event, never dropped silently.
@@ -15,8 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.jobs import FINAL_EVENT, JobStore
-from pipeline.service import GAP_EVENT, execute_job, run_claimed
+from pipeline.jobs.tables import FINAL_EVENT
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.run import GAP_EVENT, execute_job, run_claimed
 from tests.test_job_lifecycle import REQUEST, locked, services, settings  # noqa: F401 (fixture)
 from tests.test_job_lifecycle import store as sqlite_store  # noqa: F401 (fixture)
 
@@ -167,7 +168,7 @@ async def test_events_the_store_could_not_take_are_announced_by_a_gap(sqlite_sto
         return real(*args, **kwargs)
 
     monkeypatch.setattr(store, "append_events", locked_at_first)
-    monkeypatch.setattr("pipeline.service._EventWriter.RETRY_S", 0.01)
+    monkeypatch.setattr("pipeline.jobs.run._EventWriter.RETRY_S", 0.01)
     seen: list = []
     scenes = await execute_job(
         store, store.claim("runner-a", 30), services(settings), settings, store_outage_s=0.05, on_event=seen.append,
@@ -202,7 +203,7 @@ async def test_readiness_reports_a_job_store_that_cannot_be_reached(pg, tmp_path
     """GET /api/ready's store check (deployments/readiness.py) with the server stopped: not
     ready, naming the job store; ready again once it is back."""
     from deployments.readiness import StoreCheck, ping_object_store
-    from pipeline.objectstore import LocalObjectStore
+    from pipeline.storage.objectstore import LocalObjectStore
 
     cluster, store = pg
     check = StoreCheck(
@@ -250,8 +251,8 @@ async def _ready():
 async def test_the_event_stream_waits_out_a_job_store_outage(pg):
     """An SSE stream open while the server stops: it says so in a comment line instead of
     breaking, and once the server is back it sends the events written meanwhile, in order."""
-    from pipeline import events as sse
-    from pipeline.jobs import event_row
+    from pipeline.jobs import events as sse
+    from pipeline.jobs.records import event_row
 
     cluster, store = pg
     store.create("gen-1", "alice", REQUEST, offline=True)

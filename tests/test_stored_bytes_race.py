@@ -4,7 +4,7 @@ stores while the sweep runs; a FileNotFoundError there silently ended its sampli
 
 from __future__ import annotations
 
-from pipeline.objectstore import LocalObjectStore, stored_bytes
+from pipeline.storage.objectstore import LocalObjectStore, stored_bytes
 
 
 class SweptWhileListed(LocalObjectStore):

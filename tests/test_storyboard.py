@@ -115,7 +115,7 @@ async def test_no_sheet_means_no_markers_and_markers_can_be_switched_off():
 
 
 async def test_the_offline_planner_writes_a_sheet():
-    from pipeline.offline import OfflineChat
+    from pipeline.providers.offline import OfflineChat
 
     plan = await plan_storyboard(OfflineChat(), "A launch video for Aurora, a smart desk lamp", 20, retries=0)
     sheet = plan[0].sheet

@@ -13,9 +13,9 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from pipeline.offline import offline_reply
-from pipeline.openai_clients import OpenAIChat
-from pipeline.providers import ProviderError
+from pipeline.providers.offline import offline_reply
+from pipeline.providers.openai_clients import OpenAIChat
+from pipeline.providers.base import ProviderError
 from pipeline.runner import run_generation
 from pipeline.schemas import CinematographerOutput, PromptReview, StoryboardOutput
 from pipeline.settings import LLMSettings, RetrySettings

@@ -13,8 +13,9 @@ import random
 import pytest
 from PIL import Image
 
-from pipeline.objectstore import ArtifactNotFound, LocalObjectStore, open_store, stored_bytes
-from pipeline.offline import OfflineChat, OfflineImages
+from pipeline.storage.objectstore import ArtifactNotFound, LocalObjectStore, stored_bytes
+from pipeline.storage.factory import open_store
+from pipeline.providers.offline import OfflineChat, OfflineImages
 from pipeline.runner import Services, run_generation
 from pipeline.schemas import (
     DimensionScores,

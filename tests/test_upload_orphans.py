@@ -17,8 +17,9 @@ from sqlalchemy.exc import OperationalError
 
 from deployments.args import AppArgs
 from deployments.ingress import Ingress
-from pipeline.jobs import JobStore
-from pipeline.objectstore import LocalObjectStore, open_store
+from pipeline.jobs.store import JobStore
+from pipeline.storage.objectstore import LocalObjectStore
+from pipeline.storage.factory import open_store
 from pipeline.schemas import GenerationRequest
 
 READY = SimpleNamespace(ready=True, ok=True)

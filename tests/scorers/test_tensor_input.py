@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from benchmarks.input_path import compare, photo_like, pil_pixels, provider_images
 from pipeline.schemas import ScorerResult
-from pipeline.scoring import LocalConsistency, LocalScoring, decode_input
+from pipeline.ranking import LocalConsistency, LocalScoring, decode_input
 from pipeline.settings import ScoringSettings
 from scorers.images import (
     ImageError,

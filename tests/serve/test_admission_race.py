@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from pipeline.jobs import JobStore
+from pipeline.jobs.store import JobStore
 from tests.serve.conftest import auth
 from tests.serve.test_lifecycle_http import LONGEST
 

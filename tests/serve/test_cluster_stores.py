@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from pipeline.jobs import JobStore
+from pipeline.jobs.store import JobStore
 from tests.seaweed import KEY_ENV, SECRET_ENV
 from tests.serve.conftest import CPU_ONLY, auth, wait_done, wait_healthy
 

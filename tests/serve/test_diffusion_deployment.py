@@ -11,7 +11,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.providers import ProviderError
+from pipeline.providers.base import ProviderError
 
 APP = "diffusion"
 SETTINGS = {"size": "64x48", "steps": 2, "strength": 0.5, "guidance_scale": 2.0, "seed": 7,

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from pipeline.artifacts import open_store
-from pipeline.jobs import JobStore
+from pipeline.storage.factory import open_store
+from pipeline.jobs.store import JobStore
 from tests.serve.conftest import auth, wait_done
 
 pytestmark = pytest.mark.serve

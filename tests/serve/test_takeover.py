@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from pipeline.artifacts import open_store
-from pipeline.jobs import JobStore
+from pipeline.storage.factory import open_store
+from pipeline.jobs.store import JobStore
 from pipeline.schemas import GenerationRequest
 from tests.serve.conftest import auth, wait_done, wait_healthy
 

@@ -4,13 +4,13 @@ never asks for the other's API key.
 
 Real providers have `check()`: the Serve layer calls `check_provider` at replica start so a
 retired or unknown model id fails there, with the vendor's message and the setting to change
-(pipeline/modelcheck.py), instead of in the first generation."""
+(pipeline/providers/modelcheck.py), instead of in the first generation."""
 
 from __future__ import annotations
 
-from pipeline.modelcheck import CheckedOpenAIChat, CheckedOpenAIImages
-from pipeline.offline import OfflineChat, OfflineImages
-from pipeline.providers import ChatModel, ImageProvider, ProviderError
+from pipeline.providers.modelcheck import CheckedOpenAIChat, CheckedOpenAIImages
+from pipeline.providers.offline import OfflineChat, OfflineImages
+from pipeline.providers.base import ChatModel, ImageProvider, ProviderError
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings
 
 
@@ -28,13 +28,13 @@ def build_images(settings: ImageSettings) -> ImageProvider:
     if settings.provider == "offline":
         return OfflineImages(settings)
     if settings.provider == "gemini":
-        from pipeline.gemini import GeminiImages  # google-genai is imported only when chosen
+        from pipeline.providers.gemini import GeminiImages  # google-genai is imported only when chosen
 
         return GeminiImages(settings)
     if settings.provider == "openai":
         return CheckedOpenAIImages(settings)
     if settings.provider == "diffusers":  # in this process (the CLI); under Serve: deployments/diffusion.py
-        from pipeline.diffusion import DiffusionImages
+        from pipeline.providers.diffusers.engine import DiffusionImages
 
         return DiffusionImages(settings.diffusion)
     # Never fall through to another vendor's client.

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import openai
 
-from pipeline.providers import ProviderError
+from pipeline.providers.base import ProviderError
 from pipeline.settings import RetrySettings
 from pipeline.telemetry import hooks
 

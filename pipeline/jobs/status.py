@@ -1,9 +1,9 @@
 """The HTTP status shape (`GET /api/status/{id}`, also `sceneref generate --json`), built from
 what the job store holds.
 
-It lives beside the API rather than in `pipeline.jobs`, so the database layer only stores and
-loads jobs and scenes, and the shape the clients see is written in one place that both the
-ingress and the CLI use. `pipeline.jobs.to_status` stays as a re-export for old callers.
+It lives beside the store rather than in it (`pipeline.jobs.store`), so the database layer only
+stores and loads jobs and scenes, and the shape the clients see is written in one place that
+both the ingress and the CLI use.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 from pipeline.costs import combine, generation_timing
 from pipeline.schemas import AdvancedImageSettings, GenerationStatus, SceneResult, StoryboardPlan
 
-if TYPE_CHECKING:  # pipeline.jobs re-exports to_status, so import it only for type checking
-    from pipeline.jobs import JobRecord
+if TYPE_CHECKING:
+    from pipeline.jobs.records import JobRecord
 
 
 def to_status(

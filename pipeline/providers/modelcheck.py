@@ -5,16 +5,16 @@ middle of a generation. Two places turn it into an instruction: `check()` at rep
 Serve layer calls it, so a retired id fails the deployment with the vendor's words and the
 setting to change, before any job is accepted), and every call (a 404 becomes a non-retryable
 ProviderError naming the model id and the setting). The OpenAI-compatible providers gain both
-here, by subclassing, so pipeline/openai_clients.py stays the plain client.
+here, by subclassing, so pipeline/providers/openai_clients.py stays the plain client.
 """
 
 from __future__ import annotations
 
 import logging
 
-from pipeline.openai_clients import OpenAIChat, OpenAIImages
-from pipeline.providers import ChatTask, GeneratedImage, ProviderError
-from pipeline.retry import with_retries
+from pipeline.providers.openai_clients import OpenAIChat, OpenAIImages
+from pipeline.providers.base import ChatTask, GeneratedImage, ProviderError
+from pipeline.providers.retry import with_retries
 from pipeline.settings import ImageSettings, LLMSettings
 
 logger = logging.getLogger("sceneref.providers")

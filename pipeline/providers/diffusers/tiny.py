@@ -1,6 +1,6 @@
 """A tiny Stable-Diffusion-shaped pipeline with random weights, built from configs with the real
 classes and saved with save_pretrained, so CPU tests and the offline config load it through the
-same code as a real checkpoint (pipeline.diffusion.load_pipelines). Its images are noise; the
+same code as a real checkpoint (pipeline.providers.diffusers.loading.load_pipelines). Its images are noise; the
 folder carries a RANDOM_WEIGHTS marker so the engine records that in every image's metadata.
 """
 
@@ -27,7 +27,7 @@ def build_tiny_pipeline(target: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         _build(work)
-        (work / RANDOM_WEIGHTS).write_text("random weights on purpose: pipeline.diffusion_tiny (tests, offline demo)\n")
+        (work / RANDOM_WEIGHTS).write_text("random weights on purpose: pipeline.providers.diffusers.tiny (tests, offline demo)\n")
         if target.exists() and not (target / RANDOM_WEIGHTS).exists():
             shutil.rmtree(target, ignore_errors=True)
         try:

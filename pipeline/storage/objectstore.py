@@ -1,4 +1,5 @@
-"""Object stores for artifacts and trace files, chosen by URL.
+"""Object stores for artifacts and trace files: the protocol, its errors and key rules, and the
+local store. `pipeline.storage.factory.open_store` chooses a store by URL.
 
 A plain path or `file:///abs/path` is a directory on this node (one machine); `s3://bucket/prefix`
 is S3-compatible object storage (a cluster: every replica on every node sees the same objects).
@@ -15,15 +16,10 @@ import errno
 import os
 import re
 import tempfile
-import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-from urllib.parse import unquote, urlparse
-
-if TYPE_CHECKING:
-    from pipeline.settings import S3Settings
+from typing import Protocol, runtime_checkable
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -229,43 +225,6 @@ def stored_bytes(*stores: ObjectStore, prefix: str = "") -> int:
     once. This is what retention and the `traces.keep` figures measure."""
     seen: set = set()
     return sum(store.stored_bytes(prefix, seen) for store in stores)
-
-
-_cache: dict[tuple[str, str], ObjectStore] = {}
-_cache_lock = threading.Lock()
-
-
-def open_store(url: str | Path, s3: S3Settings | None = None) -> ObjectStore:
-    """The store for a configured location: a Path, a plain path string or `file:///abs/path`
-    gives a LocalObjectStore; `s3://bucket/prefix` an S3ObjectStore (endpoint and credentials
-    from `s3`, else the environment). S3 stores are shared per (URL, settings): a boto3 client
-    is thread-safe and costly to build, and checking the bucket is a round trip."""
-    if isinstance(url, Path) or not is_url(url):
-        return LocalObjectStore(url)
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise ObjectStoreError(f"{url}: a file URL names this machine's files: file:///abs/path")
-        return LocalObjectStore(unquote(parsed.path))
-    if parsed.scheme != "s3":
-        raise ObjectStoreError(f"unsupported store URL {url!r}: use a path, file:///abs/path or s3://bucket/prefix")
-    from pipeline.s3store import S3ObjectStore  # boto3 is only imported where S3 is configured
-    from pipeline.settings import S3Settings
-
-    s3 = s3 or S3Settings()
-    cache_key = (url, s3.model_dump_json())
-    with _cache_lock:
-        store = _cache.get(cache_key)
-        if store is None:
-            store = _cache[cache_key] = S3ObjectStore(parsed.netloc, parsed.path, s3)
-        return store
-
-
-def as_store(store_or_root: ObjectStore | str | Path, s3: S3Settings | None = None) -> ObjectStore:
-    """Callers may hand over a store or a location (the settings' path or URL)."""
-    if isinstance(store_or_root, (str, Path)):
-        return open_store(store_or_root, s3)
-    return store_or_root
 
 
 def _unlink(path: str | Path) -> None:

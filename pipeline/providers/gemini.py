@@ -9,7 +9,7 @@ the aspect ratio, a candidate count and a (best-effort) seed.
 - The seed is sent in generationConfig and recorded in the metadata with the model, the finish
   reason and the response id. Gemini documents its seed as best-effort: the same seed may still
   give a different image, so it is provenance, not a reproducibility promise.
-- Retries are ours (pipeline.retry), the SDK's are off (attempts=1), as with the openai client:
+- Retries are ours (pipeline.providers.retry), the SDK's are off (attempts=1), as with the openai client:
   429 waits for Retry-After, 5xx and timeouts back off, and the attempts are counted.
 - A prompt or image the safety filters block is a non-retryable ProviderError naming the block
   reason: the runner records it as that variation's error and the scene goes on with the others.
@@ -28,9 +28,9 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from scorers.images import PROVIDER_ANSWER, sniff_image_type, to_png
 
-from pipeline.modelcheck import IMAGE_MODEL_SETTING, unknown_model
-from pipeline.providers import GeneratedImage, ProviderError
-from pipeline.retry import RETRYABLE_STATUS, Failure, classify, parse_retry_after, with_retries
+from pipeline.providers.modelcheck import IMAGE_MODEL_SETTING, unknown_model
+from pipeline.providers.base import GeneratedImage, ProviderError
+from pipeline.providers.retry import RETRYABLE_STATUS, Failure, classify, parse_retry_after, with_retries
 from pipeline.settings import ImageSettings
 
 try:  # the SDK's async transport when installed (Ray brings it); httpx otherwise
@@ -95,7 +95,7 @@ class GeminiImages:
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
 
     def classify(self, error: BaseException) -> Failure | None:
-        """SDK and transport errors in pipeline.retry's terms; a 404 names the model setting."""
+        """SDK and transport errors in pipeline.providers.retry's terms; a 404 names the model setting."""
         if isinstance(error, genai_errors.APIError):
             code = error.code
             retryable = code in RETRYABLE_STATUS or (code or 0) >= 500

@@ -1,5 +1,6 @@
-"""Job store: one row per generation and one per finished scene, over any SQLAlchemy URL
-(SQLite for one machine, PostgreSQL via psycopg 3 for clusters).
+"""Job store, its queries: one row per generation and one per finished scene, over any SQLAlchemy
+URL (SQLite for one machine, PostgreSQL via psycopg 3 for clusters). The tables are in
+`tables.py`, the leases and their fencing in `leases.py`, the records it returns in `records.py`.
 
 Jobs are *claimed* with a lease, not just found: `claim` is an atomic compare-and-set on the
 row's `lease_token`, so across any number of processes a job runs in one runner at a time, and
@@ -14,7 +15,7 @@ event goes to the generation's event log (`events`, numbered by `seq` from 1), s
 streams a generation's progress and a reconnecting client asks for what came after its last
 event; the final status event is written in the same transaction as the final status, so a
 reader that sees a finished job also sees its last event. The schema is
-managed by Alembic (`pipeline/migrations`) and upgraded when a store opens. Methods are
+managed by Alembic (`pipeline/jobs/migrations`) and upgraded when a store opens. Methods are
 synchronous and thread-safe; async callers run them in a worker thread.
 """
 
@@ -24,30 +25,15 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy import (
-    JSON,
-    Boolean,
-    CheckConstraint,
-    Column,
-    DateTime,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
     and_,
     create_engine,
     delete,
     event,
-    false,
     func,
     insert,
     literal,
@@ -58,191 +44,19 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from pipeline.limits import AdmissionLimits, AdmissionRefused, check_admission
-from pipeline.schemas import (
-    GenerationRequest,
-    SceneResult,
-    ScenePlan,
-    Status,
-)
-from pipeline.status import to_status  # noqa: F401  (the status shape moved out; kept for old callers)
+from pipeline.jobs.leases import Lease, LeaseLost, fenced, no_live_lease
+from pipeline.jobs.limits import AdmissionLimits, AdmissionRefused, check_admission
+from pipeline.jobs.records import EventPage, EventRecord, GenerationSummary, JobNotFound, JobRecord, event_row
+from pipeline.jobs.tables import FINAL_EVENT, FINISHED, STATUSES, UNFINISHED, events_table, jobs_table, scenes_table
+from pipeline.schemas import SceneResult, ScenePlan, Status
 
 log = logging.getLogger("sceneref.jobs")
 
 DEFAULT_URL = "sqlite:///output/sceneref.db"
-STATUSES: tuple[str, ...] = ("queued", "running", "completed", "failed", "cancelled")
-UNFINISHED: tuple[str, ...] = ("queued", "running")
-FINISHED: tuple[str, ...] = ("completed", "failed", "cancelled")
 # How many candidates one claim looks at; losing a race on one just moves to the next.
 _CLAIM_CANDIDATES = 16
 # The PostgreSQL advisory lock (a bigint of our choosing) that serialises admissions.
 _ADMISSION_LOCK = 0x5CE4E4EF_AD
-
-metadata = MetaData()
-
-jobs_table = Table(
-    "jobs",
-    metadata,
-    Column("generation_id", String(64), primary_key=True),
-    # The token's `sub`, which a JWT does not bound: TEXT, indexed by hash on PostgreSQL, whose
-    # btree entries may not exceed about 2.7 kB (every owner query is an equality). Migration 0004.
-    Column("owner", Text, nullable=False),
-    Column("status", String(16), nullable=False, index=True),
-    Column("progress", Integer, nullable=False, default=0),
-    Column("stage", String(64), nullable=False, default="queued"),
-    Column("request", JSON, nullable=False),
-    Column("storyboard", JSON(none_as_null=True), nullable=True),
-    Column("error", Text, nullable=True),
-    Column("offline", Boolean, nullable=False, default=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("reference_key", String(1024), nullable=True),
-    Column("lease_holder", String(255), nullable=True),
-    Column("lease_expires_at", DateTime(timezone=True), nullable=True),
-    Column("lease_token", Integer, nullable=False, default=0, server_default="0"),
-    Column("cancel_requested", Boolean, nullable=False, default=False, server_default=false()),
-    Column("finished_at", DateTime(timezone=True), nullable=True, index=True),
-    Column("traces_removed_at", DateTime(timezone=True), nullable=True),
-    CheckConstraint(
-        "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')", name="ck_jobs_status"
-    ),
-    CheckConstraint("progress >= 0 AND progress <= 100", name="ck_jobs_progress"),
-    Index("ix_jobs_owner", "owner", postgresql_using="hash"),
-)
-
-scenes_table = Table(
-    "scenes",
-    metadata,
-    Column(
-        "generation_id",
-        String(64),
-        ForeignKey("jobs.generation_id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    Column("scene_number", Integer, primary_key=True),
-    Column("result", JSON, nullable=False),
-    Column("completed_at", DateTime(timezone=True), nullable=False),
-)
-
-
-# A generation's progress events in order (migration 0005). `kind` says what happened (planning,
-# iteration, variation, scored, selected, status, ...), `stage` is the job's stage at the time.
-events_table = Table(
-    "events",
-    metadata,
-    Column(
-        "generation_id",
-        String(64),
-        ForeignKey("jobs.generation_id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    Column("seq", Integer, primary_key=True, autoincrement=False),
-    Column("at", DateTime(timezone=True), nullable=False),
-    Column("kind", String(32), nullable=False),
-    Column("stage", String(64), nullable=False),
-    Column("progress", Integer, nullable=False),
-    Column("scene", Integer, nullable=True),
-    Column("message", Text, nullable=False),
-    Column("data", JSON, nullable=False),
-)
-# The kind of the event that closes a run: written with the final status (completed, failed,
-# cancelled), in the same transaction.
-FINAL_EVENT = "status"
-
-
-class JobNotFound(KeyError):
-    pass
-
-
-class LeaseLost(RuntimeError):
-    """The job's lease now belongs to someone else (or was given up): stop, write nothing."""
-
-
-@dataclass(frozen=True)
-class Lease:
-    generation_id: str
-    holder: str
-    token: int
-    expires_at: datetime
-
-
-class JobRecord(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    generation_id: str
-    owner: str
-    status: Status
-    progress: int
-    stage: str
-    request: dict[str, Any]
-    storyboard: list[ScenePlan] | None = None
-    error: str | None = None
-    offline: bool = False
-    created_at: datetime
-    updated_at: datetime
-    reference_key: str | None = None
-    lease_holder: str | None = None
-    lease_expires_at: datetime | None = None
-    lease_token: int = 0
-    cancel_requested: bool = False
-    finished_at: datetime | None = None
-    traces_removed_at: datetime | None = None
-
-    def generation_request(self) -> GenerationRequest:
-        return GenerationRequest.model_validate(self.request)
-
-
-class EventRecord(BaseModel):
-    """One stored progress event."""
-
-    model_config = ConfigDict(frozen=True)
-
-    seq: int
-    at: datetime
-    kind: str
-    stage: str
-    progress: int
-    scene: int | None = None
-    message: str = ""
-    data: dict[str, Any] = {}
-
-
-@dataclass(frozen=True)
-class EventPage:
-    """Events after a point, and the job's status read *before* them: when that status is
-    final, the final status event is among the events or earlier (it is committed with it)."""
-
-    status: Status
-    events: list[EventRecord]
-
-
-class GenerationSummary(BaseModel):
-    """One line of a user's list of generations."""
-
-    model_config = ConfigDict(frozen=True)
-
-    generation_id: str
-    status: Status
-    stage: str
-    progress: int
-    prompt: str
-    created_at: datetime
-    finished_at: datetime | None = None
-    scene_count: int | None = None  # planned scenes; None before the storyboard exists
-    scenes_completed: int = 0
-    error: str | None = None
-    offline: bool = False
-
-
-def event_row(
-    kind: str, stage: str, progress: int, message: str = "", *, scene: int | None = None,
-    data: dict | None = None, at: datetime | None = None,
-) -> dict[str, Any]:
-    """An event as `append_events` takes it."""
-    return {
-        "kind": kind, "stage": stage, "progress": int(progress), "message": message, "scene": scene,
-        "data": data or {}, "at": at or _now(),
-    }
 
 
 def _now() -> datetime:
@@ -283,25 +97,13 @@ def _make_engine(url: str) -> Engine:
     return engine
 
 
-def _no_live_lease(now: datetime):
-    c = jobs_table.c
-    return or_(c.lease_holder.is_(None), c.lease_expires_at.is_(None), c.lease_expires_at < now)
-
-
-def _fenced(lease: Lease):
-    """The row still belongs to this lease: same token, holder not released."""
-    c = jobs_table.c
-    return and_(
-        c.generation_id == lease.generation_id, c.lease_token == lease.token, c.lease_holder == lease.holder
-    )
-
 
 class JobStore:
     def __init__(self, url: str = DEFAULT_URL, *, admission_wait_s: float = 10.0):
         """`admission_wait_s`: how long an admission waits for the admission lock on PostgreSQL
         before it gives up with the store's temporary error (a 503 with Retry-After), so a
         stuck holder cannot hang every submission (SQLite's writers wait `busy_timeout`)."""
-        from pipeline.migrations import upgrade
+        from pipeline.jobs.migrations import upgrade
 
         self.url = url
         self.admission_wait_s = admission_wait_s
@@ -425,7 +227,7 @@ class JobStore:
             values["error"] = None
         if storyboard is not None:
             values["storyboard"] = [ScenePlan.model_validate(s).model_dump(mode="json") for s in storyboard]
-        where = _fenced(lease) if lease else jobs_table.c.generation_id == generation_id
+        where = fenced(lease) if lease else jobs_table.c.generation_id == generation_id
         if lease and lease.generation_id != generation_id:
             raise ValueError("lease is for another job")
         with self._write() as conn:
@@ -457,7 +259,7 @@ class JobStore:
         while True:
             now = _now()
             query = select(c.generation_id, c.lease_token).where(
-                c.status.in_(UNFINISHED), c.cancel_requested.is_(False), _no_live_lease(now)
+                c.status.in_(UNFINISHED), c.cancel_requested.is_(False), no_live_lease(now)
             )
             if generation_id is not None:
                 query = query.where(c.generation_id == generation_id)
@@ -474,7 +276,7 @@ class JobStore:
                             c.lease_token == seen,
                             c.status.in_(UNFINISHED),
                             c.cancel_requested.is_(False),
-                            _no_live_lease(now),
+                            no_live_lease(now),
                         )
                         .values(
                             status="running",
@@ -493,7 +295,7 @@ class JobStore:
         expires = _now() + timedelta(seconds=lease_s)
         with self._write() as conn:
             changed = conn.execute(
-                update(jobs_table).where(_fenced(lease)).values(lease_expires_at=expires)
+                update(jobs_table).where(fenced(lease)).values(lease_expires_at=expires)
             ).rowcount
             if changed == 0:
                 raise self._missing_or_lost(conn, lease.generation_id, lease)
@@ -506,7 +308,7 @@ class JobStore:
         with self._write() as conn:
             changed = conn.execute(
                 update(jobs_table)
-                .where(_fenced(lease))
+                .where(fenced(lease))
                 .values(lease_holder=None, lease_expires_at=None, updated_at=_now())
             ).rowcount
             if changed == 0:
@@ -570,7 +372,7 @@ class JobStore:
     def _end_cancelled(self, conn: Connection, now: datetime, generation_id: str | None = None) -> None:
         c = jobs_table.c
         statement = update(jobs_table).where(
-            c.status.in_(UNFINISHED), c.cancel_requested.is_(True), _no_live_lease(now)
+            c.status.in_(UNFINISHED), c.cancel_requested.is_(True), no_live_lease(now)
         )
         if generation_id is not None:
             statement = statement.where(c.generation_id == generation_id)
@@ -715,7 +517,7 @@ class JobStore:
         """
         c = jobs_table.c
         now = _now()
-        where = _fenced(lease) if lease else c.generation_id == generation_id
+        where = fenced(lease) if lease else c.generation_id == generation_id
         if lease and lease.generation_id != generation_id:
             raise ValueError("lease is for another job")
         result = scene.model_dump(mode="json")
@@ -775,7 +577,7 @@ class JobStore:
             values["progress"] = int(progress)
         if stage is not None:
             values["stage"] = stage
-        where = _fenced(lease) if lease else jobs_table.c.generation_id == generation_id
+        where = fenced(lease) if lease else jobs_table.c.generation_id == generation_id
         with self._write() as conn:
             # The job row first: it takes the row lock (PostgreSQL) that numbers one job's
             # events without gaps or duplicates, and fences the write.
@@ -841,7 +643,7 @@ class JobStore:
 
 
 class _Counts:
-    """The counts admission reads (`pipeline.limits.check_admission`), on one connection: inside
+    """The counts admission reads (`pipeline.jobs.limits.check_admission`), on one connection: inside
     the admission transaction they cannot change before its insert commits."""
 
     def __init__(self, conn: Connection):

@@ -6,10 +6,10 @@ pipeline can tell: valid JSON in the agents' convention (the last user message i
 of inputs), a critique loop that improves over iterations, and images that visibly depend on the
 prompt, the variation and the reference image. Everything it makes is labelled offline.
 
-The names are re-exported here so `from pipeline.offline import OfflineChat` keeps working.
+The names are re-exported here so `from pipeline.providers.offline import OfflineChat` keeps working.
 """
 
-from pipeline.offline.agents import (
+from pipeline.providers.offline.agents import (
     ASPECTS,
     OfflineChat,
     brand_words,
@@ -22,8 +22,8 @@ from pipeline.offline.agents import (
     storyboard,
     subject_of,
 )
-from pipeline.offline.common import stable_hash
-from pipeline.offline.images import OFFLINE_LABEL, OfflineImages, render_offline_image
+from pipeline.providers.offline.common import stable_hash
+from pipeline.providers.offline.images import OFFLINE_LABEL, OfflineImages, render_offline_image
 
 __all__ = [
     "ASPECTS", "OFFLINE_LABEL", "OfflineChat", "OfflineImages", "brand_words", "cinematographer",

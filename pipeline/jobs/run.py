@@ -37,7 +37,9 @@ from typing import Any, Awaitable, Callable
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from pipeline.jobs import JobNotFound, JobStore, Lease, LeaseLost, event_row
+from pipeline.jobs.records import JobNotFound, event_row
+from pipeline.jobs.store import JobStore
+from pipeline.jobs.leases import Lease, LeaseLost
 from pipeline.runner import GenerationError, ProgressEvent, Services, run_generation
 from pipeline.schemas import SceneResult
 from pipeline.settings import PipelineSettings

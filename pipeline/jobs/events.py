@@ -29,7 +29,8 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from pipeline.jobs import FINISHED, EventPage, EventRecord
+from pipeline.jobs.tables import FINISHED
+from pipeline.jobs.records import EventPage, EventRecord
 
 PAGE = 100  # events per read
 RETRY_MS = 2000  # how soon EventSource reconnects after the stream ends (the `retry:` field)

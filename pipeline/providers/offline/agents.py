@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 
 from pipeline.costs import CallUsage, estimate_tokens
-from pipeline.offline.common import stable_hash
-from pipeline.providers import ChatTask, ProviderError
+from pipeline.providers.offline.common import stable_hash
+from pipeline.providers.base import ChatTask, ProviderError
 from pipeline.telemetry import account
 
 

@@ -1,5 +1,5 @@
 """ChatModel and ImageProvider over the official `openai` client, for any OpenAI-compatible
-endpoint (OpenAI, vLLM, Ollama, a gateway). Retries are ours (pipeline.retry), not the
+endpoint (OpenAI, vLLM, Ollama, a gateway). Retries are ours (pipeline.providers.retry), not the
 client's, so they are explicit, logged and counted in metadata."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import openai
 from scorers.images import PROVIDER_ANSWER, to_png
 
 from pipeline.costs import CallUsage
-from pipeline.providers import ChatTask, GeneratedImage, ProviderError
-from pipeline.retry import with_retries
+from pipeline.providers.base import ChatTask, GeneratedImage, ProviderError
+from pipeline.providers.retry import with_retries
 from pipeline.settings import ImageSettings, LLMSettings
 from pipeline.structured import ResponseFormat, response_format
 from pipeline.telemetry import account

@@ -13,8 +13,8 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.offline.common import stable_hash
-from pipeline.providers import GeneratedImage, ProviderError
+from pipeline.providers.offline.common import stable_hash
+from pipeline.providers.base import GeneratedImage, ProviderError
 from pipeline.settings import ImageSettings
 from scorers.images import PROVIDER_ANSWER, ImageError, open_image
 

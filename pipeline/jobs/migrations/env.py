@@ -1,6 +1,6 @@
 """Alembic environment for the job store.
 
-The store runs migrations itself when it opens (`pipeline.migrations.upgrade`), handing over a
+The store runs migrations itself when it opens (`pipeline.jobs.migrations.upgrade`), handing over a
 connection that already holds the migration lock, so this file only binds that connection. The
 `alembic` command line works too, with `-x url=...` (for writing new revisions).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from pipeline.jobs import metadata
+from pipeline.jobs.tables import metadata
 
 connection = context.config.attributes.get("connection")
 

@@ -24,7 +24,7 @@ from scorers.base import ModelNotFoundError, RandomWeightsError
 from scorers.hub import how_to_provide, offline
 
 if TYPE_CHECKING:
-    from pipeline.diffusion import DiffusionSettings
+    from pipeline.providers.diffusers.settings import DiffusionSettings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

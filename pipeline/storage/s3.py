@@ -25,7 +25,13 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
-from pipeline.objectstore import ArtifactNotFound, ObjectStoreError, ObjectStoreUnavailable, check_key, check_prefix
+from pipeline.storage.objectstore import (
+    ArtifactNotFound,
+    ObjectStoreError,
+    ObjectStoreUnavailable,
+    check_key,
+    check_prefix,
+)
 from pipeline.settings import S3Settings
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
