@@ -37,7 +37,7 @@ demo: $(STAMP)
 		--duration 15 --variations 4 --iterations 4 --threshold 30 --output output/demo --keep-traces
 
 # PostgreSQL server binaries for the job-store tests (the tests start a throwaway cluster on a
-# free port; tests/postgres.py finds initdb under /usr/lib/postgresql or on PATH): Debian's
+# free port; testkit/postgres.py finds initdb under /usr/lib/postgresql or on PATH): Debian's
 # package, installed when missing and we are root; else those tests skip (a failure with CI set).
 postgres:
 	@{ ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } > /dev/null 2>&1 \

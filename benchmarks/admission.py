@@ -3,7 +3,7 @@
 A benchmark, not a test: `--threads` threads create `--jobs` generations of `--users` users,
 once with plain `JobStore.create` and once with `create(..., limits=...)` (the check and the
 insert in one transaction that admissions enter one at a time), on SQLite and on a throwaway
-PostgreSQL cluster (tests/postgres.py; skipped without its binaries). The limits are set high so
+PostgreSQL cluster (testkit/postgres.py; skipped without its binaries). The limits are set high so
 nothing is refused: it measures the cost of the serialised path, not refusals.
 
     .venv/bin/python benchmarks/admission.py
@@ -55,10 +55,10 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="sceneref-admission-")
     urls = [("sqlite", f"sqlite:///{root}/plain.db", f"sqlite:///{root}/admitted.db")]
     cluster = None
-    from tests.postgres import PostgresCluster, _bin_dir
+    from testkit.postgres import PostgresCluster, bin_dir
 
-    if _bin_dir() is not None:
-        cluster = PostgresCluster(_bin_dir()).start()
+    if bin_dir() is not None:
+        cluster = PostgresCluster(bin_dir()).start()
         cluster.admin("CREATE DATABASE plain")
         cluster.admin("CREATE DATABASE admitted")
         urls.append(("postgresql", cluster.url("plain"), cluster.url("admitted")))

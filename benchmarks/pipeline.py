@@ -43,7 +43,7 @@ from pipeline.schemas import GenerationRequest  # noqa: E402
 from pipeline.jobs.run import execute_job  # noqa: E402
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings  # noqa: E402
 from pipeline.storyboard import SYSTEM as STORYBOARD_SYSTEM  # noqa: E402
-from tests.doubles import FakeOpenAIServer, PixelScoring  # noqa: E402
+from testkit.doubles import FakeOpenAIServer, PixelScoring  # noqa: E402
 
 KEY_ENV = "SCENEREF_BENCH_OPENAI_KEY"
 PROMPT = "A launch video for Aurora, a smart desk lamp that adapts to your circadian rhythm"

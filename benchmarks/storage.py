@@ -30,15 +30,16 @@ from pipeline.providers.offline import OfflineChat, OfflineImages  # noqa: E402
 from pipeline.runner import Services, run_generation  # noqa: E402
 from pipeline.schemas import GenerationRequest  # noqa: E402
 from pipeline.settings import PipelineSettings, TraceSettings  # noqa: E402
-from tests.doubles import PixelScoring  # noqa: E402
+from testkit.doubles import PixelScoring  # noqa: E402
 from pipeline.traces import TraceWriter  # noqa: E402
 
 REQUEST = GenerationRequest(prompt="A launch video for Aurora, a smart desk lamp that adapts to you", target_duration=15)
 
 
 def writer_class(artifacts, shared: bool):
-    """The runner builds its own TraceWriter; this one hands each trace image its artifact key
-    (shared) or drops it (the old double write), whatever the runner passes."""
+    """The runner builds its own TraceWriter; this one keeps the artifact key the runner hands
+    each trace image (shared) or drops it (the old double write). The key is the runner's own
+    (its attempt's folder), never rebuilt here."""
 
     class Writer(TraceWriter):
         def __init__(self, store_or_root, generation_id, **options):
@@ -46,8 +47,9 @@ def writer_class(artifacts, shared: bool):
             super().__init__(store_or_root, generation_id, **options)
 
         def image(self, n, k, data, **options):
-            key = f"{self.generation_id}/scene_{n}/variation_{k}.png"
-            return super().image(n, k, data, artifact_key=key if shared else None)
+            if not shared:
+                options["artifact_key"] = None
+            return super().image(n, k, data, **options)
 
     return Writer
 
@@ -84,7 +86,7 @@ def report(backend: str, figures: dict) -> None:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report("local", asyncio.run(measure(Path(tmp) / "artifacts", Path(tmp) / "traces")))
-        from tests.seaweed import SeaweedUnavailable, seaweed
+        from testkit.seaweed import SeaweedUnavailable, seaweed
 
         try:
             with seaweed(Path(tmp)) as server:

@@ -1,5 +1,5 @@
 """Real servers for the tests, started once per session by the plugins below: a throwaway
-PostgreSQL cluster (tests/postgres.py) and a SeaweedFS S3 server (tests/seaweed.py); and the
+PostgreSQL cluster (tests/postgres.py) and a SeaweedFS S3 server (tests/seaweed.py), both over testkit/; and the
 tiny scorer models, built once.
 
 In CI (`CI` set, as CI systems do) a skip raised by those servers' plugins or by the browser

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 
 from pipeline.providers.offline import render_offline_image
 from pipeline.providers.base import ProviderError
-from tests.doubles import LoopbackServer
+from testkit.doubles import LoopbackServer
 
 FaultKind = Literal[
     "429", "500", "503", "timeout", "blocked_prompt", "blocked_candidate", "no_image", "malformed_image"

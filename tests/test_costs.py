@@ -22,7 +22,7 @@ from pipeline.schemas import SceneResult, ScenePlan
 from pipeline.settings import PipelineSettings, RetrySettings
 from pipeline.jobs.status import to_status
 from pipeline.telemetry import MemorySink, Telemetry, account, collect, hooks, set_sink
-from tests.doubles import FakeOpenAIServer
+from testkit.doubles import FakeOpenAIServer
 from tests.test_runner import KEY_ENV, make_services, make_settings, new_id, request
 
 PRICES = PricingSettings(models={

@@ -29,7 +29,7 @@ from pipeline.schemas import GenerationRequest
 from pipeline.jobs.run import execute_job
 from pipeline.settings import PipelineSettings
 from pipeline.traces import TraceStore
-from tests.doubles import PixelScoring
+from testkit.doubles import PixelScoring
 
 REQUEST = GenerationRequest(
     prompt="Artisan coffee that starts your morning right",

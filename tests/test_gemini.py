@@ -18,7 +18,7 @@ from pipeline.providers.base import ProviderError
 from pipeline.runner import Services, run_generation
 from pipeline.schemas import GenerationRequest
 from pipeline.settings import ImageSettings, PipelineSettings, RetrySettings
-from tests.doubles import PixelScoring
+from testkit.doubles import PixelScoring
 from tests.fakegemini import FakeGeminiServer, Fault
 
 KEY_ENV = "SCENEREF_TEST_GEMINI_KEY"

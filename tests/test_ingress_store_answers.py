@@ -33,7 +33,7 @@ from pipeline.runner import ProgressEvent, Services
 from pipeline.schemas import GenerationRequest
 from pipeline.jobs.run import execute_job
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings
-from tests.doubles import FakeOpenAIServer, PixelScoring
+from testkit.doubles import FakeOpenAIServer, PixelScoring
 
 SECRET = "test-secret-" + "y" * 40
 KEY_ENV = "SCENEREF_TEST_OPENAI_KEY"

@@ -21,7 +21,7 @@ from pipeline.runner import GenerationError, Services
 from pipeline.schemas import GenerationRequest
 from pipeline.jobs.run import execute_job, run_claimed
 from pipeline.settings import PipelineSettings
-from tests.doubles import PixelScoring
+from testkit.doubles import PixelScoring
 from tests.waiting import until_settled
 
 REQUEST = GenerationRequest(

@@ -70,9 +70,10 @@ def test_scorers_import_no_serve_layer_web_server_or_tests():
 
 
 def test_no_test_doubles_in_the_product_package():
-    """The fake OpenAI server and the pixel scorer are test doubles: they live under tests/."""
+    """The fake OpenAI server and the pixel scorer are test doubles: they live in testkit/, which
+    is not installed with the product, beside the tests and benchmarks that use them."""
     assert not (ROOT / "pipeline" / "testing.py").exists()
-    assert (ROOT / "tests" / "doubles.py").exists()
+    assert (ROOT / "testkit" / "doubles.py").exists()
 
 
 def test_status_shape_is_not_defined_in_the_database_layer():
@@ -248,3 +249,28 @@ def test_other_rooms_use_only_a_subpackages_public_modules():
                         bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}: not in {package}.__all__")
                     break
     assert bad == []
+
+
+# Who may import the shared servers and doubles of testkit/, and who may import tests/.
+NEVER_TESTKIT = ("pipeline", "scorers", "deployments", "cluster")
+NEVER_TESTS = ("pipeline", "scorers", "deployments", "cluster", "benchmarks", "testkit")
+
+
+def test_benchmarks_import_product_code_and_testkit_never_tests():
+    """Only pytest imports tests/: a benchmark that needs a test server or double takes it from
+    testkit/, and the product imports neither (testkit is not installed with it)."""
+    bad = []
+    for top in NEVER_TESTS:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            for line, module in _imports(path):
+                root = module.split(".")[0]
+                if root == "tests" or (root == "testkit" and top in NEVER_TESTKIT):
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert bad == []
+    import tomllib
+
+    import setuptools  # the packages pyproject.toml installs: testkit is not among them
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = setuptools.find_packages(str(ROOT), include=include)
+    assert "pipeline" in found and not [name for name in found if name.split(".")[0] in ("testkit", "tests")]

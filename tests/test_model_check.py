@@ -16,7 +16,7 @@ from pipeline.providers.modelcheck import CheckedOpenAIChat, CheckedOpenAIImages
 from pipeline.providers.offline import OfflineChat
 from pipeline.providers.base import ProviderError
 from pipeline.settings import ImageSettings, LLMSettings, RetrySettings
-from tests.doubles import FakeOpenAIServer
+from testkit.doubles import FakeOpenAIServer
 
 KEY_ENV = "SCENEREF_TEST_MODELS_KEY"
 FAST_RETRY = RetrySettings(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.1)

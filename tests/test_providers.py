@@ -20,7 +20,7 @@ from pipeline.providers.openai_clients import OpenAIChat, OpenAIImages
 from pipeline.providers.base import ProviderError
 from pipeline.providers.retry import backoff_delay, parse_retry_after, with_retries
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings
-from tests.doubles import FakeOpenAIServer, Fault
+from testkit.doubles import FakeOpenAIServer, Fault
 
 KEY_ENV = "SCENEREF_TEST_OPENAI_KEY"
 FAST_RETRY = RetrySettings(max_attempts=3, initial_delay_s=0.01, max_delay_s=1.0)

@@ -29,7 +29,7 @@ from pipeline.jobs.run import execute_job
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings
 from pipeline.jobs.status import to_status
 from pipeline.storyboard import SYSTEM as STORYBOARD_SYSTEM
-from tests.doubles import FakeOpenAIServer, Fault, PixelScoring, RecordedRequest
+from testkit.doubles import FakeOpenAIServer, Fault, PixelScoring, RecordedRequest
 
 KEY_ENV = "SCENEREF_TEST_OPENAI_KEY"
 FAST_RETRY = RetrySettings(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.5)

@@ -24,7 +24,7 @@ from pipeline.providers.base import GeneratedImage, ProviderError
 from pipeline.runner import GenerationError, ProgressEvent, Services, run_generation
 from pipeline.schemas import GenerationRequest, ScenePlan
 from pipeline.settings import PipelineSettings, TraceSettings
-from tests.doubles import PixelScoring
+from testkit.doubles import PixelScoring
 from tests.waiting import until_settled
 
 STORY = "A launch video for Aurora, a smart desk lamp that adapts to your circadian rhythm"

@@ -21,7 +21,7 @@ from pipeline.schemas import CinematographerOutput, PromptReview, StoryboardOutp
 from pipeline.settings import LLMSettings, RetrySettings
 from pipeline.structured import TASK_SCHEMAS, ask_json, strict_schema
 from pipeline.telemetry import collect
-from tests.doubles import FakeOpenAIServer, Fault, strict_schema_problems
+from testkit.doubles import FakeOpenAIServer, Fault, strict_schema_problems
 from tests.test_runner import make_services, make_settings, new_id, request
 
 KEY_ENV = "SCENEREF_TEST_OPENAI_KEY"

@@ -27,7 +27,7 @@ from pipeline.schemas import (
     VariationResult,
 )
 from pipeline.settings import PipelineSettings, TraceSettings
-from tests.doubles import PixelScoring
+from testkit.doubles import PixelScoring
 from pipeline.traces import LINK_SUFFIX, TraceStore, TraceWriter
 
 SCORES = DimensionScores(completeness=80, specificity=70, professionalism=75, cinematography=60, brand_alignment=72)

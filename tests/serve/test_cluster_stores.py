@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.jobs.store import JobStore
-from tests.seaweed import KEY_ENV, SECRET_ENV
+from testkit.seaweed import KEY_ENV, SECRET_ENV
 from tests.serve.conftest import CPU_ONLY, auth, wait_done, wait_healthy
 
 pytestmark = pytest.mark.serve

@@ -1,4 +1,4 @@
-"""Test doubles, kept under tests/ because the product never uses them: a local OpenAI-compatible
+"""Test doubles, kept in testkit/ because the product never uses them: a local OpenAI-compatible
 HTTP server (below) and a pixel-statistics scorer (`PixelScoring`, at the end).
 
 Tests and benchmarks drive the real `openai` client against the server, so request shapes, multipart
