@@ -6,7 +6,7 @@ when the overall score reaches the approval score (85) or after `max_iterations`
 is computed here from the dimension scores (an overall the LLM reports is ignored), and the
 best-scored prompt is kept, not the last one.
 
-Consistency markers (issue 11): a rewrite that drops one of the scene's markers is refused
+Consistency markers: a rewrite that drops one of the scene's markers is refused
 before agent 2 sees it. It counts as a failed iteration of agent 1 (recorded with the markers
 it dropped) and the loop goes on, telling agent 1 which markers to restore; a refused rewrite
 is never the final prompt.

@@ -85,7 +85,7 @@ def local_scoring(settings: PipelineSettings, *, offline: bool) -> LocalScoring:
 
 
 def local_consistency(settings: PipelineSettings, *, offline: bool) -> LocalConsistency:
-    """The image-image consistency model (issue 11), loaded in this process like the four."""
+    """The image-image consistency model, loaded in this process like the four."""
     import scorers
     from scorers.tiny import build_tiny_models
 

@@ -1,4 +1,4 @@
-"""Consistency markers (issue 11): the sheet's entries as marker sentences, scene prompts that
+"""Consistency markers: the sheet's entries as marker sentences, scene prompts that
 carry them verbatim, and the check that a rewrite kept them.
 
 Generic character descriptions give a different person in every scene; a fixed sentence per

@@ -1,4 +1,4 @@
-"""What `sceneref generate` shows while it runs (issue 10), from the runner's progress events.
+"""What `sceneref generate` shows while it runs (live progress), from the runner's progress events.
 
 On a terminal, a live board redrawn in place (rich): one row per scene with its enhancement
 iterations and prompt scores, the variations received, their scores and the selection, under

@@ -1,7 +1,7 @@
 """Combining the quality scores, ranking and selection.
 
 The pipeline sees scorers only through `ScoringClient` (the four text-image scorers) and
-`ConsistencyClient` (the image-image consistency model, issue 11): in one process they are
+`ConsistencyClient` (the image-image consistency model): in one process they are
 `LocalScoring` / `LocalConsistency` over models from `scorers.load_scorer`; under Ray Serve,
 adapters over deployment handles. Either way a scorer that cannot run raises: no made-up scores.
 """

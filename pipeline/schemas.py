@@ -134,7 +134,7 @@ class CharacterSheet(BaseModel):
 
 
 class ConsistencySheet(BaseModel):
-    """What must look the same in every scene (issue 11). The pipeline turns each entry into
+    """What must look the same in every scene (consistency). The pipeline turns each entry into
     one marker sentence (`pipeline.consistency.marker_texts`) that scene prompts carry
     verbatim. `source` says what it was written from: "prompt", "image" (the LLM saw the
     user's image) or "prompt-no-vision" (a user image was given but the configured model
@@ -192,7 +192,7 @@ class ScenePlan(BaseModel):
     description: str | None = None
     markers: list[str] = Field(default_factory=list)
     sheet: ConsistencySheet | None = None
-    # Issue 10: the storyboard call's cost and time, on the first scene's plan only (it is stored
+    # Cost and time: the storyboard call's cost and time, on the first scene's plan only (it is stored
     # with the storyboard, so a resumed job keeps it); absent elsewhere.
     planning: PlanningAccount | None = Field(None, exclude_if=lambda value: value is None)
 
@@ -272,7 +272,7 @@ class SceneResult(BaseModel):
     selected_variation: int | None = None
     variations: list[VariationResult] = Field(default_factory=list)
     completed_at: str = Field(default_factory=utcnow)
-    # Issue 10: this scene's provider calls priced (enhancement and its images) and its stage times.
+    # Cost and time: this scene's provider calls priced (enhancement and its images) and its stage times.
     cost: CostSummary | None = None
     timing: SceneTiming | None = None
 
@@ -288,7 +288,7 @@ class StoryboardPlan(BaseModel):
     advanced_image_generation_used: bool = True
     advanced_image_settings: AdvancedImageSettings
     scenes: list[dict]
-    # Additive (issue 11), not in the guide: absent (not null) when the plan has no sheet, so a
+    # Additive (consistency), not in the guide: absent (not null) when the plan has no sheet, so a
     # plan without one keeps exactly the guide's keys.
     consistency_sheet: ConsistencySheet | None = Field(None, exclude_if=lambda sheet: sheet is None)
 
@@ -306,7 +306,7 @@ class GenerationStatus(BaseModel):
     storyboard_plan: StoryboardPlan
     error: str | None = None
     offline: bool = False
-    # Additive (issue 10): the generation's estimated cost (planning and every finished scene;
+    # Additive (cost and time): the generation's estimated cost (planning and every finished scene;
     # usd null when a model has no price) and its time per stage.
     cost: CostSummary | None = None
     timing: GenerationTiming | None = None

@@ -38,7 +38,7 @@ from scorers.options import (  # noqa: F401  (re-exported: the options' home bef
     check_dtype,
 )
 
-CONSISTENCY = "consistency"  # the image-image scorer (issue 11): compares with reference images
+CONSISTENCY = "consistency"  # the image-image scorer: compares with reference images
 
 
 class _Settings(BaseModel):
@@ -358,7 +358,7 @@ class PipelineSettings(_Settings):
         Path("output/artifacts"), description="a directory, file:///abs/path or s3://bucket/prefix"
     )
     s3: S3Settings = S3Settings()
-    # Issue 10: list prices per model id, for the cost shown in the status and traces.
+    # Cost: list prices per model id, for the cost shown in the status and traces.
     pricing: PricingSettings = Field(default_factory=PricingSettings, description="model id -> list prices (pipeline/costs.py)")
 
     @classmethod

@@ -132,7 +132,7 @@ async def test_blank_rewrite_is_an_agent1_failure():
     assert result.final_prompt == SCENE.prompt and len(chat.calls) == 1
 
 
-# --- consistency markers (issue 11) ----------------------------------------------------------
+# --- consistency markers ---------------------------------------------------------------------
 
 MARKERS = ["Aurora lamp: slim arched arm, matte white, logo on the base", "Style: soft morning light, warm neutrals"]
 MARKED = ScenePlan(
@@ -196,7 +196,7 @@ def test_the_offline_agents_keep_markers_and_judge_them():
 
 
 async def test_each_iteration_is_heard_as_soon_as_it_is_decided():
-    """Live progress (issue 10): `on_iteration` hears iteration i before agent 1 is asked for i+1,
+    """Live progress: `on_iteration` hears iteration i before agent 1 is asked for i+1,
     failed iterations included."""
     replies = [rewrite(1), review(60, 60, 60, 60, 60), rewrite(2), "{not json", "nope"]
     chat = ScriptedChat(replies)

@@ -1,4 +1,4 @@
-"""The co-located scoring layout (issue 13): one replica holding the four text-image models,
+"""The co-located scoring layout (scoring throughput): one replica holding the four text-image models,
 one request per image. Its own logic without Ray: the scores equal each model's own, per-model
 batch limits, a bad image named to its own caller, health, the typed config and the app's
 wiring; and its adapter against a fake handle. Under `serve run`: tests/serve/test_serve_run.py

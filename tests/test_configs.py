@@ -1,5 +1,5 @@
-"""The shipped Serve configs validate as the builder's typed args, and keep the shape issue 7
-asks for: several ingress replicas sharing jobs, cluster stores in production."""
+"""The shipped Serve configs validate as the builder's typed args, and keep the shape of many
+replicas on one job store: several ingress replicas sharing jobs, cluster stores in production."""
 
 from __future__ import annotations
 

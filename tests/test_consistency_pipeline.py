@@ -1,4 +1,4 @@
-"""Issue 11 through the whole runner, no Ray: consistency markers in every scene's prompt and
+"""Cross-scene consistency through the whole runner, no Ray: consistency markers in every scene's prompt and
 trace, the scoring text setting with its truncation record, the consistency model (the tiny
 DINOv2 through LocalConsistency) against an independent computation, the renormalised overall,
 and the status's consistency sheet."""
@@ -120,7 +120,7 @@ async def test_the_scoring_text_setting_and_its_truncation_record(tmp_path, text
         if text == "scene":  # the description comes first: a cut at the end keeps it whole
             description = read(settings, "gen-t", scene.scene_number, "prompt_trace_summary.json")["scene_description"]
             assert expected.startswith(description)
-    if text == "enhanced":  # the Cinematographer's rewrites overflow the encoder, as the issue says
+    if text == "enhanced":  # the Cinematographer's rewrites overflow the encoder (docs/scoring.md)
         assert all(len(s.enhanced_prompt.split()) > 40 for s in scenes)
 
 

@@ -1,4 +1,4 @@
-"""The job store's event log (issue 10), on SQLite and PostgreSQL: events numbered in order
+"""The job store's event log (live progress), on SQLite and PostgreSQL: events numbered in order
 from 1, fenced by the lease, read after a seq by their owner only, closed by the final status
 event in the same transaction as the final status, removed with the generation; and the list
 of a user's generations, newest first, page by page."""

@@ -1,6 +1,6 @@
 """Every path that receives image bytes goes through scorers.images, with the same rules.
 
-Before issue 8 images were decoded in six places with different safety rules: the runner's
+Before the one intake, images were decoded in six places with different safety rules: the runner's
 `_as_png` and `pipeline.ranking.decode_rgb` had no pixel limit and no animation rule, the scorer
 deployment decoded with a bare `Image.open`, and the runner dropped alpha where uploads and
 scorers composite it onto white. These tests hold each path to the one module's rules.

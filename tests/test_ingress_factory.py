@@ -1,4 +1,4 @@
-"""The ingress app is built by a factory, per replica (issue 8: before, `deployments/ingress.py`
+"""The ingress app is built by a factory, per replica (before, `deployments/ingress.py`
 held a module-level FastAPI `app` that every replica's constructor mutated)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model ids the vendor does not serve (issue 12): the OpenAI-compatible providers' startup check
+"""Model ids the vendor does not serve (providers): the OpenAI-compatible providers' startup check
 (models.retrieve) and their call-time answer, through the real `openai` client against the
 FakeOpenAIServer with a `models/{id}` route; and the LLM on Gemini's OpenAI-compatible endpoint.
 The Gemini image provider's own check is in tests/test_gemini.py."""

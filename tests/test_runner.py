@@ -359,7 +359,7 @@ async def test_user_image_is_scene_one_unchanged_and_chains_into_scene_two(serve
     assert all(r.image == services.artifacts.get(scenes[1].reference_image_key) for r in by_scene[3])
 
     d = settings.traces.root / gid / "scene_1"
-    # Nothing enhanced, generated or scored; the summary holds only the consistency sheet (issue 11),
+    # Nothing enhanced, generated or scored; the summary holds only the consistency sheet,
     # written with the user's image in front of the model (the real client's content parts).
     assert {p.name for p in d.iterdir()} == {"00_original_prompt.txt", "prompt_trace_summary.json", "selected_best.txt"}
     assert "user-provided" in (d / "selected_best.txt").read_text()

@@ -89,7 +89,7 @@ def test_the_replica_sets_torch_threads_from_its_config(tiny_models_dir):
 
 
 async def test_the_consistency_replica_scores_image_pairs_and_names_a_bad_reference(tiny_models_dir):
-    """The fifth model (issue 11) is served by the same class: its second input is a reference
+    """The fifth model (consistency) is served by the same class: its second input is a reference
     image, decoded through the same intake; health probes compare two images."""
     import scorers
     from scorers.tiny import build_tiny_models

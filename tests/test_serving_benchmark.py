@@ -1,4 +1,4 @@
-"""The serving benchmark's own bookkeeping (benchmarks/serving.py, issue 13), without running it:
+"""The serving benchmark's own bookkeeping (benchmarks/serving.py, scoring throughput), without running it:
 what it reads back from a run's traces for the in-process limit, the configs it writes for
 each scorer profile and layout, and its CPU accounting."""
 
@@ -55,7 +55,7 @@ def test_each_profile_and_layout_writes_a_config_the_app_accepts(tmp_path, profi
     args = AppArgs.model_validate(app["args"])
     expected = layout or ("separate" if profile == "before" else "colocated")
     assert args.scorers.layout == expected
-    if profile == "before":  # issue 13's starting point: no CPU reserved, one thread, batch 16
+    if profile == "before":  # the serving before the scoring-throughput work: no CPU reserved, one thread, batch 16
         assert args.scorers.vqascore.torch_threads() == 1 and args.scorers.vqascore.batch.max_batch_size == 16
     off = serving.write_config(tmp_path, 8123, models, serving.MODES["off"], profile, layout)
     args = AppArgs.model_validate(yaml.safe_load(off.read_text())["applications"][0]["args"])

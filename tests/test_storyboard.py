@@ -56,7 +56,7 @@ async def test_planner_gives_up_after_bounded_retries():
     assert len(chat.calls) == 3
 
 
-# --- consistency sheet (issue 11) -------------------------------------------------------------
+# --- consistency sheet ------------------------------------------------------------------------
 
 SHEET = {
     "product": {"name": "Bean & Co espresso", "shape": "squat glass jar", "colours": "amber with a black lid",

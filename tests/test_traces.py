@@ -333,7 +333,7 @@ def test_rewritten_enhancement_leaves_no_stale_agent_files(stores):
 
 
 async def test_a_refused_rewrite_is_an_agent1_failure_naming_the_dropped_markers(tmp_path):
-    """Issue 11: a rewrite that dropped a consistency marker is shown with REFUSED and the
+    """Consistency markers: a rewrite that dropped a consistency marker is shown with REFUSED and the
     markers it dropped; agent 2 never reviewed it, so it has no agent-2 file. The summary
     carries the scene's sheet and markers."""
     from tests.test_agents import MARKED, MARKERS, STORY, ScriptedChat, marked_rewrite, review

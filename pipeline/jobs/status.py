@@ -49,9 +49,9 @@ def to_status(
                 below_threshold=result.below_threshold,
                 user_provided=result.user_provided,
             )
-            if result.consistency_score is not None:  # additive (issue 11): only where it was measured
+            if result.consistency_score is not None:  # additive (consistency): only where it was measured
                 entry["consistency_score"] = result.consistency_score
-            if result.cost is not None:  # additive (issue 10): absent for scenes stored before it
+            if result.cost is not None:  # additive (cost): absent for scenes stored before it
                 entry["cost"] = result.cost.model_dump(mode="json")
             if result.timing is not None:
                 entry["timing"] = result.timing.model_dump(mode="json")

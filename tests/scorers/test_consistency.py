@@ -1,4 +1,4 @@
-"""The consistency scorer (issue 11) against its formula computed independently: the raw
+"""The consistency scorer against its formula computed independently: the raw
 Dinov2Model on hand-written PIL preprocessing, the CLS token's cosine, 100 * clamp(cos, 0, 1)."""
 
 import inspect

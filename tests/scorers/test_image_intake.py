@@ -113,7 +113,7 @@ def test_image_error_is_value_error():
     assert issubclass(ImageError, ValueError)
 
 
-# --- issue 8: one intake for every path -------------------------------------------------
+# --- one intake for every path ----------------------------------------------------------
 
 from scorers.images import ImageLimits, UnsupportedImageError, decode_image, read_header  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The tensor input path (issue 13): decode_tensor against open_image, each scorer's tensor path
+"""The tensor input path (scoring throughput): decode_tensor against open_image, each scorer's tensor path
 against its PIL path, the PIL path pinned, bad tensors refused, the input_path setting."""
 
 import asyncio

@@ -78,7 +78,7 @@ def test_quick_start_bodies_run_to_completion(offline_app):
         assert len(status["storyboard_plan"]["scenes"]) == count
         assert status["offline"] is True
         # The consistency model is served like the scorers: every scene after the first is
-        # compared with the previous scene and scene 1 (issue 11); weight 0: reported only.
+        # compared with the previous scene and scene 1 (consistency); weight 0: reported only.
         later = status["storyboard_plan"]["scenes"][1:]
         assert later and all(0 <= scene["consistency_score"] <= 100 for scene in later), later
         assert status["storyboard_plan"]["consistency_sheet"]
@@ -251,7 +251,7 @@ def test_tampered_or_expired_image_links_are_refused(offline_app):
     assert httpx.get(expired, timeout=10).status_code == 403
 
 
-# --- the API keeps its contract (issue 8) ---------------------------------------------------
+# --- the API keeps its contract ---------------------------------------------------------
 
 
 def test_crit_header_is_401(offline_app):

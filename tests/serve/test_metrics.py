@@ -1,4 +1,4 @@
-"""Issue 10 on the shared offline app: a generation's status carries its cost and time, and the
+"""Cost, time and metrics on the shared offline app: a generation's status carries its cost and time, and the
 metrics its replicas recorded through Ray Serve's metrics API appear in the Prometheus text
 that Ray's metrics agent exports on the node's metrics export port, with no user id or prompt
 in any label."""

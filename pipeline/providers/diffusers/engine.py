@@ -1,4 +1,4 @@
-"""Self-hosted image generation with diffusers (issue 12): text-to-image for a scene with no
+"""Self-hosted image generation with diffusers: text-to-image for a scene with no
 reference, image-to-image from the previous scene's best image, one seed per variation.
 
 `DiffusionEngine.generate` takes many requests (variations of several scenes, from several

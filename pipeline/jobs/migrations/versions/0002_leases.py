@@ -1,4 +1,4 @@
-"""Leases, cancellation, the persisted user image and retention (issue 7).
+"""Leases, cancellation, the persisted user image and retention (many replicas, one job store).
 
 Adds reference_key, lease_holder / lease_expires_at / lease_token (fencing), cancel_requested
 and finished_at, and allows the status `cancelled`. Jobs that had already finished get

@@ -1,4 +1,4 @@
-"""Trace retention of its own (issue 7): when a finished job's trace files were removed, so
+"""Trace retention of its own: when a finished job's trace files were removed, so
 the retention sweep removes each generation's traces once, before its images and row.
 
 Revision ID: 0003

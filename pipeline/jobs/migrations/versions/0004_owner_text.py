@@ -1,4 +1,4 @@
-"""Owner ids of any length (issue 8): `jobs.owner` is the token's `sub`, which a JWT does not
+"""Owner ids of any length: `jobs.owner` is the token's `sub`, which a JWT does not
 bound, so VARCHAR(255) becomes TEXT. Its index becomes a hash index on PostgreSQL, because a
 btree entry may not exceed about 2.7 kB and every query on the owner is an equality; SQLite has
 no such limit and keeps an ordinary index.

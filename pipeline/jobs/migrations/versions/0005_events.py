@@ -1,4 +1,4 @@
-"""The event log of each generation (issue 10): every progress event a runner emits, in order,
+"""The event log of each generation (live progress): every progress event a runner emits, in order,
 so any ingress replica can stream a generation's progress (server-sent events) from the shared
 store, and a client that reconnects asks for what came after the last event it saw.
 
