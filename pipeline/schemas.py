@@ -1,6 +1,7 @@
 """Request, agent-output and result schemas shared by the CLI, the runner and the HTTP API.
 
-Bounds follow the earlier system's public defaults (DESIGN.md), so its clients keep working.
+Bounds follow the earlier system's public defaults (docs/serving.md, the API table), so its
+clients keep working.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The layout of DESIGN.md, checked by reading the source: `pipeline/` and `scorers/` are the
+"""The layout of docs/architecture.md, checked by reading the source: `pipeline/` and `scorers/` are the
 product's plain libraries, so they never import the Serve layer, web servers or test code, and
 the HTTP status shape lives beside the job store rather than in it. `pipeline/` is a few
 rooms (the generation itself, flat, and the subpackages providers/, jobs/, storage/) with no
