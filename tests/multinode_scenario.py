@@ -138,13 +138,17 @@ def replicas_by_deployment() -> dict[str, list[dict]]:
         if actor.get("State") != "ALIVE" or not name.startswith("SERVE_REPLICA::"):
             continue
         deployment = name.split("::", 1)[1].split("#")[1]
-        found.setdefault(deployment, []).append({"actor": name, "node": actor["Address"]["NodeID"], "pid": actor["Pid"]})
+        found.setdefault(deployment, []).append({"actor": name, "actor_id": actor["ActorID"],
+                                                 "node": actor["Address"]["NodeID"], "pid": actor["Pid"]})
     return found
 
 
 class Poller(threading.Thread):
     """Polls each generation's status (and the health route) until stopped, each request with
-    a client timeout, and records every answer: the proof that no request hangs."""
+    a client timeout, and records every answer: the proof that no request hangs. Each request
+    carries its own `x-request-id` (Serve takes it as its request id and logs it in the proxy's
+    log), and a non-200 answer is recorded with its headers and body: whether it is the app's
+    Problem body or Serve's own, and what Serve logged about it (`serve_log_lines`)."""
 
     def __init__(self, base: str, generations: dict[str, dict]):
         super().__init__(daemon=True)
@@ -159,10 +163,15 @@ class Poller(threading.Thread):
             while not self.stop.is_set():
                 targets = [(f"/api/status/{gid}", g["headers"]) for gid, g in self.generations.items()]
                 for path, headers in targets + [("/api/health", {})]:
+                    request_id = f"mn-poll-{len(self.records)}-{os.urandom(4).hex()}"
                     started = time.monotonic()
-                    record = {"t": time.time(), "path": path}
+                    record = {"t": time.time(), "path": path, "request_id": request_id}
                     try:
-                        record["code"] = client.get(self.base + path, headers=headers).status_code
+                        reply = client.get(self.base + path, headers={**headers, "x-request-id": request_id})
+                        record["code"] = reply.status_code
+                        if reply.status_code != 200:
+                            record["headers"] = dict(reply.headers)
+                            record["body"] = reply.text[:2000]
                     except httpx.TimeoutException:
                         record["error"] = "timeout"
                     except httpx.HTTPError as exc:
@@ -170,6 +179,74 @@ class Poller(threading.Thread):
                     record["latency_s"] = round(time.monotonic() - started, 3)
                     self.records.append(record)
                 self.stop.wait(0.5)
+
+
+class DeathWatcher(threading.Thread):
+    """Started just before the node is removed: records when Ray's actor table first shows each
+    replica actor of `actors` (Ingress replicas on that node) no longer ALIVE (`ray_saw_dead_at`)
+    and when Serve's controller first reports fewer RUNNING replicas of the deployment than
+    `running_before` (`serve_saw_dead_at`: from then on the proxy's router no longer picks the dead
+    replica). Wall-clock times, like the poller's `t`; each is the first poll that saw it, so a
+    little late, never early."""
+
+    def __init__(self, actors: list[str], deployment: str, running_before: int, every_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.actors, self.deployment, self.running_before, self.every_s = actors, deployment, running_before, every_s
+        self.ray_saw_dead_at: dict[str, float] = {}
+        self.serve_saw_dead_at: float | None = None
+        self.serve_states: list[dict] = []  # each distinct replica_states seen, with when
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import ray
+        from ray import serve
+
+        while not self.stop.is_set() and (self.serve_saw_dead_at is None or len(self.ray_saw_dead_at) < len(self.actors)):
+            for actor_id in self.actors:
+                if actor_id not in self.ray_saw_dead_at:
+                    try:
+                        state = ray._private.state.actors(actor_id=actor_id).get("State")
+                    except Exception:
+                        state = None
+                    if state is not None and state != "ALIVE":
+                        self.ray_saw_dead_at[actor_id] = time.time()
+            if self.serve_saw_dead_at is None:
+                try:
+                    states = serve.status().applications["sceneref"].deployments[self.deployment].replica_states
+                except Exception:
+                    states = None
+                if states is not None:
+                    states = {str(k).rsplit(".", 1)[-1]: v for k, v in states.items()}
+                    if not self.serve_states or self.serve_states[-1]["states"] != states:
+                        self.serve_states.append({"t": time.time(), "states": states})
+                    if states.get("RUNNING", 0) < self.running_before:
+                        self.serve_saw_dead_at = time.time()
+            self.stop.wait(self.every_s)
+
+
+def serve_log_lines(ray_tmpdir: str, request_ids: list[str], after: int = 14) -> dict[str, list[str]]:
+    """What Serve's own logs (the proxy's, the replicas', the controller's) say about each request
+    id: every log record naming it, with its continuation lines (a logged exception spans several;
+    at most `after`), up to the next record."""
+    import re
+
+    record_start = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-")
+    found: dict[str, list[str]] = {rid: [] for rid in request_ids}
+    if not request_ids:
+        return found
+    logs = {log.resolve() for log in Path(ray_tmpdir).glob("**/session_2*/logs/serve/*.log")}  # under RAY_TMPDIR/ray/
+    for log in sorted(logs):
+        lines = log.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            for rid in request_ids:
+                if rid in line:
+                    record = [line]
+                    for more in lines[i + 1:i + 1 + after]:
+                        if record_start.match(more):
+                            break
+                        record.append(more)
+                    found[rid].append(f"{log.name}: " + "\n".join(record))
+    return found
 
 
 class LeaseWatcher(threading.Thread):
@@ -353,6 +430,10 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:  # noqa: C901
         "ingress_on_removed_node": [r["actor"] for r in placement.get("Ingress", []) if r["node"] == victim_id],
     }
     result["before"] = before
+    victim_ingress_actors = [r["actor_id"] for r in placement.get("Ingress", []) if r["node"] == victim_id]
+    result["removal"]["ingress_actor_ids_on_removed_node"] = victim_ingress_actors
+    deaths = DeathWatcher(victim_ingress_actors, "Ingress", len(placement.get("Ingress", [])))
+    deaths.start()
     removed_at = time.time()
     cluster.remove_node(victim, allow_graceful=False)  # a crash: SIGKILL, no goodbye
     result["removal"]["removed_at"] = removed_at
@@ -388,6 +469,14 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:  # noqa: C901
         }
         for gid in generations
     }
+    deaths.stop.set()
+    deaths.join(timeout=CLIENT_TIMEOUT_S)
+    result["removal"].update(ray_saw_dead_at=deaths.ray_saw_dead_at, serve_saw_dead_at=deaths.serve_saw_dead_at,
+                             serve_ingress_states=deaths.serve_states)
+    odd = [r for r in poller.records if r.get("code") != 200]
+    logged = serve_log_lines(os.environ["RAY_TMPDIR"], [r["request_id"] for r in odd])
+    for r in odd:
+        r["serve_log_lines"] = logged[r["request_id"]]
     result["http"] = poller.records
     result["serve_status_after"] = {
         name: {"status": str(d.status), "replicas": {str(k): v for k, v in d.replica_states.items()}}
