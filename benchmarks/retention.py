@@ -3,7 +3,7 @@
 Runs many offline generations back to back in this process, the way an ingress replica runs
 them (`pipeline.jobs.run.execute_job` on a claimed lease, the offline providers, the tiny
 scorer models through the real loading code), with retention on: a loop that calls
-`pipeline.jobs.retention.sweep` every `--interval-s`, as `Ingress._retention_loop` does, with short
+`pipeline.jobs.retention.sweep` every `--interval-s`, as the job worker's `JobWorker._retention_loop` does, with short
 `--traces-s` / `--generations-s`. Every `--sample-s` it samples the artifact and trace stores
 (bytes, each hard-linked byte once, and object count) and the job store (rows), and keeps
 sampling after the last generation until the store has drained.
@@ -109,7 +109,7 @@ class Run:
         await asyncio.gather(*(guarded(n) for n in range(self.options.generations)))
 
     async def retention_loop(self) -> None:
-        """What Ingress._retention_loop does, without the start-up jitter: a failed sweep is
+        """What JobWorker._retention_loop does, without the start-up jitter: a failed sweep is
         reported and tried again at the next interval."""
         while True:
             try:

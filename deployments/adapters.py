@@ -27,6 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from pipeline.aio import all_or_nothing  # one fails for good: the rest cancelled at Serve, waited for
 from pipeline.costs import CallUsage
 from pipeline.providers.base import GeneratedImage, ProviderError
 from pipeline.providers.retry import Failure, backoff_delay, with_retries
@@ -225,7 +226,7 @@ class HandleScoring:
             payloads = list(images)
             self.sent.inline += sum(len(image) for image in images) * len(names)
         self.sent.calls += len(images) * len(names)
-        outputs = await all_or_none(
+        outputs = await all_or_nothing(
             self.score_one(name, payload, prompt) for payload, prompt in zip(payloads, prompts) for name in names
         )
         return [
@@ -294,7 +295,7 @@ class HandleConsistency:
         unique = {id(data): data for data in [*images, *references]}  # scene 1 is everyone's reference
         refs = await asyncio.to_thread(lambda: {key: put(data) for key, data in unique.items()})
         self.scoring.sent.put += sum(len(data) for data in unique.values())
-        outputs = await all_or_none(
+        outputs = await all_or_nothing(
             self.scoring.call("consistency", "score_pair", refs[id(i)], refs[id(r)]) for i, r in zip(images, references)
         )
         if self.colocated:
@@ -328,7 +329,7 @@ class HandleColocatedScoring:
         refs = await asyncio.to_thread(lambda: [self.calls.put(image) for image in images])
         self.sent.put += sum(len(image) for image in images)
         self.sent.calls += len(images)
-        outputs = await all_or_none(self.calls.score_one("scoring", ref, prompt) for ref, prompt in zip(refs, prompts))
+        outputs = await all_or_nothing(self.calls.score_one("scoring", ref, prompt) for ref, prompt in zip(refs, prompts))
         results = []
         for output in outputs:
             missing = [name for name in self.names if name not in output]
@@ -379,22 +380,6 @@ class ScorerHandles:
         self.needed(active)
         return (HandleScoring({name: self.per_model[name] for name in active}, retry, served=served),
                 HandleConsistency(self.consistency, retry, served))
-
-
-async def all_or_none(calls) -> list:
-    """Run the calls at once and return their results in order; when one fails for good (or we
-    are cancelled), cancel the rest and wait until they have stopped (their calls cancelled at
-    Serve) before raising."""
-    tasks = [asyncio.ensure_future(call) for call in calls]
-    if not tasks:
-        return []
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
-        raise
 
 
 async def _awaited(response):

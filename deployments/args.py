@@ -16,31 +16,8 @@ from deployments.scorer import ScorerServing
 from deployments.uploads import UploadLimits
 from pipeline.jobs.limits import AdmissionLimits
 from pipeline.jobs.retention import RetentionSettings
+from pipeline.jobs.worker import JobSettings  # the worker's own settings, set here per app
 from pipeline.settings import PipelineSettings
-
-
-class JobSettings(BaseModel):
-    """How ingress replicas share the work: each claims unfinished jobs from the job store with a
-    lease it renews while it runs them, so any replica takes over a job whose runner died."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run_jobs: bool = Field(True, description="claim and run jobs in this app's ingress replicas")
-    lease_s: float = Field(30.0, ge=3, description="a runner that stops renewing loses its job after this long")
-    poll_s: float = Field(2.0, gt=0, description="how often an idle replica looks for claimable jobs")
-    max_running_per_replica: int = Field(32, ge=1, description="jobs one ingress replica runs at once")
-    store_outage_s: float = Field(
-        120.0, gt=0,
-        description="how long a running job waits out a job store it cannot reach (checkpoints, final status) "
-        "before it ends failed as transient (resumable); at least lease_s",
-    )
-
-    @model_validator(mode="after")
-    def _outage_outlasts_the_lease(self) -> "JobSettings":
-        """Shorter than the lease, a store restart would fail jobs that the lease keeps safe."""
-        if self.store_outage_s < self.lease_s:
-            raise ValueError(f"jobs.store_outage_s ({self.store_outage_s:g}) must be at least jobs.lease_s ({self.lease_s:g})")
-        return self
 
 
 class ScorersServing(BaseModel):

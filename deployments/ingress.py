@@ -3,11 +3,12 @@ routes (`deployments.api.route`); each replica builds its own FastAPI app from t
 (`__serve_build_asgi_app__` -> `deployments.api.create_api`).
 
 Nothing that matters lives in a replica: a submission is persisted whole before it is answered
-(the request, the owner, the user's image as an artifact), and every replica runs a claim loop
-that takes unfinished jobs from the shared job store with a lease it renews while it works. A
-replica that dies simply stops renewing; another one takes the job over at its next scene.
-Artifacts and trace files live in the configured object store (a directory or S3), so any
-replica on any node serves any generation.
+(the request, the owner, the user's image as an artifact), and every replica starts a job worker
+(`pipeline.jobs.worker`) that takes unfinished jobs from the shared job store with a lease it
+renews while it works; the ingress itself only routes HTTP. A replica that dies simply stops
+renewing; another one takes the job over at its next scene. Artifacts and trace files live in
+the configured object store (a directory or S3), so any replica on any node serves any
+generation.
 """
 
 # No `from __future__ import annotations` here: FastAPI, through @serve.ingress, must see the
@@ -17,7 +18,6 @@ import functools
 import logging
 import mimetypes
 import os
-import random
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -45,20 +45,17 @@ from deployments.uploads import UploadError, prepare_upload
 from deployments.viewer import ViewerRoutes
 from pipeline.storage.objectstore import ArtifactNotFound
 from pipeline.storage.factory import open_store
-from pipeline.jobs.store import JobStore
+from pipeline.jobs.store import FINISHED, JobStore
 from pipeline.jobs.limits import AdmissionRefused, Refusal, check_admission
-from pipeline.jobs.retention import sweep
 from pipeline.runner import Services, check_services
 from pipeline.schemas import GenerationRequest, GenerationStatus
 from pipeline.jobs.status import to_status
-from pipeline.jobs.run import execute_job
+from pipeline.jobs.worker import JobWorker
 from pipeline.traces import TraceWriter
 
 log = logging.getLogger("sceneref.ingress")
 
 
-FINISHED = ("completed", "failed", "cancelled")
-CANCEL_WATCH_S = 2.0  # how often a replica looks for cancel requests of the jobs it runs (one query)
 # How long a cancel of a job this replica runs waits for the job's final status before it answers.
 CANCEL_ANSWER_WAIT_S = 10.0
 STORES_RETRY_AFTER_S = 5  # a submission refused while a store cannot be reached
@@ -118,17 +115,17 @@ class Ingress(ViewerRoutes, EventRoutes):
         check_services(self.services, self.settings)  # a config that cannot work fails the replica now
         self.offline = args.offline()  # every status says so, to every user
         self.holder = f"ingress-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.tasks: dict[str, asyncio.Task] = {}
-        self.background: set[asyncio.Task] = set()  # follow-ups of ended runs (see _job_ended)
-        self.wake = asyncio.Event()
+        # The job worker of this replica: claims jobs and runs them, watches cancel requests and
+        # sweeps retention (pipeline.jobs.worker); the ingress only routes HTTP to it.
+        self.worker = JobWorker(
+            self.store, self.services, self.settings, args.jobs, holder=self.holder, retention=args.retention,
+            artifacts=self.artifacts, traces=self.trace_store,
+            on_finished=functools.partial(record_final_status, self.store),  # final statuses, counted
+        )
         # Request-path reads and writes get threads of their own, so a status or a submission
         # never queues behind the running jobs' trace, artifact and lease work.
         self.api_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sceneref-api")
-        loop = asyncio.get_event_loop()
-        self.loops = [loop.create_task(self._retention_loop())]
-        if args.jobs.run_jobs:
-            self.loops.append(loop.create_task(self._claim_loop()))
-            self.loops.append(loop.create_task(self._cancel_watch()))
+        self.worker.start()
 
     async def _served(self, deployment: str) -> bool:
         """Serve's controller reports a live replica of `deployment` (cached; see readiness). When
@@ -140,98 +137,13 @@ class Ingress(ViewerRoutes, EventRoutes):
         """Serve calls this after the constructor: this replica's own app, with its settings."""
         return create_api(self, authenticator=self.authenticator, upload_limit_bytes=self.args.uploads.max_bytes)
 
-    # --- running jobs -----------------------------------------------------------------
-
-    async def _claim_loop(self) -> None:
-        """Claim claimable jobs (new, or whose runner's lease expired) while this replica has
-        room; sleep until a submission or a finished job wakes it, or `poll_s` passes."""
-        jobs = self.args.jobs
-        while True:
-            self.wake.clear()  # before claiming: a submission during the claim wakes the next round
-            try:
-                while len(self.tasks) < jobs.max_running_per_replica:
-                    lease = await asyncio.to_thread(self.store.claim, self.holder, jobs.lease_s)
-                    if lease is None:
-                        break
-                    self._start(lease)
-            except Exception:  # the database is down or locked: try again next tick
-                log.exception("claiming jobs failed; retrying in %.1f s", jobs.poll_s)
-            try:
-                await asyncio.wait_for(self.wake.wait(), jobs.poll_s * random.uniform(0.8, 1.2))
-            except asyncio.TimeoutError:
-                pass
-
     async def _api(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.api_pool, functools.partial(fn, *args, **kwargs))
 
-    async def _cancel_watch(self) -> None:
-        """Stop the jobs of this replica whose owner asked to cancel them on another replica:
-        one query for all of them every CANCEL_WATCH_S (each job's own lease keeper only looks
-        at its renewals)."""
-        while True:
-            await asyncio.sleep(CANCEL_WATCH_S)
-            if not self.tasks:
-                continue
-            try:
-                for generation_id in await asyncio.to_thread(self.store.cancel_requested_among, list(self.tasks)):
-                    task = self.tasks.get(generation_id)
-                    if task is not None:
-                        task.cancel()
-            except Exception:
-                log.exception("looking for cancel requests failed")
-
-    def _start(self, lease) -> None:
-        generation_id = lease.generation_id
-        log.info("%s runs generation %s (lease %d)", self.holder, generation_id, lease.token)
-        task = asyncio.get_running_loop().create_task(
-            execute_job(
-                self.store, lease, self.services, self.settings, lease_s=self.args.jobs.lease_s,
-                cancel_poll_s=self.args.jobs.lease_s / 3,  # _cancel_watch looks more often, for all jobs at once
-                store_outage_s=self.args.jobs.store_outage_s,
-            )
-        )
-        self.tasks[generation_id] = task
-        task.add_done_callback(functools.partial(self._job_ended, generation_id))
-
-    def _job_ended(self, generation_id: str, task: asyncio.Task) -> None:
-        """A run ended: make room, and count its final status. Its outcome is retrieved here, so
-        nothing it raised goes unseen ("Task exception was never retrieved"); the follow-up task
-        is kept referenced until it ends (the loop holds tasks only weakly) and observed too."""
-        self.tasks.pop(generation_id, None)
-        self.wake.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("generation %s: its run raised", generation_id, exc_info=task.exception())
-        follow_up = asyncio.ensure_future(record_final_status(self.store, generation_id))
-        self.background.add(follow_up)
-        follow_up.add_done_callback(self._background_ended)
-
-    def _background_ended(self, task: asyncio.Task) -> None:
-        self.background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a background task of the ingress failed", exc_info=task.exception())
-
-    async def _retention_loop(self) -> None:
-        settings = self.args.retention
-        await asyncio.sleep(random.uniform(0, min(60.0, settings.interval_s)))  # replicas spread out
-        while True:
-            try:
-                removed = await asyncio.to_thread(sweep, self.store, self.artifacts, self.trace_store, settings)
-                if removed:
-                    log.info("retention removed %d generations", len(removed))
-            except Exception:
-                log.exception("retention sweep failed; next try in %.0f s", settings.interval_s)
-            await asyncio.sleep(settings.interval_s)
-
     async def __del__(self) -> None:
-        """Serve stops this replica: stop claiming, and stop the running jobs, which release
-        their leases so another replica resumes them at once instead of after the lease."""
-        for task in self.loops:
-            task.cancel()
-        running = list(self.tasks.values())
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.wait(running, timeout=10)
+        """Serve stops this replica: its worker stops claiming and stops the running jobs, which
+        release their leases so another replica resumes them at once instead of after the lease."""
+        await self.worker.stop()
 
     # --- routes -----------------------------------------------------------------------
 
@@ -273,7 +185,7 @@ class Ingress(ViewerRoutes, EventRoutes):
             if upload is not None:
                 await self._forget_upload(generation_id)
             raise
-        self.wake.set()
+        self.worker.wake()
         return {
             "generation_id": generation_id,
             "status": "queued",
@@ -294,7 +206,7 @@ class Ingress(ViewerRoutes, EventRoutes):
     @route("GET", "/api/health", response_model=Health)
     async def health(self) -> dict:
         """No I/O: answers at once however busy the replica is."""
-        return {"status": "ok", "running_generations": len(self.tasks), "offline": self.offline}
+        return {"status": "ok", "running_generations": self.worker.running, "offline": self.offline}
 
     @route("GET", "/api/ready", response_model=Ready, responses=responses(503))
     async def ready(self) -> dict:
@@ -377,9 +289,8 @@ class Ingress(ViewerRoutes, EventRoutes):
         if record.status in FINISHED:
             raise HTTPException(409, detail=f"generation {generation_id} is already {record.status}")
         await self._api(self.store.request_cancel, generation_id, principal.subject)
-        task = self.tasks.get(generation_id)
-        if task is not None:  # running here: stop now rather than at the next lease renewal
-            task.cancel()
+        task = self.worker.cancel_local(generation_id)  # running here: stopped now, not at its next look
+        if task is not None:
             await asyncio.wait([task], timeout=CANCEL_ANSWER_WAIT_S)  # never cancels the job's task itself
         record = await self._api(self.store.get, generation_id, principal.subject)
         return cancel_answer(generation_id, record.status)
@@ -399,7 +310,7 @@ class Ingress(ViewerRoutes, EventRoutes):
             raise refused(exc.refusal) from None
         if not requeued:
             raise HTTPException(409, detail=f"generation {generation_id} cannot be resumed now")
-        self.wake.set()
+        self.worker.wake()
         return {"generation_id": generation_id, "status": "queued"}
 
     @route("GET", "/api/artifacts/{key:path}", response_class=Response,

@@ -19,6 +19,7 @@ import logging
 
 from ray.serve.metrics import Counter, Histogram
 
+from pipeline.jobs.store import FINISHED
 from pipeline.telemetry import Telemetry, current_sink, hooks, set_sink
 
 STAGE_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600]
@@ -132,5 +133,5 @@ async def record_final_status(store, generation_id: str) -> None:
         log.warning("generation %s: final status not counted, the job store could not be read (%s)",
                     generation_id, type(exc).__name__)
         return
-    if record is not None and record.status in ("completed", "failed", "cancelled"):
+    if record is not None and record.status in FINISHED:
         hooks().generation_finished(record.status)

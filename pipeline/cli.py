@@ -29,7 +29,7 @@ from scorers.images import ImageLimits, to_png
 USER_REFERENCE = ImageLimits(
     max_bytes=20 * 1024 * 1024, max_pixels=40_000_000, min_side=None, max_aspect=None, max_side=2048
 )
-from pipeline.jobs.run import execute_job
+from pipeline.jobs.worker import JobSettings, JobWorker
 from pipeline.settings import CONSISTENCY, SCORER_NAMES, PipelineSettings
 from pipeline.jobs.status import to_status
 from pipeline.tokens import mint_token
@@ -191,8 +191,9 @@ def _services(settings: PipelineSettings, *, offline: bool, announce: bool = Tru
 
 
 async def _run(store: JobStore, generation_id: str, owner: str, services: Services, settings, args) -> int:
-    """Claim the job and run it here. Ctrl-C asks for cancellation and stops the run: the job
-    ends `cancelled` (exit 130), never `running` with nobody behind it."""
+    """Claim the job and run it here, with the job worker a service replica runs (for this one
+    job: no claim loop). Ctrl-C asks for cancellation and stops the run: the job ends
+    `cancelled` (exit 130), never `running` with nobody behind it."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
 
@@ -206,7 +207,8 @@ async def _run(store: JobStore, generation_id: str, owner: str, services: Servic
 
     interrupted = False
     loop.add_signal_handler(signal.SIGINT, interrupt)  # before the claim: no window without it
-    lease = store.claim(cli_holder(), LEASE_S, generation_id=generation_id)
+    worker = JobWorker(store, services, settings, JobSettings(lease_s=LEASE_S), holder=cli_holder())
+    lease = worker.claim(generation_id)
     if lease is None:
         loop.remove_signal_handler(signal.SIGINT)
         record = store.get(generation_id)
@@ -219,7 +221,7 @@ async def _run(store: JobStore, generation_id: str, owner: str, services: Servic
     # Live per-scene board on a terminal, plain lines elsewhere, nothing with --json / --quiet.
     display = make_display(sys.stderr, silent=args.quiet or args.json)
     try:
-        await execute_job(store, lease, services, settings, lease_s=LEASE_S, on_event=display)
+        await worker.run(lease, on_event=display)
     except asyncio.CancelledError:
         interrupted = True
     finally:

@@ -9,7 +9,7 @@ adapters over deployment handles. Either way a scorer that cannot run raises: no
 from __future__ import annotations
 
 import asyncio
-from typing import Literal, Protocol, Sequence
+from typing import Literal, NamedTuple, Protocol, Sequence
 
 from PIL import Image
 
@@ -79,19 +79,29 @@ def formula(weights: dict[str, float], renormalised: bool) -> str:
     return f"({text}) / {total:g}" if abs(total - 1) > 1e-9 else text
 
 
+class Reference(NamedTuple):
+    """An image a scene's variations are compared with for consistency: the scene it was
+    selected for, why it is a reference ("previous", "first") and its PNG bytes."""
+
+    scene_number: int
+    roles: list[str]
+    image: bytes
+
+
 async def measure_consistency(
-    client: ConsistencyClient, images: list[bytes], references: list[tuple[int, list[str], bytes]]
+    client: ConsistencyClient, images: list[bytes], references: list[Reference]
 ) -> list[ConsistencyScore]:
-    """Each image against each reference (scene number, roles, PNG bytes) in one call; the
-    consistency of an image is the mean over its references of raw and 0-100 score."""
+    """Each image against each reference in one call; the consistency of an image is the mean
+    over its references of raw and 0-100 score."""
     pairs = [(i, r) for i in range(len(images)) for r in range(len(references))]
-    results = await client.similarity([images[i] for i, _ in pairs], [references[r][2] for _, r in pairs])
+    results = await client.similarity([images[i] for i, _ in pairs], [references[r].image for _, r in pairs])
     if len(results) != len(pairs):
         raise ScoringError(f"consistency: {len(results)} results for {len(pairs)} pairs")
     measured = []
     for i in range(len(images)):
         found = [
-            ReferenceSimilarity(scene_number=references[r][0], roles=references[r][1], raw=res.raw, score=res.score)
+            ReferenceSimilarity(scene_number=references[r].scene_number, roles=references[r].roles, raw=res.raw,
+                                score=res.score)
             for (j, r), res in zip(pairs, results) if j == i
         ]
         measured.append(

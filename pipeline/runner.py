@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 from pipeline.agents import enhance_scene
+from pipeline.aio import all_or_nothing, landed
 from pipeline.storage.objectstore import ObjectStore
 from pipeline.storage.objectstore import ObjectStoreError, ObjectStoreUnavailable
 from pipeline.providers.base import ChatModel, ImageProvider, ProviderError
@@ -36,6 +37,7 @@ from pipeline.costs import Meter, image_usage, summarize
 from pipeline.telemetry import hooks
 from pipeline.ranking import (
     ConsistencyClient,
+    Reference,
     ScoringClient,
     formula,
     measure_consistency,
@@ -161,7 +163,7 @@ async def _blocking(function: Callable[..., Any], /, *args: Any, **kwargs: Any) 
     delay, longest = _OUTAGE_BACKOFF_S
     while True:
         try:
-            return await _landed(function, *args, **kwargs)
+            return await landed(function, *args, **kwargs)
         except ObjectStoreUnavailable as exc:
             now = loop.time()
             if deadline is None:
@@ -173,52 +175,6 @@ async def _blocking(function: Callable[..., Any], /, *args: Any, **kwargs: Any) 
                 raise
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, longest)
-
-
-async def _landed(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """Run blocking I/O in a worker thread. A write cannot be stopped half-way, so when the
-    caller is cancelled meanwhile the write is waited for before CancelledError goes on: once
-    run_generation has ended, none of its writes is still landing."""
-    task = asyncio.ensure_future(asyncio.to_thread(function, *args, **kwargs))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation is what goes on
-        raise
-
-
-async def _all_or_nothing(coroutines) -> list:
-    """Await all of `coroutines` as one group: the first failure cancels the others, waits for
-    them to end, and is raised as itself (not wrapped in an ExceptionGroup), so callers keep
-    catching plain errors. A cancellation of the caller cancels every child and propagates.
-
-    Not asyncio.TaskGroup: on Python 3.11 a child's failure leaves the parent task's
-    cancel request counted (`cancelling()` stays 1, fixed in 3.12), which the job owner's own
-    timeouts and cancellation checks would then misread."""
-    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
-    if not tasks:
-        return []
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    except asyncio.CancelledError:
-        await _cancel_all(tasks)
-        raise
-    errors = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
-    if errors:
-        await _cancel_all(tasks)
-        raise errors[0]
-    return [task.result() for task in tasks]
-
-
-async def _cancel_all(tasks: list[asyncio.Task]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.wait(tasks)
-    for task in tasks:  # collected, so asyncio never logs "exception was never retrieved"
-        if not task.cancelled():
-            task.exception()
 
 
 def _as_png(data: bytes) -> bytes:
@@ -323,6 +279,44 @@ async def run_generation(
         _OUTAGE.reset(token)
 
 
+@dataclass
+class _Run:
+    """One run of a generation: what its steps share, handed to each of them as one object
+    instead of a dozen parameters. `reached` is the progress reported so far (never less)."""
+
+    generation_id: str
+    request: GenerationRequest
+    services: Services
+    settings: PipelineSettings
+    traces: TraceWriter  # the trace tree itself (cleanup)
+    staged: "_StagedTraces"  # a scene's trace files, written once its checkpoint stands
+    storyboard: list[ScenePlan] | None
+    reached: int
+    on_event: Callback = None
+    on_plan: Callback = None
+    on_scene: Callback = None
+    results: dict[int, SceneResult] = field(default_factory=dict)  # the selected scenes, by number
+    first_image: bytes | None = None  # scene 1's image, read once for the consistency references
+
+    @property
+    def attempt(self) -> str:
+        return self.staged.attempt
+
+    async def emit(
+        self, stage: str, progress: int, message: str, scene: int | None = None, *, kind: str | None = None,
+        data: dict | None = None,
+    ) -> None:
+        """Report progress: never below what the job showed before this run, nor below what this
+        run reported, also when a resumed job re-enters early stages."""
+        self.reached = max(self.reached, progress)
+        total = len(self.storyboard) if self.storyboard else None
+        await _call(self.on_event, ProgressEvent(stage, self.reached, message, scene, total, kind, data or {}))
+
+    def scene_progress(self, done: int) -> int:
+        """The progress once `done` scenes are selected: the scenes share 25-100."""
+        return _ENHANCED + (100 - _ENHANCED) * done // len(self.storyboard)
+
+
 async def _run_generation(
     generation_id: str,
     request: GenerationRequest,
@@ -367,116 +361,110 @@ async def _run_generation(
         artifacts=services.artifacts,  # trace images name the stored artifact: stored once, not twice
         s3=settings.s3,
     )
-    retries = settings.llm.invalid_output_retries
-    attempt = check_attempt(attempt or uuid.uuid4().hex[:12])
-    staged = _StagedTraces(traces, attempt)
+    staged = _StagedTraces(traces, check_attempt(attempt or uuid.uuid4().hex[:12]))
+    run = _Run(
+        generation_id, request, services, settings, traces, staged, storyboard,
+        reached=max(0, min(100, int(start_progress))), on_event=on_event, on_plan=on_plan, on_scene=on_scene,
+        results={s.scene_number: s for s in completed},
+    )
     try:
-        return await _run(generation_id, request, services, settings, traces, staged, retries, reference_image,
-                          reference_key, storyboard, completed, start_progress, on_event, on_plan, on_scene)
+        return await _run(run, reference_image, reference_key)
     except GenerationError:  # the run's own verdict; a lost lease or a cancellation keeps nothing
         await staged.keep_unfinished()
         raise
 
 
-async def _run(generation_id, request, services, settings, traces, staged, retries, reference_image, reference_key,
-               storyboard, completed, start_progress, on_event, on_plan, on_scene) -> list[SceneResult]:
-
-    # Progress never goes backwards: not below what the job showed before this run, nor below
-    # what this run reported, also when a resumed job re-enters early stages.
-    reached = max(0, min(100, int(start_progress)))
-
-    async def emit(
-        stage: str, progress: int, message: str, scene: int | None = None, *, kind: str | None = None,
-        data: dict | None = None,
-    ) -> None:
-        nonlocal reached
-        reached = max(reached, progress)
-        total = len(storyboard) if storyboard else None
-        await _call(on_event, ProgressEvent(stage, reached, message, scene, total, kind, data or {}))
-
-    if storyboard is None:
-        await emit("planning", 0, "planning the storyboard")
-        try:
-            user_png = None
-            if reference_image is not None:
-                user_png = await asyncio.to_thread(_as_png, reference_image)
-            elif reference_key is not None:
-                user_png = await _blocking(services.artifacts.get, reference_key)
-            meter = Meter()  # the storyboard call's cost and time, stored with the storyboard
-            with meter.stage("planning"):
-                storyboard = await plan_storyboard(
-                    services.chat, request.prompt, request.target_duration, retries=retries, image=user_png,
-                    accepts_images=settings.llm.reads_images(), markers=settings.storyboard.markers,
-                )
-        except Exception as exc:
-            raise GenerationError(f"storyboard planning failed: {exc}", retryable=transient(exc)) from exc
-        storyboard[0] = storyboard[0].model_copy(update={"planning": meter.planning(settings.pricing)})
-        await _call(on_plan, storyboard)
-    results: dict[int, SceneResult] = {s.scene_number: s for s in completed}
+async def _run(run: _Run, reference_image: bytes | None, reference_key: str | None) -> list[SceneResult]:
+    if run.storyboard is None:
+        await _plan(run, reference_image, reference_key)
+    storyboard, results = run.storyboard, run.results
     if results:
-        reached = max(reached, _ENHANCED + (100 - _ENHANCED) * len(results) // len(storyboard))
+        run.reached = max(run.reached, run.scene_progress(len(results)))
     planned = [{"scene_number": s.scene_number, "duration": s.duration, "description": s.description or s.prompt}
                for s in storyboard]
-    await emit("planning", _PLANNED, f"storyboard has {len(storyboard)} scenes", kind="planned",
-               data={"scenes": planned})
+    await run.emit("planning", _PLANNED, f"storyboard has {len(storyboard)} scenes", kind="planned",
+                   data={"scenes": planned})
 
     if (reference_image is not None or reference_key is not None) and 1 not in results:
-        results[1] = await _user_scene(generation_id, storyboard[0], reference_image, reference_key, services, staged)
-        await _call(on_scene, results[1])
-        await staged.publish(1)
-        await emit("scene_completed", reached, "scene 1 is your image", 1, kind="selected",
-                   data={"user_provided": True, "image_key": results[1].reference_image_key})
+        results[1] = await _user_scene(run, storyboard[0], reference_image, reference_key)
+        await _call(run.on_scene, results[1])
+        await run.staged.publish(1)
+        await run.emit("scene_completed", run.reached, "scene 1 is your image", 1, kind="selected",
+                       data={"user_provided": True, "image_key": results[1].reference_image_key})
 
     pending = [scene for scene in storyboard if scene.scene_number not in results]
     meters = {scene.scene_number: Meter() for scene in pending}  # each scene's bill and clock
-    enhanced = await _enhance_all(pending, request, services, settings, staged, emit, meters)
-    first_image: bytes | None = None
+    enhanced = await _enhance_all(run, pending, meters)
 
     for scene in pending:
         n, total = scene.scene_number, len(storyboard)
         previous = results.get(n - 1)
-        reference = await _blocking(services.artifacts.get, previous.reference_image_key) if previous else None
-        # Consistency references: the previous scene's selected image and scene 1's (the user's).
-        references: list[tuple[int, list[str], bytes]] = []
-        if services.consistency is not None and previous is not None:
-            if previous.scene_number == 1:
-                references.append((1, ["previous", "first"], reference))
-            else:
-                references.append((previous.scene_number, ["previous"], reference))
-                if 1 in results:
-                    if first_image is None:
-                        first_image = await _blocking(services.artifacts.get, results[1].reference_image_key)
-                    references.append((1, ["first"], first_image))
-        result = await _generate_scene(
-            generation_id, scene, total, enhanced[n], reference, request, services, settings, staged, emit, references,
-            meter=meters[n],
-        )
+        reference = await _blocking(run.services.artifacts.get, previous.reference_image_key) if previous else None
+        references = await _consistency_references(run, previous, reference)
+        result = await _generate_scene(run, scene, enhanced[n], reference, references, meters[n])
         results[n] = result
-        await _call(on_scene, result)
-        await staged.publish(n)  # the checkpoint stands: now its trace files
+        await _call(run.on_scene, result)
+        await run.staged.publish(n)  # the checkpoint stands: now its trace files
         done = sum(1 for s in storyboard if s.scene_number in results)
-        await emit("scene_completed", _ENHANCED + (100 - _ENHANCED) * done // total, f"scene {n} of {total} selected", n,
-                   kind="selected", data=_selected(result, request))
+        await run.emit("scene_completed", run.scene_progress(done), f"scene {n} of {total} selected", n,
+                       kind="selected", data=_selected(result, run.request))
 
     # Every scene is checkpointed: from here on nothing may fail the generation.
-    if not settings.traces.keep:
+    if not run.settings.traces.keep:
         try:
-            await _blocking(traces.cleanup)
+            await _blocking(run.traces.cleanup)
         except Exception as exc:
-            log.warning("generation %s: trace cleanup failed (the traces stay): %r", generation_id, exc)
+            log.warning("generation %s: trace cleanup failed (the traces stay): %r", run.generation_id, exc)
     try:
-        await emit("completed", 100, "generation completed")
+        await run.emit("completed", 100, "generation completed")
     except Exception as exc:
-        log.warning("generation %s: the completion event failed: %r", generation_id, exc)
+        log.warning("generation %s: the completion event failed: %r", run.generation_id, exc)
     return [results[s.scene_number] for s in storyboard]
 
 
-async def _user_scene(
-    generation_id, scene: ScenePlan, image: bytes | None, key: str | None, services: Services, traces: "_StagedTraces"
-) -> SceneResult:
+async def _plan(run: _Run, reference_image: bytes | None, reference_key: str | None) -> None:
+    """Plan the storyboard (reading the user's image, when there is one) and hand it to `on_plan`."""
+    await run.emit("planning", 0, "planning the storyboard")
+    services, settings, request = run.services, run.settings, run.request
+    try:
+        user_png = None
+        if reference_image is not None:
+            user_png = await asyncio.to_thread(_as_png, reference_image)
+        elif reference_key is not None:
+            user_png = await _blocking(services.artifacts.get, reference_key)
+        meter = Meter()  # the storyboard call's cost and time, stored with the storyboard
+        with meter.stage("planning"):
+            storyboard = await plan_storyboard(
+                services.chat, request.prompt, request.target_duration, retries=settings.llm.invalid_output_retries,
+                image=user_png, accepts_images=settings.llm.reads_images(), markers=settings.storyboard.markers,
+            )
+    except Exception as exc:
+        raise GenerationError(f"storyboard planning failed: {exc}", retryable=transient(exc)) from exc
+    storyboard[0] = storyboard[0].model_copy(update={"planning": meter.planning(settings.pricing)})
+    run.storyboard = storyboard
+    await _call(run.on_plan, storyboard)
+
+
+async def _consistency_references(run: _Run, previous: SceneResult | None, image: bytes | None) -> list[Reference]:
+    """What a scene's variations are compared with: the previous scene's selected image
+    (`image`) and scene 1's (the user's); none without a consistency client or a previous scene."""
+    if run.services.consistency is None or previous is None:
+        return []
+    if previous.scene_number == 1:
+        return [Reference(1, ["previous", "first"], image)]
+    references = [Reference(previous.scene_number, ["previous"], image)]
+    if 1 in run.results:
+        if run.first_image is None:
+            run.first_image = await _blocking(run.services.artifacts.get, run.results[1].reference_image_key)
+        references.append(Reference(1, ["first"], run.first_image))
+    return references
+
+
+async def _user_scene(run: _Run, scene: ScenePlan, image: bytes | None, key: str | None) -> SceneResult:
     if key is None:
         data = await asyncio.to_thread(_as_png, image)
-        key = await _blocking(services.artifacts.put, f"{generation_id}/scene_1/attempt_{traces.attempt}/user_reference.png", data)
+        key = await _blocking(run.services.artifacts.put,
+                              f"{run.generation_id}/scene_1/attempt_{run.attempt}/user_reference.png", data)
     result = SceneResult(
         scene_number=1,
         duration=scene.duration,
@@ -485,41 +473,42 @@ async def _user_scene(
         reference_image_key=key,
         user_provided=True,
     )
-    traces.original_prompt(1, scene.prompt)
-    traces.user_scene_summary(scene)
-    traces.selected(result, threshold=0)
+    run.staged.original_prompt(1, scene.prompt)
+    run.staged.user_scene_summary(scene)
+    run.staged.selected(result, threshold=0)
     return result
 
 
-async def _enhance_all(pending, request, services, settings, traces, emit, meters=None) -> dict[int, EnhancementResult]:
+async def _enhance_all(run: _Run, pending: list[ScenePlan], meters: dict[int, Meter]) -> dict[int, EnhancementResult]:
     """Enhancement needs no images, so every scene is enhanced at once, up front."""
     if not pending:
         return {}
     finished = 0
+    settings = run.settings
 
     async def one(scene: ScenePlan) -> EnhancementResult:
         nonlocal finished
-        traces.original_prompt(scene.scene_number, scene.prompt)
-        meter = (meters or {}).get(scene.scene_number) or Meter()
+        run.staged.original_prompt(scene.scene_number, scene.prompt)
+        meter = meters.get(scene.scene_number) or Meter()
         async def iteration(record) -> None:  # live: each iteration as soon as it is decided
-            await emit("enhancing", 0, _iteration_message(scene.scene_number, record), scene.scene_number,
-                       kind="iteration", data=_iteration(record))
+            await run.emit("enhancing", 0, _iteration_message(scene.scene_number, record), scene.scene_number,
+                           kind="iteration", data=_iteration(record))
 
         with meter.stage("enhancement"):
             result = await enhance_scene(
-                services.chat,
+                run.services.chat,
                 scene,
-                request.prompt,
-                max_iterations=request.advanced_image_max_enhancement_iterations,
+                run.request.prompt,
+                max_iterations=run.request.advanced_image_max_enhancement_iterations,
                 settings=settings.enhancement,
                 retries=settings.llm.invalid_output_retries,
                 on_iteration=iteration,
             )
         hooks().enhancement_iterations(result.total_iterations)
-        traces.enhancement(scene.scene_number, result, scene=scene, extra=_enhancement_cost(meter, settings))
+        run.staged.enhancement(scene.scene_number, result, scene=scene, extra=_enhancement_cost(meter, settings))
         finished += 1
         score = f"{result.final_overall:.1f}" if result.final_overall is not None else "unscored"
-        await emit(
+        await run.emit(
             "enhancing",
             _PLANNED + (_ENHANCED - _PLANNED) * finished // len(pending),
             f"scene {scene.scene_number} prompt enhanced in {result.total_iterations} iteration(s), score {score}",
@@ -530,98 +519,36 @@ async def _enhance_all(pending, request, services, settings, traces, emit, meter
         )
         return result
 
-    results = await _all_or_nothing(one(scene) for scene in pending)
+    results = await all_or_nothing(one(scene) for scene in pending)
     return {scene.scene_number: result for scene, result in zip(pending, results)}
 
 
 async def _generate_scene(
-    generation_id: str,
-    scene: ScenePlan,
-    total: int,
-    enhancement: EnhancementResult,
-    reference: bytes | None,
-    request: GenerationRequest,
-    services: Services,
-    settings: PipelineSettings,
-    traces: "_StagedTraces",
-    emit,
-    references: list[tuple[int, list[str], bytes]] = (),
-    *,
-    meter: Meter | None = None,
+    run: _Run, scene: ScenePlan, enhancement: EnhancementResult, reference: bytes | None,
+    references: list[Reference], meter: Meter,
 ) -> SceneResult:
-    n = scene.scene_number
-    meter = meter or Meter()
+    """One scene: its variations (chained on `reference`), scored, ranked, the best selected."""
+    n, request = scene.scene_number, run.request
     prompt = enhancement.final_prompt
-    count = request.advanced_image_num_variations
-    progress = _ENHANCED + (100 - _ENHANCED) * (n - 1) // total
-    await emit("generating", progress, f"scene {n}: generating {count} variations", n,
-               data={"variations": count, "chained": reference is not None})
-
-    failures: dict[int, bool] = {}  # variation -> whether its failure was transient
-
-    async def variation(k: int) -> tuple[VariationResult, bytes | None]:
-        try:
-            image = await services.images.generate(prompt, reference=reference, variation=k)
-            data = await asyncio.to_thread(_as_png, image.data)  # a full decode: off the event loop
-        except ProviderError as exc:
-            log.warning("scene %d variation %d failed: %s", n, k, exc)
-            failures[k] = exc.retryable
-            await emit("generating", progress, f"scene {n}: variation {k} failed", n, kind="variation",
-                       data={"variation": k, "ok": False, "error": str(exc)})
-            return VariationResult(variation=k, error=str(exc)), None
-        except Exception as exc:  # an undecodable image, a client bug: recorded, the scene goes on
-            log.warning("scene %d variation %d failed: %r", n, k, exc)
-            failures[k] = transient(exc)
-            await emit("generating", progress, f"scene {n}: variation {k} failed", n, kind="variation",
-                       data={"variation": k, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-            return VariationResult(variation=k, error=f"{type(exc).__name__}: {exc}"), None
-        key = await _blocking(services.artifacts.put, f"{generation_id}/scene_{n}/attempt_{traces.attempt}/variation_{k}.png", data)
-        traces.image(n, k, data, artifact_key=key)
-        await emit("generating", progress, f"scene {n}: variation {k} received", n, kind="variation",
-                   data={"variation": k, "ok": True, "image_key": key})
-        return VariationResult(variation=k, image_key=key, provider_metadata=image.metadata), data
-
-    with meter.stage("generation"):
-        outcomes = await _all_or_nothing(variation(k) for k in range(1, count + 1))
-    variations = [v for v, _ in outcomes]
-    received = [(v, data) for v, data in outcomes if data is not None]
-    meter.add([image_usage(v.provider_metadata) for v, _ in received], stage="generation")
-    for v, _ in received:
-        hooks().images_generated(str(v.provider_metadata.get("provider", "unknown")), 1)
-    if not received:
-        reasons = "; ".join(f"variation {v.variation}: {v.error}" for v in variations)
-        # Worth resuming when any variation failed for a transient reason: it may succeed later.
-        raise GenerationError(f"scene {n}: no image could be generated ({reasons})", retryable=any(failures.values()))
-
-    await emit("scoring", progress, f"scene {n}: scoring {len(received)} variations", n)
-    weights = settings.scoring.weights.as_dict()
-    selection = settings.scoring.weights.selection()
+    progress = run.scene_progress(n - 1)
+    variations, received = await _variations(run, scene, prompt, reference, progress, meter)
+    await run.emit("scoring", progress, f"scene {n}: scoring {len(received)} variations", n)
+    weights = run.settings.scoring.weights.as_dict()
+    selection = run.settings.scoring.weights.selection()
     # What the text-image scorers compare with: the scene's own content by default.
-    text = scene_text(scene) if settings.scoring.text == "scene" else prompt
-    info = {"text_source": settings.scoring.text, "text": text}
-
-    async def consistency() -> list:
-        if services.consistency is None or not references:
-            return [None] * len(received)
-        return await measure_consistency(services.consistency, [data for _, data in received], list(references))
-
+    text = scene_text(scene) if run.settings.scoring.text == "scene" else prompt
+    info = {"text_source": run.settings.scoring.text, "text": text}
     try:
-        with meter.stage("scoring"):
-            scores, measured = await _all_or_nothing(
-                [services.scoring.score([data for _, data in received], [text] * len(received)), consistency()]
-            )
-        for (v, _), per_scorer, kept in zip(received, scores, measured):
-            v.scores = per_scorer
-            v.consistency = kept
-            v.overall = selection_overall(per_scorer, selection, kept)
+        await _score(run, received, text, references, selection, meter)
     except Exception as exc:
-        traces.quality_scores(n, prompt, weights, variations, scoring=_scoring_info(info, selection, variations, services, references))
+        scoring = _scoring_info(info, selection, variations, run.services, references)
+        run.staged.quality_scores(n, prompt, weights, variations, scoring=scoring)
         raise GenerationError(f"scene {n}: scoring failed: {exc}", retryable=transient(exc)) from exc
-    await emit("scoring", progress, f"scene {n}: {len(received)} variations scored", n, kind="scored",
-               data={"variations": [_scored(v) for v in variations]})
+    await run.emit("scoring", progress, f"scene {n}: {len(received)} variations scored", n, kind="scored",
+                   data={"variations": [_scored(v) for v in variations]})
     best = rank(variations)[0]
     hooks().selected_quality(best.overall)
-    cost, timing = meter.close(settings.pricing)
+    cost, timing = meter.close(run.settings.pricing)
     below = best.overall < request.advanced_image_quality_threshold
     if below:
         log.warning(
@@ -643,11 +570,81 @@ async def _generate_scene(
         cost=cost,
         timing=timing,
     )
-    scoring = _scoring_info(info, selection, variations, services, references)
+    scoring = _scoring_info(info, selection, variations, run.services, references)
     accounting = {"cost": cost.model_dump(mode="json"), "timing": timing.model_dump(mode="json")}
-    traces.quality_scores(n, prompt, weights, variations, scoring=scoring, extra=accounting)
-    traces.selected(result, request.advanced_image_quality_threshold, formula=scoring["formula"])
+    run.staged.quality_scores(n, prompt, weights, variations, scoring=scoring, extra=accounting)
+    run.staged.selected(result, request.advanced_image_quality_threshold, formula=scoring["formula"])
     return result
+
+
+async def _variations(
+    run: _Run, scene: ScenePlan, prompt: str, reference: bytes | None, progress: int, meter: Meter,
+) -> tuple[list[VariationResult], list[tuple[VariationResult, bytes]]]:
+    """The scene's variations, generated at once: all of them (a failed one records its error)
+    and the received ones with their PNG bytes. Raises GenerationError when none was received."""
+    n, count = scene.scene_number, run.request.advanced_image_num_variations
+    await run.emit("generating", progress, f"scene {n}: generating {count} variations", n,
+                   data={"variations": count, "chained": reference is not None})
+    failures: dict[int, bool] = {}  # variation -> whether its failure was transient
+
+    async def failed(k: int, error: str) -> tuple[VariationResult, None]:
+        await run.emit("generating", progress, f"scene {n}: variation {k} failed", n, kind="variation",
+                       data={"variation": k, "ok": False, "error": error})
+        return VariationResult(variation=k, error=error), None
+
+    async def variation(k: int) -> tuple[VariationResult, bytes | None]:
+        try:
+            image = await run.services.images.generate(prompt, reference=reference, variation=k)
+            data = await asyncio.to_thread(_as_png, image.data)  # a full decode: off the event loop
+        except ProviderError as exc:
+            log.warning("scene %d variation %d failed: %s", n, k, exc)
+            failures[k] = exc.retryable
+            return await failed(k, str(exc))
+        except Exception as exc:  # an undecodable image, a client bug: recorded, the scene goes on
+            log.warning("scene %d variation %d failed: %r", n, k, exc)
+            failures[k] = transient(exc)
+            return await failed(k, f"{type(exc).__name__}: {exc}")
+        key = await _blocking(run.services.artifacts.put,
+                              f"{run.generation_id}/scene_{n}/attempt_{run.attempt}/variation_{k}.png", data)
+        run.staged.image(n, k, data, artifact_key=key)
+        await run.emit("generating", progress, f"scene {n}: variation {k} received", n, kind="variation",
+                       data={"variation": k, "ok": True, "image_key": key})
+        return VariationResult(variation=k, image_key=key, provider_metadata=image.metadata), data
+
+    with meter.stage("generation"):
+        outcomes = await all_or_nothing(variation(k) for k in range(1, count + 1))
+    variations = [v for v, _ in outcomes]
+    received = [(v, data) for v, data in outcomes if data is not None]
+    meter.add([image_usage(v.provider_metadata) for v, _ in received], stage="generation")
+    for v, _ in received:
+        hooks().images_generated(str(v.provider_metadata.get("provider", "unknown")), 1)
+    if not received:
+        reasons = "; ".join(f"variation {v.variation}: {v.error}" for v in variations)
+        # Worth resuming when any variation failed for a transient reason: it may succeed later.
+        raise GenerationError(f"scene {n}: no image could be generated ({reasons})", retryable=any(failures.values()))
+    return variations, received
+
+
+async def _score(
+    run: _Run, received: list[tuple[VariationResult, bytes]], text: str, references: list[Reference],
+    selection: dict, meter: Meter,
+) -> None:
+    """Score the received variations (the text-image scorers and, with references, consistency,
+    at once) and set each one's scores, consistency and overall."""
+    images = [data for _, data in received]
+    consistency_client = run.services.consistency
+
+    async def consistency() -> list:
+        if consistency_client is None or not references:
+            return [None] * len(received)
+        return await measure_consistency(consistency_client, images, list(references))
+
+    with meter.stage("scoring"):
+        scores, measured = await all_or_nothing([run.services.scoring.score(images, [text] * len(received)), consistency()])
+    for (v, _), per_scorer, kept in zip(received, scores, measured):
+        v.scores = per_scorer
+        v.consistency = kept
+        v.overall = selection_overall(per_scorer, selection, kept)
 
 
 def _iteration(record) -> dict:
@@ -709,7 +706,7 @@ def _scoring_info(info: dict, selection: dict, variations, services: Services, r
     return {
         **info,
         "truncated_by": truncated,
-        "consistency_references": [{"scene_number": r[0], "roles": r[1]} for r in references],
+        "consistency_references": [{"scene_number": r.scene_number, "roles": r.roles} for r in references],
         "renormalised": renormalised,
         "formula": formula(selection, renormalised),
         "note": note,

@@ -10,7 +10,6 @@ declares per route (an unknown path, a wrong method) must still have the one err
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from deployments.ingress import Ingress
 from deployments.readiness import ReadinessCheck, StoreCheck, ping_object_store
 from deployments.signing import sign_url
 from pipeline.jobs.store import JobStore
+from pipeline.jobs.worker import JobSettings, JobWorker
 from pipeline.storage.factory import open_store
 from pipeline.tokens import mint_token
 from tests.test_events_routes import finished_job
@@ -73,7 +73,8 @@ class Env:
         server.readiness = ReadinessCheck(ServeStatus, "sceneref", [])  # nothing required: ready
         server.store_check = StoreCheck({"job store": self.store.ping,
                                          "object store": functools.partial(ping_object_store, server.artifacts)})
-        server.offline, server.tasks, server.wake = True, {}, asyncio.Event()
+        server.offline = True
+        server.worker = JobWorker(self.store, None, self.args.pipeline, JobSettings(), holder="ingress-test")  # not started
         server.api_pool = ThreadPoolExecutor(max_workers=2)
         self.server = server
         self.client = TestClient(create_api(server, authenticator=server.authenticator, upload_limit_bytes=4096))

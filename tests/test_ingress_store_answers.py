@@ -32,6 +32,7 @@ from pipeline.providers.openai_clients import OpenAIChat, OpenAIImages
 from pipeline.runner import ProgressEvent, Services
 from pipeline.schemas import GenerationRequest
 from pipeline.jobs.run import execute_job
+from pipeline.jobs.worker import JobSettings, JobWorker
 from pipeline.settings import ImageSettings, LLMSettings, PipelineSettings, RetrySettings, TraceSettings
 from testkit.doubles import FakeOpenAIServer, PixelScoring
 
@@ -64,8 +65,7 @@ def ingress(tmp_path, settings: PipelineSettings, store: JobStore, *, cache_s: f
     }, cache_s=cache_s)
     server.readiness = Ready()
     server.offline = True
-    server.tasks = {}
-    server.wake = asyncio.Event()
+    server.worker = JobWorker(store, None, settings, JobSettings(), holder="this-replica")  # not started
     server.api_pool = ThreadPoolExecutor(max_workers=4)
     return server
 
@@ -169,8 +169,8 @@ async def test_a_cancel_racing_the_last_scene_answers_how_the_job_really_ended(
                 answers.append(asyncio.ensure_future(client.delete(f"/api/generations/{gid}")))
 
         lease = store.claim("this-replica", 30, generation_id=gid)
-        server.tasks[gid] = asyncio.ensure_future(execute_job(store, lease, services, settings, on_event=on_event))
-        await asyncio.wait([server.tasks[gid]], timeout=120)
+        server.worker.tasks[gid] = asyncio.ensure_future(execute_job(store, lease, services, settings, on_event=on_event))
+        await asyncio.wait([server.worker.tasks[gid]], timeout=120)
         assert answers, "the last scene was never selected"
         answer = await asyncio.wait_for(answers[0], 60)
     record = store.get(gid)

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from deployments.args import AppArgs
 from deployments.ingress import Ingress
 from pipeline.jobs.store import JobStore
+from pipeline.jobs.worker import JobSettings, JobWorker
 from pipeline.storage.objectstore import LocalObjectStore
 from pipeline.storage.factory import open_store
 from pipeline.schemas import GenerationRequest
@@ -48,7 +49,8 @@ def bare_ingress(store: JobStore, artifacts) -> _Bare:
     ready = SimpleNamespace(check=lambda: asyncio.sleep(0, READY))
     ingress.readiness = ingress.store_check = ready
     ingress.api_pool = ThreadPoolExecutor(max_workers=2)
-    ingress.store, ingress.artifacts, ingress.offline, ingress.wake = store, artifacts, True, asyncio.Event()
+    ingress.store, ingress.artifacts, ingress.offline = store, artifacts, True
+    ingress.worker = JobWorker(store, None, None, JobSettings(), holder="ingress-test")  # not started
     ingress.args = AppArgs()
     return ingress
 

@@ -33,10 +33,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from pipeline.aio import shielded
 from pipeline.jobs.records import JobNotFound, event_row
 from pipeline.jobs.store import JobStore
 from pipeline.jobs.leases import Lease, LeaseLost
@@ -98,24 +99,6 @@ async def _retrying(fn: Callable[..., Any], *args: Any, within_s: float = STORE_
             await asyncio.sleep(delay)
 
 
-async def _shielded(work: Awaitable[Any]) -> Any:
-    """Run `work` to its end even if we are cancelled meanwhile; re-raise the cancellation after."""
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                result = task.result()
-                break
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
-
-
 async def execute_job(
     store: JobStore,
     lease: Lease,
@@ -146,7 +129,7 @@ async def execute_job(
         log.warning("generation %s not started: %s", gid, exc)
         return None
     except asyncio.CancelledError:  # stopped before the run began: never leave it held by nobody
-        await _shielded(_end_interrupted(_Job(store, lease, None, [], within)))
+        await shielded(_end_interrupted(_Job(store, lease, None, [], within)))
         raise
     except Exception:
         log.exception("generation %s not started: reading it failed; its lease expires for another runner", gid)
@@ -187,11 +170,11 @@ async def execute_job(
             job.leftover = await progress.stop()
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling() > 0:  # we were cancelled, not just the run
-            await _shielded(_end_interrupted(job))
+            await shielded(_end_interrupted(job))
             raise
         if keeper.reason == "lost":
             return None
-        return await _shielded(job.end("cancelled"))
+        return await shielded(job.end("cancelled"))
     except LeaseLost:
         log.warning("generation %s: lease lost, stopping without further writes", gid)
         return None
@@ -200,15 +183,15 @@ async def execute_job(
         reason = str(exc)
         if getattr(exc, "retryable", False):
             reason += " (a transient error: the job can be resumed)"
-        return await _shielded(job.end("failed", reason))
+        return await shielded(job.end("failed", reason))
     except Exception as exc:  # a bug must still end the job visibly, with finished scenes kept
         if isinstance(exc, DBAPIError) and store_unreachable(exc):  # a store outage met outside the retries
             log.warning("generation %s stopped: the job store could not be reached (%s)", gid, _first_line(exc.orig))
-            return await _shielded(job.end("failed", "the job store could not be reached (a transient error: the job "
+            return await shielded(job.end("failed", "the job store could not be reached (a transient error: the job "
                                                      "can be resumed)"))
         log.exception("generation %s crashed", gid)
-        return await _shielded(job.end("failed", f"internal error ({type(exc).__name__}); finished scenes are kept"))
-    await _shielded(job.end("completed"))
+        return await shielded(job.end("failed", f"internal error ({type(exc).__name__}); finished scenes are kept"))
+    await shielded(job.end("completed"))
     return scenes
 
 

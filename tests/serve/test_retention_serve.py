@@ -1,4 +1,4 @@
-"""Retention while the app runs: the ingress's retention loop (`Ingress._retention_loop`,
+"""Retention while the app runs: the retention loop of the ingress's job worker (`JobWorker._retention_loop`,
 pipeline.jobs.retention.sweep) removes a finished generation's trace files after `traces_s`, then
 its images, its uploaded original, its scenes and its row after `generations_s`; status and
 image links then answer 404.
