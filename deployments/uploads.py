@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scorers.images import (
     SNIFF_BYTES,
+    USER_UPLOAD,
     ImageError,
     ImageLimits,
     ImageTooLargeError,
@@ -74,15 +75,15 @@ class UploadLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="bytes of the image file")
+    max_bytes: int = Field(USER_UPLOAD.max_bytes, gt=0, description="bytes of the image file")
     max_pixels: int = Field(
-        40_000_000,
+        USER_UPLOAD.max_pixels,
         gt=0,
         description="width*height, checked from the header before decoding; above 2x PIL's "
         "MAX_IMAGE_PIXELS PIL itself refuses the image",
     )
     max_side: int = Field(
-        2048,
+        USER_UPLOAD.max_side,
         ge=64,
         description="longest side of the stored reference; a larger upload is downscaled to it "
         "and its original is kept as well",

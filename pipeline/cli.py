@@ -24,11 +24,7 @@ from pipeline.live import make_display
 from pipeline.runner import Services
 from pipeline.schemas import GenerationRequest
 from pipeline.ranking import LocalConsistency, LocalScoring
-from scorers.images import ImageLimits, to_png
-
-USER_REFERENCE = ImageLimits(
-    max_bytes=20 * 1024 * 1024, max_pixels=40_000_000, min_side=None, max_aspect=None, max_side=2048
-)
+from scorers.images import USER_UPLOAD, to_png
 from pipeline.jobs.worker import JobSettings, JobWorker
 from pipeline.settings import CONSISTENCY, SCORER_NAMES, PipelineSettings
 from pipeline.jobs.status import to_status
@@ -111,9 +107,9 @@ async def _generate(args: argparse.Namespace) -> int:
     reference = None
     if args.image:
         try:
-            # The same intake and limits as an HTTP upload (deployments.uploads.UploadLimits'
-            # defaults): checked from the header, larger than 2048 px downscaled.
-            reference = to_png(Path(args.image).read_bytes(), USER_REFERENCE)
+            # The same intake and limits as an HTTP upload's defaults: checked from the header,
+            # a longer side than USER_UPLOAD.max_side downscaled.
+            reference = to_png(Path(args.image).read_bytes(), USER_UPLOAD)
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             print(f"error: --image {args.image}: {exc}", file=sys.stderr)
             return 2

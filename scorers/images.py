@@ -109,6 +109,12 @@ PROVIDER_ANSWER = ImageLimits(max_pixels=40_000_000, min_side=None, max_aspect=N
 is a broken or hostile endpoint. Small or thin images are kept (the scorers refuse them, naming
 the image) so the trace shows what the provider sent."""
 
+USER_UPLOAD = ImageLimits(max_bytes=20 * 1024 * 1024, max_pixels=40_000_000, min_side=None, max_aspect=None, max_side=2048)
+"""A user's own image (HTTP upload or `sceneref generate --image`): the one set of defaults that
+`deployments.uploads.UploadLimits` (the operator's settings) starts from and the CLI uses as is.
+Any side length is accepted; a longer side is downscaled to 2048 px (why: UploadLimits)."""
+
+
 
 @dataclass(frozen=True)
 class ImageHeader:
