@@ -29,7 +29,7 @@ def ray_cluster():
     port = free_port()
     ray.init(
         address="local",
-        num_cpus=16,  # logical slots for the 7 deployments; the machine has 2 cores
+        num_cpus=32,  # logical slots for the session app and the apps tests deploy beside it (2 real cores)
         include_dashboard=False,
         runtime_env={"env_vars": ENV},
         log_to_driver=False,
