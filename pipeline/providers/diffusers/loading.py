@@ -20,14 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scorers.base import ModelNotFoundError, RandomWeightsError
+from scorers.base import DTYPES, ModelNotFoundError, RandomWeightsError
 from scorers.hub import how_to_provide, offline
 
 if TYPE_CHECKING:
     from pipeline.providers.diffusers.settings import DiffusionSettings
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def pick_device(setting: str) -> str:
     if setting != "auto":
@@ -40,7 +37,7 @@ def pick_dtype(setting: str, device: str) -> torch.dtype:
     float32 on CPU (where half precision is slow or unsupported)."""
     if setting == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
-    return DTYPES[setting]
+    return DTYPES[setting]  # the one dtype table (scorers.base)
 
 
 def resolve_model_dir(settings: "DiffusionSettings") -> Path:
