@@ -120,7 +120,9 @@ def create_api(server: Any, *, authenticator: Authenticator, upload_limit_bytes:
     # Refused while they stream in, before Starlette spools or parses the body.
     limits = {path: upload_body_limit(upload_limit_bytes) for path in UPLOAD_PATHS}
     limits.update({path: JSON_BODY_LIMIT for path in JSON_PATHS})
-    app.add_middleware(BodyLimit, limits=limits)
+    what = {path: "the image upload (form fields included)" for path in UPLOAD_PATHS}
+    what.update({path: "a JSON body" for path in JSON_PATHS})
+    app.add_middleware(BodyLimit, limits=limits, what=what)
 
     for name, spec in routes_of(type(server)):
         handler = getattr(server, name)

@@ -53,11 +53,13 @@ class BodyLimit:
     Each replica's app is built with its own limits (`deployments.api.create_api`).
     """
 
-    def __init__(self, app: ASGIApp, *, limits: dict[str, int]):
+    def __init__(self, app: ASGIApp, *, limits: dict[str, int], what: dict[str, str] | None = None):
         self.app = app
         self.limits = dict(limits)
+        # What the body of a path is, so a 413 names it ("the image upload, form fields included").
+        self.what = dict(what or {})
 
-    def _limit(self, scope: Scope) -> int | None:
+    def _path(self, scope: Scope) -> str | None:
         if scope["type"] != "http":
             return None
         path = scope.get("path", "")
@@ -65,16 +67,17 @@ class BodyLimit:
         # Starlette puts the mount prefix in both `root_path` and `path`; match either form.
         if path not in self.limits and root and path.startswith(root):
             path = path[len(root):]
-        return self.limits.get(path)
+        return path if path in self.limits else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self._limit(scope)
-        if limit is None:
+        path = self._path(scope)
+        if path is None:
             await self.app(scope, receive, send)
             return
+        limit, what = self.limits[path], self.what.get(path, "the request body")
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _refuse(send, scope, limit, f"Content-Length is {declared}")
+            await _refuse(send, scope, limit, what, f"Content-Length is {declared}")
             return
 
         received = 0
@@ -107,7 +110,7 @@ class BodyLimit:
             if not tripped or app_started:
                 raise
         if tripped and not app_started:
-            await _refuse(send, scope, limit, f"more than {limit} bytes were sent")
+            await _refuse(send, scope, limit, what, f"more than {limit} bytes were sent")
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -120,6 +123,6 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _refuse(send: Send, scope: Scope, limit: int, why: str) -> None:
-    detail = f"request body too large: the limit is {limit} bytes ({limit / 2**20:.1f} MiB); {why}"
+async def _refuse(send: Send, scope: Scope, limit: int, what: str, why: str) -> None:
+    detail = f"request body too large: {what} may be at most {limit} bytes ({limit / 2**20:.1f} MiB); {why}"
     await send_problem(send, scope, 413, detail, {"Connection": "close"})

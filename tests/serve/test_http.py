@@ -169,12 +169,14 @@ def test_health_needs_no_token(offline_app):
 
 
 def test_ready_asks_serve_for_every_deployment_a_generation_needs(offline_app):
-    """Readiness comes from Serve's controller (the real replica states), not from this replica."""
+    """Readiness comes from Serve's controller (the real replica states), not from this replica,
+    and from probes of the stores every generation writes to."""
     ready = httpx.get(f"{offline_app}/api/ready", timeout=10)
     assert ready.status_code == 200, ready.text
     assert ready.json() == {
         "status": "ready",
         "deployments": ["ImageGenerator", "PromptAgents", "PickScore", "CLIPScore", "VQAScore", "Aesthetic", "Consistency"],
+        "stores": ["job store", "object store", "trace store"],
     }
 
 
