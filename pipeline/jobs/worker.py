@@ -137,8 +137,9 @@ class JobWorker:
         running = list(self.tasks.values())
         for task in running:
             task.cancel()
-        if running:
-            await asyncio.wait(running, timeout=timeout_s)
+        waiting = [*self.loops, *running]  # the loops end at their next await: wait for them too
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout_s)
 
     # --- the loops ----------------------------------------------------------------------------
 

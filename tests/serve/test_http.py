@@ -60,11 +60,35 @@ def check_status_shape(status: dict, body: dict) -> None:
         assert scene["quality_score"] is None or 0 <= scene["quality_score"] <= 100
 
 
-def test_quick_start_bodies_run_to_completion(offline_app):
+def _quiet_scorer(app_args, pick, timeout_s: float = 240.0) -> int:
+    """Wait until no generation of the session app is unfinished (earlier tests, the fuzzer among
+    them, leave theirs running or cancelled) and the scorer's batch log has stopped growing, so
+    the batches counted next are this test's own; answers the log's length then."""
+    from pipeline.jobs.store import JobStore
+
+    deadline = time.monotonic() + timeout_s
+    store = JobStore(app_args.database_url)
+    try:
+        while (unfinished := store.count_unfinished()) and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        store.close()
+    assert unfinished == 0, f"{unfinished} generations of earlier tests still unfinished after {timeout_s:.0f} s"
+    last = -1
+    while time.monotonic() < deadline:
+        length = len(pick.recent_batch_sizes.remote().result(timeout_s=30))
+        if length == last:
+            return length
+        last = length
+        time.sleep(2)
+    raise AssertionError("the scorer's batch log kept growing with no generation unfinished")
+
+
+def test_quick_start_bodies_run_to_completion(offline_app, app_args):
     from ray import serve
 
     pick = serve.get_deployment_handle("PickScore", app_name="sceneref")
-    seen = len(pick.recent_batch_sizes.remote().result(timeout_s=30))
+    seen = _quiet_scorer(app_args, pick)
     headers = auth("alice")
     ids = []
     for body in QUICK_START:  # submitted together: they run concurrently in the ingress
