@@ -422,7 +422,7 @@ def scenario(work: Path, result: dict, spare_cpus: float) -> None:  # noqa: C901
         "target": target,
         "target_status": record.status,
         "target_scenes_before": len(before[target]),
-        "leases": {gid: {"holder": r.lease_holder, "token": r.lease_token, "expires_at": r.lease_expires_at.timestamp()}
+        "leases": {gid: {"holder": r.lease_holder, "token": r.lease_token, "expires_at": r.lease_expires_at.timestamp() if r.lease_expires_at else None}
                    for gid, r in ((gid, store.get(gid)) for gid in generations)},
         "removed_node": victim_id,
         "survivor_node": survivor.node_id,
